@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+from skimage.draw import polygon as sk_polygon
+
+from distill.data.rasterize import as_vertices, rasterize_polygons
+from distill.views import VIEWS, apply_view, check_views, invert_view
+
+
+def reference_fill(points: np.ndarray, h: int, w: int) -> np.ndarray:
+    # scikit-image tests pixel centres at integer coordinates; ours sit at +0.5.
+    rr, cc = sk_polygon(points[:, 1] - 0.5, points[:, 0] - 0.5, (h, w))
+    out = np.zeros((h, w), np.uint8)
+    out[rr, cc] = 1
+    return out
+
+
+def test_random_polygons_match_reference_pixel_for_pixel():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        points = rng.uniform(-8, 40, size=(rng.integers(3, 10), 2))
+        mask, _ = rasterize_polygons([points], 32, 32)
+        np.testing.assert_array_equal(mask, reference_fill(points, 32, 32))
+
+
+def test_unit_square_covers_exactly_one_pixel_and_counts_outside():
+    mask, outside = rasterize_polygons([[2, 3, 3, 3, 3, 4, 2, 4]], 8, 8)
+    assert mask.sum() == 1 and mask[3, 2] == 1 and outside == 0
+    mask, outside = rasterize_polygons([[-5, -5, 20, -5, 20, 20, -5, 20]], 8, 8)
+    assert mask.all() and outside == 4
+
+
+def test_one_pixel_ribbon_is_one_pixel_wide():
+    xs = np.linspace(4, 60, 80)
+    ys = 32 + 6 * np.sin(xs / 7)
+    ribbon = np.concatenate([np.stack([xs, ys - 0.5], 1), np.stack([xs[::-1], ys[::-1] + 0.5], 1)])
+    mask, _ = rasterize_polygons([ribbon], 64, 64)
+    assert (mask[:, 5:59].sum(axis=0) == 1).all()
+
+
+def test_flat_polygon_with_odd_length_is_refused():
+    with pytest.raises(ValueError, match="even number"):
+        as_vertices([1, 2, 3])
+
+
+@pytest.mark.parametrize("name", sorted(VIEWS))
+def test_every_view_is_undone_by_its_inverse(name):
+    image = np.arange(5 * 7 * 3).reshape(5, 7, 3)
+    np.testing.assert_array_equal(invert_view(apply_view(image, name), name), image)
+
+
+def test_check_views_rejects_unknown_and_repeated():
+    with pytest.raises(ValueError, match="unknown"):
+        check_views(["identity", "spin"])
+    with pytest.raises(ValueError, match="repeat"):
+        check_views(["hflip", "hflip"])
