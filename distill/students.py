@@ -1,0 +1,234 @@
+"""Student networks by name (the timm pattern): raw RGB in, one-channel vessel logits out.
+
+Every student is wrapped in `Student`, which owns the ImageNet normalisation and the padding to the
+encoder's stride, so that training, `predict` and an ONNX export all take raw uint8 RGB of any size
+and return logits at exactly the input size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.errors import ConfigError
+
+CHECKPOINT_FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_REGISTRY: dict[str, Callable[..., tuple[nn.Module, int]]] = {}
+
+
+@dataclass
+class StudentConfig:
+    """What `create_student` is called with; `extra` holds architecture-specific kwargs."""
+
+    name: str = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "encoder": self.encoder,
+            "encoder_weights": self.encoder_weights,
+            **self.extra,
+        }
+
+
+class Student(nn.Module):
+    """Normalise raw RGB, pad to the stride, run the network, resize logits back to the input size."""
+
+    def __init__(self, net: nn.Module, stride: int, config: dict[str, Any]):
+        super().__init__()
+        self.net = net
+        self.stride = stride
+        self.config = dict(config)  # plain create_student kwargs: what a checkpoint needs to rebuild it
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = (x - self.mean) / self.std
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % self.stride, -w % self.stride
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        logits = self.net(x)
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+
+def register_student(name: str) -> Callable:
+    """Decorator: `factory(encoder, **kwargs) -> (network, stride)` becomes `create_student(name, ...)`."""
+
+    def wrap(factory: Callable[..., tuple[nn.Module, int]]) -> Callable[..., tuple[nn.Module, int]]:
+        if name in _REGISTRY:
+            raise ValueError(f"student {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def list_students() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_student(
+    name: str = "unet", encoder: str = "resnet34", encoder_weights: str | None = None, **kwargs: Any
+) -> Student:
+    """Build a student; `encoder_weights` is None or a local .pth/.pt/.safetensors file (machines are offline)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"model.student.name={name!r} is not a student; choose from {list_students()}")
+    try:
+        net, stride = _REGISTRY[name](encoder, **kwargs)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(
+            f"model.student: cannot build {name!r} with encoder={encoder!r}, extra={kwargs}: {err}"
+        ) from err
+    if encoder_weights is not None:
+        load_encoder_weights(net, encoder_weights)
+    config = {"name": name, "encoder": encoder, "encoder_weights": encoder_weights, **kwargs}
+    return Student(net, stride, config)
+
+
+def _smp_factory(arch: str) -> Callable[..., tuple[nn.Module, int]]:
+    def factory(encoder: str, **kwargs: Any) -> tuple[nn.Module, int]:
+        import segmentation_models_pytorch as smp
+
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        net = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=1, **kwargs)
+        return net, net.encoder.output_stride
+
+    return factory
+
+
+register_student("unet")(_smp_factory("Unet"))
+register_student("unetpp")(_smp_factory("UnetPlusPlus"))
+
+
+@register_student("segformer")
+def _smp_segformer(encoder: str = "mit_b0", **kwargs: Any) -> tuple[nn.Module, int]:
+    if not encoder.startswith("mit_b"):
+        raise ValueError("smp's Segformer student takes a Mix Transformer encoder, mit_b0 .. mit_b5")
+    return _smp_factory("Segformer")(encoder, **kwargs)
+
+
+# transformers' published SegFormer sizes (hidden sizes, depths, decoder width).
+_HF_SEGFORMER_VARIANTS = {
+    "b0": ([32, 64, 160, 256], [2, 2, 2, 2], 256),
+    "b1": ([64, 128, 320, 512], [2, 2, 2, 2], 256),
+    "b2": ([64, 128, 320, 512], [3, 4, 6, 3], 768),
+}
+
+
+class _HFSegformer(nn.Module):
+    """transformers' SegformerForSemanticSegmentation returning a plain tensor of 1/4-resolution logits."""
+
+    def __init__(self, variant: str, **config_overrides: Any):
+        super().__init__()
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+        hidden, depths, decoder = _HF_SEGFORMER_VARIANTS[variant]
+        config = SegformerConfig(
+            num_labels=1, hidden_sizes=hidden, depths=depths, decoder_hidden_size=decoder, **config_overrides
+        )
+        self.model = SegformerForSemanticSegmentation(config)
+        self.encoder = self.model.segformer  # what a local weights file is loaded into
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+@register_student("hf_segformer")
+def _hf_segformer(encoder: str = "b0", **config_overrides: Any) -> tuple[nn.Module, int]:
+    variant = encoder.removeprefix("mit_")
+    if variant not in _HF_SEGFORMER_VARIANTS:
+        raise ValueError(f"hf_segformer encoder must be one of {sorted(_HF_SEGFORMER_VARIANTS)}")
+    return _HFSegformer(variant, **config_overrides), 32
+
+
+def load_encoder_weights(net: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into the network's encoder; missing keys are an error, extras a warning.
+
+    The file may hold a bare encoder state dict or a full model's (keys prefixed `encoder.`, `model.`,
+    `segformer.`, `state_dict`): the prefix that matches the encoder best is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"model.student.encoder_weights={str(path)!r}: no such file (give a local .pth/.safetensors)"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    targets = [net.encoder] + ([net.encoder.model] if hasattr(net.encoder, "model") else [])
+    best = None
+    for target in targets:
+        wanted = set(target.state_dict())
+        for prefix in ("", "encoder.", "model.", "segformer.", "backbone.", "module."):
+            stripped = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            overlap = len(wanted & set(stripped))
+            if best is None or overlap > best[0]:
+                best = (overlap, target, stripped)
+    overlap, target, stripped = best
+    if overlap == 0:
+        raise ConfigError(
+            f"{path}: none of its {len(state)} keys match the encoder; is it the right architecture?"
+        )
+    result = nn.Module.load_state_dict(target, stripped, strict=False)  # smp encoders override it
+    if result.missing_keys:
+        raise ConfigError(
+            f"{path}: {len(result.missing_keys)} encoder weights are missing from the file, "
+            f"e.g. {result.missing_keys[:5]} (wrong encoder for this file?)"
+        )
+    if result.unexpected_keys:
+        warnings.warn(
+            f"{path}: ignored {len(result.unexpected_keys)} keys not in the encoder, e.g. {result.unexpected_keys[:5]}",
+            stacklevel=2,
+        )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def load_student(
+    ckpt_path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Student, dict[str, Any]]:
+    """Rebuild a trained student from a `distill.fit` checkpoint (weights_only: no pickled code runs)."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise ConfigError(f"{ckpt_path}: no such checkpoint")
+    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    info = checkpoint.get("distill") if isinstance(checkpoint, dict) else None
+    if not isinstance(info, dict) or "student" not in info:
+        raise ConfigError(
+            f"{ckpt_path}: not a vessel-distill student checkpoint (no checkpoint['distill']); "
+            "give a checkpoint written by `python -m distill.fit`"
+        )
+    if info.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ConfigError(
+            f"{ckpt_path}: checkpoint format {info.get('format_version')}, expected {CHECKPOINT_FORMAT_VERSION}"
+        )
+    student = create_student(**{**info["student"], "encoder_weights": None})
+    weights = {
+        k.removeprefix("student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")
+    }
+    student.load_state_dict(weights)
+    return student.eval(), {**info, "params": count_parameters(student)}

@@ -1,0 +1,93 @@
+"""Students: every registered one maps raw RGB of any size to logits of that size; checkpoints round-trip."""
+
+import pytest
+import torch
+
+from distill.errors import ConfigError
+from distill.students import (
+    StudentConfig,
+    count_parameters,
+    create_student,
+    list_students,
+    load_encoder_weights,
+    load_student,
+)
+
+SMALL = {
+    "unet": {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]},
+    "unetpp": {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]},
+    "segformer": {"encoder": "mit_b0"},
+    "hf_segformer": {"encoder": "b0"},
+}
+
+
+def test_every_student_is_covered():
+    assert set(SMALL) == set(list_students())
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_forward_at_odd_size_returns_input_size_logits(name):
+    torch.manual_seed(0)
+    student = create_student(name, **SMALL[name]).eval()
+    images = torch.randint(0, 256, (2, 3, 70, 90), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = student(images)
+        logits_float = student(images.float() / 255)
+    assert logits.shape == (2, 1, 70, 90)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, logits_float)  # uint8 and [0,1] float are the same image
+
+
+def test_timm_encoder_and_config_kwargs():
+    config = StudentConfig(
+        name="unet",
+        encoder="tu-mobilenetv3_small_050",
+        extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]},
+    )
+    student = create_student(**config.kwargs())
+    assert student(torch.zeros(1, 3, 40, 40, dtype=torch.uint8)).shape == (1, 1, 40, 40)
+    assert count_parameters(student) > 0
+
+
+def test_unknown_student_is_a_config_error():
+    with pytest.raises(ConfigError, match="choose from"):
+        create_student("nope")
+
+
+def test_local_encoder_weights_load_and_missing_keys_refused(tmp_path):
+    source = create_student("unet", **SMALL["unet"])
+    path = tmp_path / "enc.pth"
+    torch.save({f"encoder.{k}": v for k, v in source.net.encoder.state_dict().items()}, path)
+    target = create_student("unet", **SMALL["unet"], encoder_weights=str(path))
+    for key, value in source.net.encoder.state_dict().items():
+        torch.testing.assert_close(target.net.encoder.state_dict()[key], value)
+    partial = dict(list(source.net.encoder.state_dict().items())[:3])
+    torch.save(partial, path)
+    with pytest.raises(ConfigError, match="missing"):
+        load_encoder_weights(create_student("unet", **SMALL["unet"]).net, path)
+
+
+def test_load_student_round_trip_and_foreign_checkpoint(tmp_path):
+    student = create_student("unet", **SMALL["unet"]).eval()
+    ckpt = tmp_path / "s.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"student.{k}": v for k, v in student.state_dict().items()},
+            "distill": {
+                "format_version": 1,
+                "student": student.config,
+                "chosen_threshold": 0.35,
+                "threshold_rule": "max_dice",
+            },
+        },
+        ckpt,
+    )
+    loaded, info = load_student(ckpt)
+    assert info["chosen_threshold"] == 0.35 and info["params"] == count_parameters(student)
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), student(images))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"net.weight": torch.zeros(1)}}, foreign)
+    with pytest.raises(ConfigError, match="not a vessel-distill"):
+        load_student(foreign)
