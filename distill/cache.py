@@ -414,7 +414,8 @@ class CacheWriter:
         except OSError:
             pass  # filesystem without flock: nothing to guard with
         self._offset = self._recover()
-        self._data = open(self.data_path, "ab")  # noqa: SIM115 (held until close())
+        # Unbuffered: row bytes reach the kernel at once, so what a kill leaves on disk is what recovery handles.
+        self._data = open(self.data_path, "ab", buffering=0)  # noqa: SIM115 (held until close())
         index = load_index(self.root, self.views)
         self._done: set[tuple[str, str | None]] = set(index.rows)
         self._done |= {(i, v) for i, views in index.no_mask.items() for v in views}
@@ -483,7 +484,9 @@ class CacheWriter:
             raise CacheError(f"({id!r}, {view!r}): teacher logits contain NaN; not cached")
         row = np.ascontiguousarray(np.clip(logits, -_F16_MAX, _F16_MAX), dtype=_F16)
         buffer = memoryview(row).cast("B")
-        self._data.write(buffer)
+        written = 0
+        while written < len(buffer):  # a raw write may be partial
+            written += self._data.write(buffer[written:])
         h, w = row.shape
         self._add(
             {
@@ -521,7 +524,6 @@ class CacheWriter:
     def commit(self) -> None:
         """Make pending rows durable: fsync the data, *then* append and fsync their index records."""
         if self._pending:
-            self._data.flush()
             os.fsync(self._data.fileno())
             self._index.write(b"".join(json.dumps(r).encode() + b"\n" for r in self._pending))
             self._index.flush()
