@@ -1,0 +1,303 @@
+"""The LightningModule: a student trained on ground truth + cached teacher logits, scored beside the teacher.
+
+Validation sweeps a grid of thresholds for the student and, from the cached logits of the same images,
+for the teacher; each picks its own threshold by `threshold_rule`. The student's choice is frozen into
+the checkpoint (`checkpoint["distill"]`) and used unchanged on test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from distill.errors import ConfigError
+from distill.losses import DistillLoss, GTLossConfig, KDConfig, ThinConfig, first_nonfinite
+from distill.metrics import (
+    DEFAULT_THRESHOLDS,
+    ThresholdCurves,
+    choose_threshold,
+    curves_at,
+    curves_to_json,
+)
+from distill.students import CHECKPOINT_FORMAT_VERSION, StudentConfig, count_parameters, create_student
+
+WHO = ("student", "teacher")
+
+
+class PerImageDice(Metric):
+    """Dice of every image at every threshold ([N, n_thresholds]), gathered over DDP ranks by concatenation."""
+
+    full_state_update = False
+
+    def __init__(self, thresholds: tuple[float, ...], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.register_buffer("_boundaries", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
+        self.add_state("dice", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: Tensor, target: Tensor, roi: Tensor) -> None:
+        n_images, n = probs.shape[0], len(self._boundaries)
+        bins = 2 * (n + 1) + 1  # per image: negatives by thresholds reached, positives likewise, ignored
+        code = torch.bucketize(probs.float(), self._boundaries, right=True) + (n + 1) * (target > 0.5).long()
+        code = torch.where(roi > 0, code, 2 * (n + 1))
+        code = code + bins * torch.arange(n_images, device=code.device).view(-1, *([1] * (code.dim() - 1)))
+        histogram = torch.bincount(code.flatten(), minlength=n_images * bins).view(n_images, bins)
+        negatives, positives = histogram[:, : n + 1], histogram[:, n + 1 : 2 * (n + 1)]
+        tp = positives.flip(1).cumsum(1).flip(1)[:, 1:].double()
+        fp = negatives.flip(1).cumsum(1).flip(1)[:, 1:].double()
+        fn = positives.sum(1, keepdim=True) - tp
+        denominator = 2 * tp + fp + fn
+        self.dice.append(torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), 1.0).float())
+
+    def compute(self) -> Tensor:
+        return dim_zero_cat(self.dice) if self.dice else torch.zeros(0, len(self._boundaries))
+
+
+class DistillModule(pl.LightningModule):
+    """Student + DistillLoss + threshold-sweep metrics for student and teacher.
+
+    `thresholds` is the grid swept on every validation/test pass; `threshold_rule` picks one on
+    validation ("max_dice", or "recall_target": the highest threshold whose recall >= recall_target).
+    """
+
+    def __init__(
+        self,
+        student: StudentConfig = StudentConfig(),
+        gt: GTLossConfig = GTLossConfig(),
+        kd: KDConfig = KDConfig(),
+        thin: ThinConfig = ThinConfig(),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_fraction: float = 0.05,
+        thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+        threshold_rule: Literal["max_dice", "recall_target"] = "max_dice",
+        recall_target: float = 0.85,
+        channels_last: bool = True,
+        compile: bool = False,
+        n_overlays: int = 6,
+    ):
+        super().__init__()
+        # Lightning's load_from_checkpoint passes the saved plain dicts back: accept both.
+        student = student if isinstance(student, StudentConfig) else StudentConfig(**student)
+        gt = gt if isinstance(gt, GTLossConfig) else GTLossConfig(**gt)
+        kd = kd if isinstance(kd, KDConfig) else KDConfig(**kd)
+        thin = thin if isinstance(thin, ThinConfig) else ThinConfig(**thin)
+        if not 0 <= warmup_fraction < 1:
+            raise ConfigError(f"model.warmup_fraction={warmup_fraction}: must be in [0, 1)")
+        # Plain types only, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "student": asdict(student),
+                "gt": asdict(gt),
+                "kd": asdict(kd),
+                "thin": asdict(thin),
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "warmup_fraction": warmup_fraction,
+                "thresholds": [float(t) for t in thresholds],
+                "threshold_rule": threshold_rule,
+                "recall_target": recall_target,
+                "channels_last": channels_last,
+                "compile": compile,
+                "n_overlays": n_overlays,
+            }
+        )
+        self.student = create_student(**student.kwargs())
+        self.loss = DistillLoss(gt=gt, kd=kd, thin=thin)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.threshold_rule = threshold_rule
+        self.recall_target = recall_target
+        self.n_overlays = n_overlays
+        self.curves = nn.ModuleDict(
+            {f"{stage}_{who}": ThresholdCurves(self.thresholds) for stage in ("val", "test") for who in WHO}
+        )
+        self.per_image = nn.ModuleDict(
+            {f"{stage}_{who}": PerImageDice(self.thresholds) for stage in ("val", "test") for who in WHO}
+        )
+        self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
+        self.teacher_threshold: float | None = None
+        self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)
+        self.overlay_samples: dict[str, Tensor] = {}  # a few validation images with both predictions
+        self._compiled: nn.Module | None = None
+
+    # -- training -------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.hparams.channels_last and self.device.type == "cuda":
+            self.student.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            # Kept off the module tree, so that state_dict keys stay "student.*".
+            object.__setattr__(self, "_compiled", torch.compile(self.student))
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last and images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (self._compiled or self.student)(images)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        total, terms = self.loss(
+            logits, batch["mask"], batch["roi"], batch.get("teacher"), batch.get("skeleton")
+        )
+        bad = first_nonfinite(terms)
+        if bad is not None:
+            raise FloatingPointError(
+                f"loss term {bad!r} is {terms[bad].item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}): lower model.lr, check the data and "
+                "teacher cache, or resume from the last good checkpoint"
+            )
+        self.log_dict(
+            {f"train/loss/{name}": value for name, value in terms.items()},
+            on_step=True,
+            on_epoch=True,
+            prog_bar=False,
+            batch_size=logits.shape[0],
+            sync_dist=True,
+        )
+        self.log(
+            "train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=logits.shape[0]
+        )
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = int(self.hparams.warmup_fraction * total_steps)
+
+        def warmup_then_cosine(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation and test ---------------------------------------------------------------------
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        student_probs = torch.sigmoid(self(batch["image"]).float())
+        probs = {"student": student_probs}
+        if "teacher" in batch:
+            probs["teacher"] = torch.sigmoid(batch["teacher"].float())
+        for who, p in probs.items():
+            self.curves[f"{stage}_{who}"].update(p, batch["mask"], batch["roi"])
+            self.per_image[f"{stage}_{who}"].update(p, batch["mask"], batch["roi"])
+        have = self.overlay_samples.get("image", torch.zeros(0)).shape[0]
+        if stage == "val" and have < self.n_overlays:
+            take = slice(0, self.n_overlays - have)
+            new = {"image": batch["image"], "mask": batch["mask"], "roi": batch["roi"], **probs}
+            for key, value in new.items():
+                value = value[take].detach().cpu()
+                self.overlay_samples[key] = (
+                    torch.cat([self.overlay_samples[key], value]) if key in self.overlay_samples else value
+                )
+
+    def on_validation_epoch_start(self) -> None:
+        self.overlay_samples = {}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        report = self._summarise("val")
+        if self.trainer.sanity_checking:
+            return
+        self.chosen_threshold = report["chosen_threshold"]["student"]
+        self.teacher_threshold = report["chosen_threshold"].get("teacher")
+        self._log_report(report)
+
+    def on_test_epoch_end(self) -> None:
+        if self.chosen_threshold is None:
+            raise ConfigError(
+                "test needs the threshold chosen on validation: load a checkpoint written after validation "
+                "(checkpoint['distill']['chosen_threshold'] is None)"
+            )
+        self._log_report(self._summarise("test"))
+
+    def _summarise(self, stage: str) -> dict[str, Any]:
+        """Compute, reset and turn this stage's metrics into a metrics.json body (thresholds frozen on test)."""
+        report: dict[str, Any] = {
+            "split": stage,
+            "thresholds": list(self.thresholds),
+            "chosen_threshold": {"rule": self.threshold_rule},
+            "at_chosen": {},
+            "per_image_dice": {},
+        }
+        frozen = {"student": self.chosen_threshold, "teacher": self.teacher_threshold}
+        for who in WHO:
+            curves_metric, per_image_metric = self.curves[f"{stage}_{who}"], self.per_image[f"{stage}_{who}"]
+            if curves_metric.update_count == 0:
+                continue
+            curves = curves_metric.compute()
+            per_image = per_image_metric.compute()
+            curves_metric.reset(), per_image_metric.reset()
+            if stage == "val" or frozen[who] is None:
+                index, threshold = choose_threshold(curves, self.threshold_rule, self.recall_target)
+            else:
+                index, threshold = self._index_of(frozen[who]), frozen[who]
+            report[who] = {k: v for k, v in curves_to_json(curves).items() if k != "thresholds"}
+            report["chosen_threshold"][who] = float(threshold)
+            report["at_chosen"][who] = curves_at(curves, index)
+            dice = per_image[:, index] if len(per_image) else per_image.new_zeros(0)
+            report["per_image_dice"][who] = [round(float(d), 6) for d in dice]
+            report["n_images"] = len(per_image)
+        self.results[stage] = report
+        return report
+
+    def _index_of(self, threshold: float) -> int:
+        for index, candidate in enumerate(self.thresholds):
+            if math.isclose(candidate, threshold, abs_tol=1e-9):
+                return index
+        raise ConfigError(
+            f"the frozen threshold {threshold} is not in model.thresholds={list(self.thresholds)}: "
+            "test with the thresholds the run was validated with"
+        )
+
+    def _log_report(self, report: dict[str, Any]) -> None:
+        stage = report["split"]
+        values: dict[str, float] = {}
+        for who in WHO:
+            if who not in report:
+                continue
+            at = report["at_chosen"][who]
+            values[f"{stage}/{who}/dice@best"] = at["dice"]
+            values[f"{stage}/{who}/recall@best"] = at["recall"]
+            values[f"{stage}/{who}/precision@best"] = at["precision"]
+            values[f"{stage}/{who}/threshold"] = report["chosen_threshold"][who]
+            per_image = report["per_image_dice"][who]
+            values[f"{stage}/{who}/dice_per_image@best"] = sum(per_image) / max(1, len(per_image))
+            for i, t in enumerate(report["thresholds"]):
+                for name in ("dice", "recall", "precision"):
+                    values[f"{stage}/{who}/{name}@{t:.2f}"] = report[who][name][i]
+        # Already reduced over ranks by torchmetrics: identical everywhere, no sync needed.
+        self.log_dict(values, sync_dist=False)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["distill"] = {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "student": dict(self.student.config),
+            "chosen_threshold": self.chosen_threshold,
+            "teacher_threshold": self.teacher_threshold,
+            "threshold_rule": self.threshold_rule,
+            "thresholds": list(self.thresholds),
+            "student_params": count_parameters(self.student),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("distill", {})
+        self.chosen_threshold = info.get("chosen_threshold")
+        self.teacher_threshold = info.get("teacher_threshold")
