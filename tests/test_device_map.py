@@ -147,7 +147,7 @@ class _TinyLM(nn.Module):
 
 
 class _TinySa2VA(nn.Module):
-    def __init__(self, config=None):
+    def __init__(self):
         super().__init__()
         self.vision_model = nn.Conv2d(3, 4, 3)
         self.mlp1 = nn.Linear(4, 4)
@@ -156,7 +156,7 @@ class _TinySa2VA(nn.Module):
 
 
 def test_sizes_measured_on_meta_device_match_a_real_model():
-    measured = meta_module_sizes(_TinySa2VA, None, torch.bfloat16)
+    measured = meta_module_sizes(_TinySa2VA, torch.bfloat16)
     assert measured == module_sizes(_TinySa2VA(), torch.bfloat16)
     assert measured["language_model.model.layers.1"] == (16 + 4) * 2
     assert measured["step"] == 2 * 8  # integer buffers keep their own size

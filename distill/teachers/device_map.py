@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import torch
@@ -85,15 +85,18 @@ def module_sizes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[
     return group_sizes((name, nbytes(t)) for name, t in tensors)
 
 
-def meta_module_sizes(model_class: type, config, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Build `model_class(config)` on the meta device (no memory, no weights read) and measure it."""
+def meta_module_sizes(build: Callable[[], nn.Module], dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Call `build()` (e.g. `lambda: ModelClass(config)`) on the meta device and measure the result.
+
+    No memory is allocated and no weights are read, so an 8B model is measured in about a second.
+    """
     try:
-        from accelerate import init_empty_weights  # also catches modules that force a device
+        from accelerate import init_empty_weights  # also catches code that creates tensors on a device
     except ImportError:
         init_empty_weights = None
     context = init_empty_weights() if init_empty_weights is not None else nullcontext()
     with context, torch.device("meta"):
-        model = model_class(config)
+        model = build()
     return module_sizes(model, dtype)
 
 
