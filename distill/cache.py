@@ -338,7 +338,7 @@ class Index(NamedTuple):
 def load_index(root: Path, views: list[str]) -> Index:
     writers = writer_ids(root)
     rows: dict[tuple[str, str], Row] = {}
-    seen: dict[tuple[str, str | None], dict] = {}
+    seen: dict[tuple[str, str | None], tuple[str, dict]] = {}
     no_mask: dict[str, set[str | None]] = {}
     conflicts, problems, torn = [], [], []
     for number, writer in enumerate(writers):
@@ -349,10 +349,11 @@ def load_index(root: Path, views: list[str]) -> Index:
         for record in parsed.records:
             key = _row_key(record)
             if key in seen:
-                if not _same_content(seen[key], record):
-                    conflicts.append(f"{key} ({seen[key].get('writer')} vs {writer})")
+                first_writer, first = seen[key]
+                if not _same_content(first, record):
+                    conflicts.append(f"{key} ({first_writer} vs {writer})")
                 continue
-            seen[key] = {**record, "writer": writer}
+            seen[key] = writer, record
             if record["status"] == "no_mask":
                 no_mask.setdefault(record["id"], set()).add(record["view"])
             else:
