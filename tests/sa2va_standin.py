@@ -10,10 +10,12 @@ resizes them bilinearly (align_corners=False) to (H, W), takes channel 0 and ret
 
 The "generation" is a rule instead of an LLM, so tests can steer it: a prompt containing
 "nothing" or an all-black image gives no `[SEG]`; "every" gives two. Config switches:
-`call_post_init=False` leaves out `self.post_init()` like Sa2VA's shipped code (transformers 5
-then fails in `from_pretrained` unless the adapter's shim runs), `sabotage=True` returns masks that
-disagree with the logits (the self-check must catch it), and `uses_flash_attn_import` keeps an
-un-executed `import flash_attn` that transformers' import check sees, as Sa2VA's files do.
+`call_post_init=False`
+leaves out `self.post_init()` like Sa2VA's shipped code (transformers 5 then fails in
+`from_pretrained` unless the adapter's shim runs); `sabotage=True` returns masks that disagree with
+the logits (the self-check must catch it); `init_error="..."` makes loading fail with that
+AttributeError (version breakage). The modeling file always keeps an un-executed `import flash_attn`
+that transformers' import check sees, as Sa2VA's files do.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ class Sa2VAChatConfig(PretrainedConfig):
     model_type = "sa2va_standin_chat"
 
     def __init__(self, hidden=16, n_layers=3, vocab=300, prompt_dim=8, call_post_init=True,
-                 sabotage=False, **kwargs):
+                 sabotage=False, init_error=None, **kwargs):
         self.hidden = hidden
         self.n_layers = n_layers
         self.vocab = vocab
         self.prompt_dim = prompt_dim
         self.call_post_init = call_post_init
         self.sabotage = sabotage
+        self.init_error = init_error
         super().__init__(**kwargs)
 """
 
@@ -103,6 +106,8 @@ class Sa2VAChatModel(PreTrainedModel):
 
     def __init__(self, config, use_flash_attn=True):
         super().__init__(config)
+        if config.init_error:
+            raise AttributeError(config.init_error)
         self.vision_model = nn.Conv2d(3, config.hidden, kernel_size=16, stride=16)
         self.mlp1 = nn.Linear(config.hidden, config.hidden)
         self.language_model = TinyLM(config)
@@ -204,7 +209,12 @@ class StandinTokenizer(PreTrainedTokenizer):
 
 
 def write_standin(
-    root: str | Path, *, call_post_init: bool = True, sabotage: bool = False, seed: int = 0
+    root: str | Path,
+    *,
+    call_post_init: bool = True,
+    sabotage: bool = False,
+    init_error: str | None = None,
+    seed: int = 0,
 ) -> Path:
     """Write the stand-in checkpoint into `root` (created) and return it. CPU only, ~1 s."""
     import torch
@@ -240,5 +250,6 @@ def write_standin(
         model = AutoModel.from_config(config, trust_remote_code=True)
     model.config.call_post_init = call_post_init
     model.config.sabotage = sabotage
+    model.config.init_error = init_error
     model.save_pretrained(root)
     return root

@@ -292,12 +292,12 @@ class Sa2VATeacher(Teacher):
             "trust_remote_code": True,
         }
         if self.quantize != "none":
-            if not self.devices:
-                raise ConfigError(f"--quantize {self.quantize}: bitsandbytes needs GPUs (devices)")
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ConfigError(
                     f"--quantize {self.quantize} needs bitsandbytes: `pip install bitsandbytes` (or --quantize none)"
                 )
+            if not self.devices:
+                raise ConfigError(f"--quantize {self.quantize}: bitsandbytes needs GPUs (devices)")
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(**quantization_kwargs(self.quantize, dtype))
