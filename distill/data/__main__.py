@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from distill.data import list_formats, open_dataset
-from distill.data.dataset import DatasetWarning, SkippedItemsWarning, VesselDataset
+from distill.data.dataset import FORMATS, DatasetWarning, SkippedItemsWarning, VesselDataset
 from distill.data.splits import SPLITS
 from distill.errors import DistillError
 
@@ -30,6 +31,18 @@ Every item is decoded, so truncated images and size mismatches show up too. All 
 at once. Exit status: 0 when nothing is wrong, 1 otherwise (with --skip-bad: 1 only when no good item
 is left or the index itself cannot be read). The split file <root>/splits.json is created or updated.
 """
+
+
+def reader_options_help() -> str:
+    """One line per format naming its reader options (from the reader's signature, so it cannot drift)."""
+    lines = []
+    for name in list_formats():
+        signature = inspect.signature(FORMATS[name].read_index)
+        options = [f"{p.name}={p.default!r}" for p in signature.parameters.values() if p.name != "self"]
+        lines.append(f"  {name}: {', '.join(options) or '(none)'}")
+    return "reader options (--option KEY=VALUE), besides split_file=PATH for every format:\n" + "\n".join(
+        lines
+    )
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "check",
         help="validate every item and print a summary",
         description="Validate every item of a dataset, print a summary, and list all problems at once.",
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + reader_options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     checker.add_argument("--format", required=True, choices=list_formats(), help="dataset format")

@@ -116,6 +116,15 @@ def resolve_splits(
     """{id: split} for `ids`: explicit splits, then the given split file, then <root>/splits.json, then the hash."""
     persisted_path = root / SPLIT_FILE
     persisted = read_split_file(persisted_path) if persisted_path.exists() else {}
+    if persisted:
+        saved_seed = json.loads(persisted_path.read_text()).get("seed")
+        if saved_seed is not None and saved_seed != seed:
+            log.warning(
+                "splits: %s was made with seed %s; its ids keep their splits (delete it to re-split with seed %s)",
+                persisted_path,
+                saved_seed,
+                seed,
+            )
     given = read_split_file(split_file) if split_file is not None else {}
     fixed = {**persisted, **given, **explicit}
     assigned = {i: fixed[i] for i in ids if i in fixed}
