@@ -27,18 +27,21 @@ def _require(ok: bool, field: str, value: object, rule: str) -> None:
 
 @dataclass
 class GTLossConfig:
-    """Ground-truth loss: BCE plus a region term (soft Dice or Tversky)."""
+    """Ground-truth loss: BCE plus a region term (soft Dice or Tversky).
+
+    Args:
+        kind: Region term next to BCE: "bce_dice" = soft Dice, "tversky" = Tversky (recall-leaning).
+        pos_weight: BCE weight of vessel pixels; > 1 trades precision for recall.
+        dice_weight: Weight of the region term (Dice or Tversky) relative to BCE.
+        tversky_alpha: Tversky weight of false positives.
+        tversky_beta: Tversky weight of false negatives; beta > alpha favours recall.
+    """
 
     kind: Literal["bce_dice", "tversky"] = "bce_dice"
-    """Region term next to BCE: "bce_dice" = soft Dice, "tversky" = Tversky (recall-leaning)."""
     pos_weight: float = 1.0
-    """BCE weight of vessel pixels; > 1 trades precision for recall."""
     dice_weight: float = 1.0
-    """Weight of the region term (Dice or Tversky) relative to BCE."""
     tversky_alpha: float = 0.3
-    """Tversky weight of false positives."""
     tversky_beta: float = 0.7
-    """Tversky weight of false negatives; beta > alpha favours recall."""
 
     def __post_init__(self) -> None:
         _require(
@@ -58,18 +61,21 @@ class GTLossConfig:
 
 @dataclass
 class KDConfig:
-    """Knowledge distillation from cached teacher logits (one sigmoid channel)."""
+    """Knowledge distillation from cached teacher logits (one sigmoid channel).
+
+    Args:
+        alpha: Share of KD in the total: (1 - alpha) * GT + alpha * KD. 0 = ground truth only (no cache needed).
+        temperature: T: both logits are divided by T; the BCE is multiplied by T^2 so gradients keep their scale.
+        soft_dice_weight: Weight of a soft Dice between student and teacher probabilities (at T = 1) inside KD.
+        confidence_weighting: Weight each pixel's KD by the teacher's confidence |2 sigmoid(teacher) - 1| (weighted mean).
+        trust_gt: Where teacher (prob > 0.5) and ground truth disagree, the KD target there is the ground truth.
+    """
 
     alpha: float = 0.5
-    """Share of KD in the total: (1 - alpha) * GT + alpha * KD. 0 = ground truth only (no cache needed)."""
     temperature: float = 2.0
-    """T: both logits are divided by T; the BCE is multiplied by T^2 so gradients keep their scale."""
     soft_dice_weight: float = 0.0
-    """Weight of a soft Dice between student and teacher probabilities (at T = 1) inside KD."""
     confidence_weighting: bool = False
-    """Weight each pixel's KD by the teacher's confidence |2 sigmoid(teacher) - 1| (weighted mean)."""
     trust_gt: bool = False
-    """Where teacher (prob > 0.5) and ground truth disagree, the KD target there is the ground truth."""
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.alpha <= 1.0, "kd.alpha", self.alpha, "must be in [0, 1]")
@@ -79,14 +85,17 @@ class KDConfig:
 
 @dataclass
 class ThinConfig:
-    """Thin-vessel term aimed at recall of one-pixel vessels."""
+    """Thin-vessel term aimed at recall of one-pixel vessels.
+
+    Args:
+        kind: "skeleton_recall" needs precomputed skeletons (datamodule skeletons=True); "cldice" does not.
+        weight: Weight in the total. With a kind but weight 0 the term is still computed and logged.
+        iterations: clDice soft-skeleton iterations: at least half the widest vessel's width in pixels.
+    """
 
     kind: Literal["none", "skeleton_recall", "cldice"] = "none"
-    """"skeleton_recall" needs precomputed skeletons (datamodule skeletons=True); "cldice" does not."""
     weight: float = 0.0
-    """Weight in the total. With a kind but weight 0 the term is still computed and logged."""
     iterations: int = 10
-    """clDice soft-skeleton iterations: at least half the widest vessel's width in pixels."""
 
     def __post_init__(self) -> None:
         kinds = ("none", "skeleton_recall", "cldice")
@@ -192,6 +201,9 @@ def _check_shape(name: str, tensor: Tensor | None, shape: torch.Size) -> None:
 class DistillLoss(nn.Module):
     """(1 - alpha) * GT + alpha * KD + thin.weight * THIN, each term returned by name.
 
+    Terms: "gt/bce" and "gt/dice" | "gt/tversky"; "kd/bce" (already times T^2) and "kd/dice" whenever
+    teacher logits are given; "thin/skeleton_recall" | "thin/cldice" unless thin.kind is "none";
+    "total". GT = gt/bce + dice_weight * region term, KD = kd/bce + soft_dice_weight * kd/dice.
     A part whose weight is 0 is still computed for logging when its inputs are present, but under
     no_grad, so it cannot reach the gradient (e.g. kd.alpha = 0 with a cache attached).
     """
