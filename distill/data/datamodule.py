@@ -1,0 +1,306 @@
+"""`VesselDataModule`: any dataset reader + an optional teacher cache, joined by id, augmented together.
+
+Batches are dicts of cheap CPU types (uint8 images/masks, float16 teacher logits) so the host->GPU
+copy stays small; the LightningModule converts on the device. Shapes and dtypes:
+
+    image    uint8   [B,3,H,W]  RGB, not normalised
+    mask     uint8   [B,1,H,W]  0/1
+    roi      uint8   [B,1,H,W]  0/1 (all ones when the dataset has none; 0 on batch padding)
+    teacher  float16 [B,1,H,W]  logits aligned with the augmented image (only with cache_dir)
+    skeleton uint8   [B,1,H,W]  skeleton of the augmented mask (only with skeletons=True)
+    id       list[str]
+
+Images of different sizes: training crops to `crop_size` when it is set; validation and test are
+never augmented or resized, so a batch whose images differ in size is padded at the bottom/right to
+its largest image, with roi = 0 (and mask = teacher = 0) on the padding: losses and metrics count
+only roi pixels, so padding changes no number. (The students pad to their stride themselves.)
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from skimage.morphology import skeletonize
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from tqdm import tqdm
+
+from distill.cache import TeacherCache
+from distill.data import Record, VesselDataset, open_dataset
+from distill.data.augment import Augment, build_augment
+from distill.errors import CacheError, ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+class TeacherMaps:
+    """Reads the teacher map of an id for a view, from a cache opened lazily in whichever process reads.
+
+    `views="mean"`: the float32 mean of every cached view (test-time augmentation as a better
+    teacher), returned as float16 in the original orientation. `views="match"`: the map of the one
+    view asked for, still in the original orientation (the caller applies the view, as to the image).
+    """
+
+    def __init__(self, cache_dir: str, views: Literal["mean", "match"]):
+        self.cache_dir = cache_dir
+        self.views = views
+        self._cache: TeacherCache | None = None
+
+    @property
+    def cache(self) -> TeacherCache:
+        if self._cache is None:
+            self._cache = TeacherCache(self.cache_dir)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}  # each worker opens its own memory maps
+
+    def read(self, id: str, view: str, shape: tuple[int, int]) -> np.ndarray:
+        if self.views == "mean":
+            teacher = self.cache.read_views(id).astype(np.float32).mean(axis=0).astype(np.float16)
+        else:
+            teacher = self.cache.read(id, view)
+        if teacher.shape != shape:
+            raise CacheError(
+                f"{self.cache_dir}: teacher map of {id!r} is {teacher.shape[0]}x{teacher.shape[1]} but the "
+                f"image is {shape[0]}x{shape[1]}; rebuild the cache for this dataset"
+            )
+        return teacher
+
+
+class VesselSplit(Dataset):
+    """One split as a torch Dataset: record -> (teacher join) -> augmentation -> per-sample arrays.
+
+    `load` maps an id to its Record (a dict lookup when the data is held in RAM, else the reader).
+    `augment=None` means evaluation: no augmentation, identity view, full size.
+    """
+
+    def __init__(
+        self,
+        ids: list[str],
+        load: Callable[[str], Record],
+        augment: Augment | None,
+        teacher: TeacherMaps | None,
+        skeletons: bool,
+    ):
+        self.ids = ids
+        self.load = load
+        self.augment = augment
+        self.teacher = teacher
+        self.skeletons = skeletons
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def reseed(self, seed: int) -> None:
+        if self.augment is not None:
+            self.augment.reseed(seed)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+        record = self.load(self.ids[index])
+        shape = record.mask.shape
+        roi = np.ones(shape, np.uint8) if record.roi is None else record.roi.astype(np.uint8)
+        sample = {"image": record.image, "mask": record.mask, "roi": roi}
+        if self.augment is None:
+            if self.teacher is not None:
+                sample["teacher"] = self.teacher.read(record.id, "identity", shape)
+        else:
+            among = self.teacher.cache.views if self.teacher and self.teacher.views == "match" else None
+            view = self.augment.sample_view(among)
+            teacher = self.teacher.read(record.id, view, shape) if self.teacher else None
+            sample = self.augment(**sample, teacher=teacher, view=view)
+            del sample["view"]
+        if self.skeletons:
+            sample["skeleton"] = skeletonize(sample["mask"].astype(bool)).astype(np.uint8)
+        return {**sample, "id": record.id}
+
+
+def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
+    """Stack samples into the batch dict of the module docstring, padding bottom/right to the largest."""
+    height = max(s["mask"].shape[0] for s in samples)
+    width = max(s["mask"].shape[1] for s in samples)
+    batch: dict[str, torch.Tensor | list[str]] = {"id": [s["id"] for s in samples]}
+    for key in samples[0]:
+        if key == "id":
+            continue
+        first = samples[0][key]
+        channels = first.shape[2] if first.ndim == 3 else 1
+        out = np.zeros((len(samples), channels, height, width), first.dtype)
+        for i, sample in enumerate(samples):
+            array = sample[key]
+            array = array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
+            out[i, :, : array.shape[1], : array.shape[2]] = array
+        batch[key] = torch.from_numpy(out)
+    return batch
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: own seeds for `random`, numpy and the augmentation in each worker.
+
+    torch gives worker k the seed base + k, with `base` drawn from the loader's generator each time
+    an iterator starts (every epoch unless workers persist, when their streams simply continue), so
+    seeds differ per worker and per epoch and follow `seed_everything`.
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    get_worker_info().dataset.reseed(seed)
+
+
+class VesselDataModule(pl.LightningDataModule):
+    """Dataset (any reader) + optional teacher cache, joined by id; configured as `data:` in fit YAML.
+
+    Args:
+        data_format: reader name ("merged", "labelme", "coco", "mask_folder").
+        data_root: dataset directory.
+        reader_options: extra options of the reader (e.g. {"categories": [1]} for coco).
+        cache_dir: teacher cache directory; None trains on ground truth only. A cache built for other
+            data is refused (CacheError).
+        teacher_views: "mean" averages every cached view; "match" uses the cached view equal to the
+            sampled flip/rotation (only cached views are sampled then).
+        batch_size: samples per batch (train, val and test).
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        in_memory: decode every record once in setup and keep it in RAM (forked workers share it).
+        crop_size: random square crop (pixels) for training; None trains at full size.
+        augment: augmentation preset: "none", "light", "default", "strong".
+        split_seed: seed of the dataset's train/val/test split (used when no split file exists yet).
+        skeletons: add the skeleton of the (augmented) mask for thin-vessel losses.
+        pin_memory: pin batches for a faster copy to the GPU (only used when CUDA is available).
+        persistent_workers: keep workers alive between epochs (only used when num_workers > 0).
+    """
+
+    def __init__(
+        self,
+        data_format: str = "merged",
+        data_root: str = "data/synthetic",
+        reader_options: dict | None = None,
+        cache_dir: str | None = None,
+        teacher_views: Literal["mean", "match"] = "mean",
+        batch_size: int = 8,
+        num_workers: int = 2,
+        in_memory: bool = True,
+        crop_size: int | None = None,
+        augment: str = "default",
+        split_seed: int = 0,
+        skeletons: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ):
+        super().__init__()
+        if teacher_views not in ("mean", "match"):
+            raise ConfigError(f"data.teacher_views={teacher_views!r}: choose 'mean' or 'match'")
+        if batch_size < 1 or num_workers < 0:
+            raise ConfigError(
+                f"data.batch_size={batch_size} must be >= 1, data.num_workers={num_workers} >= 0"
+            )
+        self.save_hyperparameters()
+        self.data_format = data_format
+        self.data_root = data_root
+        self.reader_options = dict(reader_options or {})
+        self.cache_dir = cache_dir
+        self.teacher_views = teacher_views
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.in_memory = in_memory
+        self.crop_size = crop_size
+        self.train_augment = build_augment(augment, crop_size)  # validates the preset here, not in a worker
+        self.split_seed = split_seed
+        self.skeletons = skeletons
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.dataset: VesselDataset | None = None
+        self.cache: TeacherCache | None = None
+        self.records: dict[str, Record] | None = None
+        self.splits: dict[str, VesselSplit] = {}
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.cache_dir is not None
+
+    @property
+    def train_ids(self) -> list[str]:
+        return self.splits["train"].ids
+
+    @property
+    def val_ids(self) -> list[str]:
+        return self.splits["val"].ids
+
+    @property
+    def test_ids(self) -> list[str]:
+        return self.splits["test"].ids
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the dataset, check the cache against it, decode records (in_memory). Idempotent."""
+        if self.splits:
+            return
+        self.dataset = open_dataset(
+            self.data_format, self.data_root, split_seed=self.split_seed, **self.reader_options
+        )
+        teacher = None
+        if self.cache_dir is not None:
+            self.cache = TeacherCache(self.cache_dir)
+            self.cache.check_dataset(self.dataset.fingerprint())
+            if self.teacher_views == "match" and "identity" not in self.cache.views:
+                raise ConfigError(
+                    f"data.teacher_views='match' needs the identity view in {self.cache_dir} for un-augmented "
+                    f"validation (it holds {self.cache.views}); use teacher_views='mean' or cache identity"
+                )
+            no_mask = [i for i in self.dataset.ids if self.cache.status(i) == "no_mask"]
+            if no_mask:
+                raise CacheError(
+                    f"{self.cache_dir}: the teacher gave no map for {len(no_mask)} id(s) (status no_mask, e.g. "
+                    f"{no_mask[:5]}); a KD target cannot be invented for them: re-run the teacher on them, "
+                    "or leave them out of the dataset"
+                )
+            teacher = TeacherMaps(self.cache_dir, self.teacher_views)
+        load = self.dataset.get
+        if self.in_memory:
+            ids = [i for split in SPLITS for i in self.dataset.split_ids(split)]
+            self.records = {i: self.dataset.get(i) for i in tqdm(ids, desc="decoding dataset", unit="img")}
+            load = self.records.__getitem__
+        for split in SPLITS:
+            augment = self.train_augment if split == "train" else None
+            self.splits[split] = VesselSplit(
+                self.dataset.split_ids(split), load, augment, teacher, self.skeletons
+            )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.splits[split]
+        if len(data) == 0:
+            raise ConfigError(
+                f"the {split} split of {self.data_root} is empty; add images or change its splits file"
+            )
+        drop_last = shuffle and len(data) >= self.batch_size
+        if shuffle and not drop_last:
+            warnings.warn(
+                f"train split has {len(data)} images < data.batch_size={self.batch_size}: "
+                "one short batch per epoch",
+                stacklevel=3,
+            )
+        if self.num_workers == 0:
+            data.reseed(int(torch.randint(2**31, ()).item()))  # follows seed_everything like workers do
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=collate_padded,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

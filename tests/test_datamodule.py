@@ -1,0 +1,203 @@
+"""VesselDataModule on real pieces: synthetic vessels written as mask_folder, a real TeacherCache.
+
+The cached map of (id, view number k) is `10 k + mask + offset(id)` in the original orientation, so
+a batch's teacher tells which id and which view it came from, and must line up with the mask.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.morphology import skeletonize
+
+from distill.cache import CacheWriter, TeacherCache
+from distill.data import open_dataset
+from distill.data.datamodule import VesselDataModule, VesselSplit, collate_padded
+from distill.data.writers import write_dataset
+from distill.errors import CacheError, ConfigError
+from distill.synth import generate_sample
+from distill.views import apply_view
+
+FORMAT = "mask_folder"
+VIEWS = ["identity", "hflip", "rot90"]
+LARGE = {0, 5, 7}  # ids written at 80 px (the rest at 64): the splits hold several sizes
+
+
+def offset(item_id: str) -> float:
+    return 0.25 * int(item_id[1:])
+
+
+def cached_map(record, k: int) -> np.ndarray:
+    return (10.0 * k + record.mask + offset(record.id)).astype(np.float16)
+
+
+def write_cache(root: Path, dataset, fingerprint: dict, views: list[str]) -> Path:
+    manifest = {"teacher": {"name": "test-pattern"}, "dataset": fingerprint, "views": views}
+    with CacheWriter(root, "w0", manifest) as writer:
+        for item_id in dataset.ids:
+            record = dataset.get(item_id)
+            for k, view in enumerate(views):
+                writer.write(item_id, view, cached_map(record, k))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("datamodule")
+    samples = [
+        dataclasses.replace(generate_sample(i, 80 if i in LARGE else 64, "fundus"), id=f"s{i:02d}")
+        for i in range(12)
+    ]
+    root = write_dataset(base / "data", samples, FORMAT)
+    dataset = open_dataset(FORMAT, root)
+    fingerprint = dataset.fingerprint()
+    stale = {**fingerprint, "items": {**fingerprint["items"], dataset.ids[0]: "0" * 64}}
+    return {
+        "root": str(root),
+        "dataset": dataset,
+        "cache": str(write_cache(base / "cache", dataset, fingerprint, VIEWS)),
+        "stale": str(write_cache(base / "stale", dataset, stale, ["identity"])),
+    }
+
+
+def module(data: dict, **options) -> VesselDataModule:
+    defaults = {"data_format": FORMAT, "data_root": data["root"], "num_workers": 0, "batch_size": 2}
+    dm = VesselDataModule(**{**defaults, **options})
+    dm.setup("fit")
+    return dm
+
+
+def check_contract(batch: dict, teacher: bool, skeleton: bool) -> None:
+    expected = {"image", "mask", "roi", "id"} | ({"teacher"} if teacher else set())
+    assert set(batch) == expected | ({"skeleton"} if skeleton else set())
+    b, _, h, w = batch["image"].shape
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1] == 3
+    for key, dtype in [("mask", torch.uint8), ("roi", torch.uint8), ("teacher", torch.float16)]:
+        if key in batch:
+            assert batch[key].dtype == dtype and batch[key].shape == (b, 1, h, w)
+    if skeleton:
+        assert batch["skeleton"].dtype == torch.uint8 and batch["skeleton"].shape == (b, 1, h, w)
+    assert isinstance(batch["id"], list) and len(batch["id"]) == b
+    assert set(batch["mask"].unique().tolist()) <= {0, 1} and set(batch["roi"].unique().tolist()) <= {0, 1}
+
+
+def test_batches_follow_the_contract(data):
+    dm = module(data, cache_dir=data["cache"], crop_size=48, skeletons=True)
+    assert dm.has_teacher and isinstance(dm.cache, TeacherCache) and dm.dataset is not None
+    assert sorted(dm.train_ids + dm.val_ids + dm.test_ids) == data["dataset"].ids
+    train = next(iter(dm.train_dataloader()))
+    check_contract(train, teacher=True, skeleton=True)
+    assert train["image"].shape == (2, 3, 48, 48)
+    for i in range(2):  # the skeleton is that of the augmented mask
+        expected = skeletonize(train["mask"][i, 0].numpy().astype(bool))
+        np.testing.assert_array_equal(train["skeleton"][i, 0].numpy(), expected)
+    assert train["skeleton"].sum() > 0
+    check_contract(next(iter(dm.val_dataloader())), teacher=True, skeleton=True)
+    plain = module(data)
+    assert not plain.has_teacher and plain.cache is None
+    check_contract(next(iter(plain.test_dataloader())), teacher=False, skeleton=False)
+
+
+@pytest.mark.parametrize("teacher_views", ["mean", "match"])
+def test_validation_joins_the_teacher_by_id_unaugmented(data, teacher_views):
+    dm = module(data, cache_dir=data["cache"], teacher_views=teacher_views, batch_size=1)
+    cache = TeacherCache(data["cache"])
+    seen = []
+    for batch in dm.val_dataloader():
+        (item_id,) = batch["id"]
+        record = data["dataset"].get(item_id)
+        np.testing.assert_array_equal(batch["image"][0].permute(1, 2, 0).numpy(), record.image)
+        np.testing.assert_array_equal(batch["mask"][0, 0].numpy(), record.mask)
+        np.testing.assert_array_equal(batch["roi"][0, 0].numpy(), record.roi.astype(np.uint8))
+        if teacher_views == "mean":
+            expected = cache.read_views(item_id).astype(np.float32).mean(axis=0).astype(np.float16)
+            np.testing.assert_array_equal(expected, cached_map(record, 1))  # mean of k = 0, 1, 2
+        else:
+            expected = cache.read(item_id, "identity")
+        np.testing.assert_array_equal(batch["teacher"][0, 0].numpy(), expected)
+        seen.append(item_id)
+    assert seen == dm.val_ids
+
+
+def test_stale_cache_is_refused(data):
+    with pytest.raises(CacheError, match="changed content"):
+        module(data, cache_dir=data["stale"])
+
+
+def test_match_mode_uses_the_sampled_view_among_the_cached_ones(data):
+    dm = module(data, cache_dir=data["cache"], teacher_views="match", augment="light", batch_size=1)
+    views_seen = set()
+    for _ in range(3):
+        for batch in dm.train_dataloader():
+            (item_id,) = batch["id"]
+            record = data["dataset"].get(item_id)
+            mask = batch["mask"][0, 0].numpy()
+            # 10 k + mask + offset(id), moved with the mask: constant once mask and offset are removed.
+            residual = batch["teacher"][0, 0].numpy().astype(np.float32) - mask - offset(item_id)
+            k = int(round(residual[0, 0] / 10))
+            np.testing.assert_array_equal(residual, np.full_like(residual, 10 * k))
+            view = VIEWS[k]
+            np.testing.assert_array_equal(mask, apply_view(record.mask, view))
+            np.testing.assert_array_equal(batch["roi"][0, 0].numpy(), apply_view(record.roi, view))
+            views_seen.add(view)
+    assert views_seen == set(VIEWS)
+
+
+def test_mean_mode_trains_on_the_averaged_map(data):
+    dm = module(data, cache_dir=data["cache"], teacher_views="mean", augment="light", batch_size=1)
+    batch = next(iter(dm.train_dataloader()))
+    (item_id,) = batch["id"]
+    residual = batch["teacher"][0, 0].numpy() - batch["mask"][0, 0].numpy() - offset(item_id)
+    np.testing.assert_array_equal(residual, np.full_like(residual, 10.0))  # mean of 10 k over k = 0, 1, 2
+
+
+def view_of(batch: dict) -> str:
+    """The view a (batch of one) teacher map was read for, from its 10 k level."""
+    residual = batch["teacher"][0, 0].float() - batch["mask"][0, 0].float() - offset(batch["id"][0])
+    return VIEWS[int(round(residual[0, 0].item() / 10))]
+
+
+def test_workers_and_in_memory_give_the_same_validation_batches(data):
+    reference = list(module(data, cache_dir=data["cache"], in_memory=True).val_dataloader())
+    dm = module(data, cache_dir=data["cache"], in_memory=False, num_workers=2, crop_size=48, skeletons=True)
+    assert dm.records is None
+    for ours, theirs in zip(dm.val_dataloader(), reference, strict=True):
+        assert ours["id"] == theirs["id"]
+        for key in ("image", "mask", "roi", "teacher"):
+            assert torch.equal(ours[key], theirs[key])
+    train = list(dm.train_dataloader())
+    assert len(train) == len(dm.train_ids) // 2  # drop_last
+    for batch in train:
+        check_contract(batch, teacher=True, skeleton=True)
+
+
+def test_each_worker_draws_its_own_augmentations(data):
+    torch.manual_seed(0)
+    dm = module(
+        data, cache_dir=data["cache"], teacher_views="match", augment="light", batch_size=1, num_workers=2
+    )
+    for _ in range(2):  # batches alternate between the two workers; copies of one RNG would agree
+        views = [view_of(batch) for batch in dm.train_dataloader()]
+        assert views[0::2][:4] != views[1::2][:4]
+
+
+def test_mixed_sizes_pad_with_roi_zero(data):
+    dataset = data["dataset"]
+    every = VesselSplit(dataset.ids, dataset.get, augment=None, teacher=None, skeletons=False)
+    small, large = every[1], every[0]
+    assert small["mask"].shape == (64, 64) and large["mask"].shape == (80, 80)
+    batch = collate_padded([small, large])
+    assert batch["image"].shape == (2, 3, 80, 80)
+    assert batch["roi"][0, 0, 64:].sum() == 0 and batch["roi"][0, 0, :, 64:].sum() == 0
+    np.testing.assert_array_equal(batch["roi"][0, 0, :64, :64].numpy(), small["roi"])
+    np.testing.assert_array_equal(batch["image"][0, :, :64, :64].permute(1, 2, 0).numpy(), small["image"])
+    np.testing.assert_array_equal(batch["roi"][1, 0].numpy(), large["roi"])
+
+
+def test_bad_settings_are_named(data):
+    with pytest.raises(ConfigError, match="data.teacher_views"):
+        VesselDataModule(data_root=data["root"], teacher_views="median")
+    with pytest.raises(ConfigError, match="data.augment"):
+        VesselDataModule(data_root=data["root"], augment="heavy")
