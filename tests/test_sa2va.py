@@ -151,3 +151,20 @@ def test_prompt_and_quantization_config_are_pure():
     assert quantization_kwargs("8bit") == {"load_in_8bit": True, "llm_int8_skip_modules": skip}
     with pytest.raises(ConfigError, match="--quantize"):
         quantization_kwargs("2bit")
+
+
+def test_benchmark_builder_makes_a_loadable_standin_at_toy_size(tmp_path):
+    """The GPU benchmark's model (same code at toy size): loads through the adapter, self-check passes."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_sa2va_standin.py"
+    spec = importlib.util.spec_from_file_location("bench_sa2va_standin", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = bench.write_sized_standin(tmp_path / "bench_toy", "toy", device="cpu")
+    teacher = create_teacher("sa2va", model_path=str(path), trust_remote_code=True, dtype="float32")
+    (logits,) = teacher.predict_logits(bench.synthetic_images(1, 64))
+    assert logits.shape == (64, 64)
+    assert teacher.stats()["agreement"] == 1.0
+    assert any(k.startswith("language_model.model.layers.2.") for k in teacher.model.state_dict())
