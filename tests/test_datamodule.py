@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from skimage.morphology import skeletonize
 
 from distill.cache import CacheWriter, TeacherCache
@@ -201,3 +202,15 @@ def test_bad_settings_are_named(data):
         VesselDataModule(data_root=data["root"], teacher_views="median")
     with pytest.raises(ConfigError, match="data.augment"):
         VesselDataModule(data_root=data["root"], augment="heavy")
+
+
+def test_configurable_as_data_section_of_a_fit_yaml(data):
+    parser = ArgumentParser()
+    parser.add_class_arguments(VesselDataModule, "data")
+    config = parser.parse_string(
+        f"data:\n  data_format: {FORMAT}\n  data_root: {data['root']}\n  teacher_views: match\n  crop_size: 48\n"
+    )
+    dm = VesselDataModule(**config.data)
+    assert (dm.teacher_views, dm.crop_size, dm.train_augment.crop_size) == ("match", 48, 48)
+    with pytest.raises(SystemExit):
+        parser.parse_string("data:\n  teacher_views: median\n")
