@@ -45,6 +45,7 @@ STEP = 3.0  # centre-line step in reference pixels: fine enough for smooth curve
 MIN_RADIUS = 0.5  # output pixels: a 1-px-wide vessel, the thinnest the pixel-centre rule draws without gaps
 MAX_TURN = math.radians(75)  # a branch never turns further than this from its start, so it cannot cross itself
 THINNEST = 0.4  # output px: thinner children are not grown (they would vanish at this resolution)
+TAPER = 1.5  # exponent of the radius profile along a branch
 CHUNK = 12  # segments rendered together (vectorised) per bounding box
 
 
@@ -84,6 +85,7 @@ class Scene:
     fov_radius: float  # inf for angiograms (they fill the frame)
     wiggle: float  # heading noise per step (radians): tortuosity
     curl: float  # typical slow drift of the preferred heading per step (radians)
+    reach: float = 1.0  # branch length factor: coronary arteries run longer than retinal ones
 
     @property
     def step(self) -> float:
@@ -107,12 +109,12 @@ def grow_branch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random-walk a centre line from `start` (output px) with momentum on the turning rate.
 
-    The radius (reference px) tapers linearly to the 1-px minimum over a length that grows with the
-    starting radius; the walk stops early at the border. Returns points (output px), reference radii, headings.
+    The radius (reference px) tapers to the 1-px minimum over a length that grows with the starting
+    radius, slowly first and faster near the tip (t ** TAPER); the walk stops early at the border. Returns points (output px), reference radii, headings.
     """
     scale, step = scene.scale, scene.step
     tip = min(MIN_RADIUS / scale, radius)
-    length = radius * rng.uniform(45.0, 85.0) + rng.uniform(20.0, 60.0)
+    length = scene.reach * (radius * rng.uniform(45.0, 85.0) + rng.uniform(20.0, 60.0))
     n_steps = max(int(length / step), 2)
     per_step = step / STEP  # noise, drift and pull are defined per STEP reference px
     # The turning rate is limited so that the inner offset curve never folds (radius of curvature > 2 r).
@@ -130,14 +132,14 @@ def grow_branch(
         if abs(turned) > MAX_TURN:
             heading, rate = initial + math.copysign(MAX_TURN, turned), 0.0
         x, y = x + step * scale * math.cos(heading), y + step * scale * math.sin(heading)
-        radius_here = radius + (tip - radius) * (k + 1) / n_steps
+        radius_here = radius + (tip - radius) * ((k + 1) / n_steps) ** TAPER
         if not inside(scene, x, y, max(radius_here * scale, MIN_RADIUS) + 2.0):
             break
         xs.append(x)
         ys.append(y)
         headings.append(heading)
     t = np.arange(len(xs)) / n_steps
-    return np.stack([xs, ys], axis=1), radius + (tip - radius) * t, np.array(headings)
+    return np.stack([xs, ys], axis=1), radius + (tip - radius) * t**TAPER, np.array(headings)
 
 
 def grow_tree(
@@ -162,7 +164,7 @@ def grow_tree(
         points, radii, headings = grow_branch(rng, scene, start, head, rad, drift)
         if len(points) < 3:
             continue
-        fade = darkness * rng.uniform(0.8, 1.2) * (0.15 + 0.85 * np.clip(radii / radius, 0.0, 1.0) ** 0.8)
+        fade = darkness * rng.uniform(0.8, 1.2) * (0.1 + 0.9 * np.clip(radii / radius, 0.0, 1.0) ** 0.8)
         branches.append(Branch(points, np.maximum(radii * scene.scale, MIN_RADIUS), fade))
         side = rng.choice((-1.0, 1.0))
         position = rng.uniform(8.0, 30.0) / scene.step
@@ -173,7 +175,7 @@ def grow_tree(
                 angle = side * math.radians(rng.uniform(30.0, 75.0))
                 queue.append((points[i], headings[i] + angle, child_radius, rng.normal(0.0, scene.curl)))
             side = -side if rng.random() < 0.8 else side
-            position += rng.uniform(20.0, 60.0) / scene.step
+            position += scene.reach * rng.uniform(20.0, 60.0) / scene.step
     return branches
 
 
@@ -254,6 +256,13 @@ def radial_grid(size: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return x, y, np.hypot(x - centre[0], y - centre[1])
 
 
+def ramp(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, amplitude: float) -> np.ndarray:
+    """A linear illumination gradient in a random direction, from -amplitude/2 to +amplitude/2 across the image."""
+    angle = rng.uniform(0, math.tau)
+    size = x.shape[0]
+    return amplitude * ((x - size / 2) * math.cos(angle) + (y - size / 2) * math.sin(angle)) / size
+
+
 def finish(rng: np.random.Generator, image: np.ndarray, blur_sigma: float, noise_sigma: float) -> np.ndarray:
     """Optics and sensor: Gaussian blur, then additive noise, then 8-bit quantisation."""
     image = cv2.GaussianBlur(image, (0, 0), blur_sigma)
@@ -303,9 +312,9 @@ def fundus(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.ndarra
         )
 
     x, y, rho = radial_grid(size, centre)
-    illumination = 1.0 + 0.12 * smooth_noise(rng, size, 3) + rng.normal(0, 0.12) * (x - centre[0]) / size
-    vignette = 1.0 - rng.uniform(0.3, 0.5) * (rho / fov_radius) ** 2
-    texture = 1.0 + 0.03 * smooth_noise(rng, size, 24) + 0.015 * smooth_noise(rng, size, 64)
+    illumination = 1.0 + 0.15 * smooth_noise(rng, size, 3) + ramp(rng, x, y, rng.uniform(0.2, 0.5))
+    vignette = 1.0 - rng.uniform(0.45, 0.65) * (rho / fov_radius) ** 3
+    texture = 1.0 + 0.015 * smooth_noise(rng, size, 24) + 0.015 * smooth_noise(rng, size, 64)
     shade = illumination * vignette * texture
     macula_centre = disc + np.array([-disc_side * size * rng.uniform(0.28, 0.33), size * rng.normal(0.0, 0.02)])
     macula = np.exp(-(((x - macula_centre[0]) ** 2 + (y - macula_centre[1]) ** 2) / (2 * (0.08 * size) ** 2)))
@@ -339,7 +348,7 @@ def angiogram(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.nda
     annotated, as in real angiography datasets: a dark tube the model has to tell apart from a vessel.
     """
     scale = size / REFERENCE_SIZE
-    scene = Scene(size, scale, np.array([size / 2, size / 2]), math.inf, wiggle=0.06, curl=0.006)
+    scene = Scene(size, scale, np.array([size / 2, size / 2]), math.inf, wiggle=0.06, curl=0.006, reach=1.5)
     side = int(rng.integers(0, 4))  # catheter enters from the left, top, right or bottom edge
     along = rng.uniform(0.25, 0.6) * size
     depth = rng.uniform(0.18, 0.32) * size
@@ -357,28 +366,29 @@ def angiogram(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.nda
     )
 
     branches: list[Branch] = []
-    budget = int(rng.integers(45, 65))
+    budget = int(rng.integers(16, 26))
     n_trees = int(rng.integers(2, 4))
     spread = np.sort(rng.uniform(-1.1, 1.1, n_trees))
     for k, offset in enumerate(spread):
         radius = trunk * (1.0 if k == 0 else rng.uniform(0.65, 0.9))
         branches += grow_tree(
-            rng, scene, root.copy(), inward + offset, radius, rng.uniform(0.45, 0.6), rng.normal(0, 0.008), budget
+            rng, scene, root.copy(), inward + offset, radius, rng.uniform(0.3, 0.45), rng.normal(0, 0.008), budget
         )
 
     x, y, _ = radial_grid(size, scene.centre)
-    exposure = 1.0 + 0.1 * smooth_noise(rng, size, 2) + rng.normal(0, 0.15) * (y - size / 2) / size
-    heart = np.exp(
-        -(((x - rng.uniform(0.3, 0.7) * size) ** 2 + (y - rng.uniform(0.5, 0.9) * size) ** 2) / (2 * (0.3 * size) ** 2))
-    )
-    shade = exposure * (1.0 - rng.uniform(0.15, 0.3) * heart)
+    exposure = 1.0 + 0.14 * smooth_noise(rng, size, 2) + ramp(rng, x, y, rng.uniform(0.2, 0.5))
+    # The heart and diaphragm: a large dark region with a soft, curved edge against the bright lung field.
+    heart_centre = np.array([rng.uniform(0.2, 0.8), rng.uniform(0.7, 1.1)]) * size
+    heart_edge = np.hypot(x - heart_centre[0], y - heart_centre[1]) - rng.uniform(0.35, 0.55) * size
+    heart = 1.0 / (1.0 + np.exp(heart_edge / (0.04 * size)))
+    shade = exposure * (1.0 - rng.uniform(0.3, 0.45) * heart)
     tilt = rng.normal(0.0, 0.25)
     bend = rng.uniform(0.3, 0.8) / size
     spacing = rng.uniform(0.16, 0.22) * size
     rib_coordinate = (y - tilt * x + bend * (x - rng.uniform(0.3, 0.7) * size) ** 2) / spacing
     ribs = np.sin(math.tau * rib_coordinate + rng.uniform(0, math.tau))
     shade *= 1.0 + rng.uniform(0.06, 0.12) * np.tanh(2.0 * ribs) * (0.5 + 0.5 * smooth_noise(rng, size, 2) ** 2)
-    shade *= 1.0 + 0.04 * smooth_noise(rng, size, 20) + 0.02 * smooth_noise(rng, size, 48)
+    shade *= 1.0 + 0.02 * smooth_noise(rng, size, 20) + 0.015 * smooth_noise(rng, size, 48)
     _, _, corner = radial_grid(size, scene.centre)
     shade *= 1.0 - 0.25 * np.clip(corner / (0.72 * size), 0.0, 1.0) ** 4
 
@@ -448,12 +458,14 @@ def write_preview(path: str | Path, samples: list[SynthSample]) -> Path:
     height, width = tiles[0].shape[:2]
     gap = 6
     rows = math.ceil(len(tiles) / columns)
-    sheet = np.full((rows * (height + gap) + gap, columns * (width + gap) + gap, 3), 255, np.uint8)
+    caption = 16
+    sheet = np.full((rows * (height + gap) + gap + caption, columns * (width + gap) + gap, 3), 255, np.uint8)
     for k, tile in enumerate(tiles):
         top, left = gap + (k // columns) * (height + gap), gap + (k % columns) * (width + gap)
         sheet[top : top + height, left : left + width] = tile
     picture = Image.fromarray(sheet)
-    ImageDraw.Draw(picture).text((gap + 2, sheet.shape[0] - gap - 12), "left: image   right: mask outline", (0, 0, 0))
+    legend = "each pair: image | image with the mask outline (cyan)"
+    ImageDraw.Draw(picture).text((gap, sheet.shape[0] - caption), legend, fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path, format="PNG")
