@@ -392,7 +392,10 @@ def run_worker(
         "done": 0, "skipped": len(ids) - len(todo), "no_mask": 0, "failed": 0, "failed_ids": [],
         "maps": 0, "forward_s": 0.0, "setup_s": time.perf_counter() - setup_start,
     }  # fmt: skip
-    failures: list[tuple[str, str]] = []
+    # Items the dataset itself left out (--skip-bad) are listed once per process, with the teacher's failures.
+    left_out = dataset.problems if worker == 0 else []
+    failures: list[tuple[str, str]] = [(getattr(p, "item_id", str(p.path)), str(p)) for p in left_out]
+    failed: set[str] = set()  # ids of `todo` that failed here
 
     def produce(put: Callable[[Any], None]) -> None:
         batch: list[Item] = []
@@ -403,6 +406,7 @@ def run_worker(
                 if not args.skip_bad:
                     raise
                 failures.append((item_id, str(err)))
+                failed.add(item_id)
                 continue
             batch += [Item(item_id, v, apply_view(record.image, v), record.text) for v in views]
             while len(batch) >= args.batch_size:
@@ -426,7 +430,6 @@ def run_worker(
 
     views_left = {i: len(views) for i, views in todo}
     no_mask: set[str] = set()
-    failed: set[str] = set()
     background = BackgroundWriter(writer)
     desc = f"caching {args.teacher}" + (f" [worker {worker}/{n_workers}]" if n_workers > 1 else "")
     bar = tqdm(total=len(todo), desc=desc, unit="img", position=worker, dynamic_ncols=True)
@@ -468,8 +471,8 @@ def run_worker(
     wall = time.perf_counter() - loop_start
     failed_ids = sorted({i for i, _ in failures})
     summary.update(
-        done=len(todo) - len(no_mask) - len(failed_ids),
-        no_mask=len(no_mask),
+        done=len(todo) - len(no_mask - failed) - len(failed),
+        no_mask=len(no_mask - failed),
         failed=len(failed_ids),
         failed_ids=failed_ids,
         failures=[f"{i}: {why}" for i, why in failures],
@@ -616,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if len(args.merge) < 2:
                 raise ConfigError("--merge needs DST and at least one SRC")
-            merge_cache(args.merge[0], args.merge[1:])
+            merge_cache(args.merge[0], *args.merge[1:])
             print(f"merged {len(args.merge) - 1} cache(s) into {args.merge[0]}")
             return 0
         summary = combine(run_workers(args))

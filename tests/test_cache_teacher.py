@@ -1,0 +1,268 @@
+"""`python -m distill.cache_teacher`: the Done-when flow, resume after SIGKILL, shards, views,
+the checkpoint teacher, stale caches and --verify. Slow teachers come from the plugin module
+tests/_slow_teacher.py, loaded with `--import tests._slow_teacher`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from distill.cache import TeacherCache
+from distill.cache_teacher import main
+from distill.synth import make_dataset
+from distill.views import apply_view
+from tests._slow_teacher import save_tiny_student
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = ["--import", "tests._slow_teacher"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("synth") / "d", count=8, size=64, style="fundus", seed=2)
+
+
+def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def popen(*args: str | Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill.cache_teacher", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+def summary_of(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def contents(root: Path) -> dict:
+    """Everything a reader can see: per (id, view) the float16 bytes, and each id's status."""
+    cache = TeacherCache(root)
+    maps = {(i, v): cache.read(i, v).tobytes() for i in cache.ids for v in cache.views if cache.has(i, v)}
+    return {
+        "maps": maps,
+        "status": {i: cache.status(i) for i in cache.ids},
+        "teacher": cache.manifest["teacher"],
+    }
+
+
+def test_done_when_flow_as_subprocesses(tmp_path):
+    data, out = tmp_path / "s", tmp_path / "c"
+    steps = [
+        ("distill.synth", "--out", data, "--count", 8, "--size", 128, "--seed", 1),
+        (
+            "distill.cache_teacher",
+            "--teacher",
+            "frangi",
+            "--data-format",
+            "merged",
+            "--data-root",
+            data,
+            "--out",
+            out,
+        ),
+        ("distill.cache_teacher", "--verify", out),
+    ]
+    for step in steps:
+        result = cli(*step)
+        assert result.returncode == 0, f"{step}:\n{result.stdout}\n{result.stderr}"
+
+
+def test_kill_midway_then_resume_equals_uninterrupted_run(data, tmp_path):
+    common = [*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", data]
+    common += ["--views", "identity,hflip", "--batch-size", 1]
+    killed = tmp_path / "killed"
+    process = popen(*common, "--out", killed, "--teacher-option", "delay=0.4")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until a first commit made some rows durable
+            if (killed / "manifest.json").exists() and TeacherCache(killed).index.rows:
+                break
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    before = TeacherCache(killed)
+    rows_before = len(before.index.rows)
+    complete_before = sum(before.status(i) == "ok" for i in before.ids)
+    assert 0 < rows_before < 16, "kill did not land midway"
+
+    assert run(*common, "--out", killed, "--summary-json", tmp_path / "resumed.json") == 0
+    resumed = summary_of(tmp_path / "resumed.json")
+    assert resumed["maps"] == 16 - rows_before  # only the missing (id, view) pairs were computed
+    assert resumed["skipped"] == complete_before and resumed["done"] == 8 - complete_before
+
+    assert run(*common, "--out", tmp_path / "straight") == 0
+    assert contents(killed) == contents(tmp_path / "straight")
+    assert run("--verify", killed) == 0
+
+
+def test_two_shard_processes_into_one_cache_and_merge(data, tmp_path):
+    common = [
+        *PLUGIN,
+        "--teacher",
+        "pixel",
+        "--data-format",
+        "merged",
+        "--data-root",
+        data,
+        "--num-shards",
+        2,
+    ]
+    processes = [popen(*common, "--shard-index", i, "--out", tmp_path / "both") for i in (0, 1)]
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        assert "4 done" in stdout
+    assert run("--verify", tmp_path / "both") == 0
+    # The same split over two caches (two nodes), then merged.
+    for i in (0, 1):
+        assert run(*common, "--shard-index", i, "--out", tmp_path / f"node{i}") == 0
+    assert run("--verify", tmp_path / "node0") == 1  # half the ids are missing
+    assert run("--merge", tmp_path / "merged", tmp_path / "node0", tmp_path / "node1") == 0
+    assert run("--verify", tmp_path / "merged") == 0
+    assert contents(tmp_path / "merged")["maps"] == contents(tmp_path / "both")["maps"]
+
+
+def test_each_view_is_stored_in_the_original_orientation(data, tmp_path):
+    views = ["identity", "hflip", "rot90", "antitranspose"]
+    args = [
+        *PLUGIN,
+        "--teacher",
+        "pixel",
+        "--data-format",
+        "merged",
+        "--data-root",
+        data,
+        "--out",
+        tmp_path / "v",
+    ]
+    assert run(*args, "--views", ",".join(views)) == 0
+    cache = TeacherCache(tmp_path / "v")
+    from distill.data import open_dataset
+
+    dataset = open_dataset("merged", data)
+    for record in dataset:
+        expected = ((128.0 - record.image[..., 1].astype(np.float32)) / 32.0).astype(np.float16)
+        stack = cache.read_views(record.id, views)
+        for view, stored in zip(views, stack, strict=True):
+            np.testing.assert_array_equal(stored, expected, err_msg=f"{record.id} {view}")
+    # A teacher that is NOT per-pixel: Frangi's Hessian commutes exactly with flips (skimage's
+    # Frangi is not exactly transpose-equivariant, so quarter turns are checked with the pixel teacher).
+    frangi = [*args[2:-1], tmp_path / "f", "--teacher", "frangi"]
+    assert run(*frangi, "--views", "identity,hflip,vflip") == 0
+    stack = TeacherCache(tmp_path / "f").read_views(dataset.ids[0])
+    np.testing.assert_array_equal(stack[1], stack[0])
+    np.testing.assert_array_equal(stack[2], stack[0])
+    assert not np.array_equal(stack[0], apply_view(stack[0], "hflip"))  # so the check can fail
+
+
+def test_checkpoint_teacher_through_the_cli_with_tta(data, tmp_path):
+    ckpt = tmp_path / "best.ckpt"
+    student = save_tiny_student(ckpt, seed=0)
+    config = tmp_path / "teacher.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": "checkpoint",
+                "data_format": "merged",
+                "data_root": str(data),
+                "out": str(tmp_path / "ignored"),
+                "teacher_options": {"checkpoints": [str(ckpt)], "tta": ["identity", "hflip"]},
+                "batch_size": 4,
+            }
+        )
+    )
+    assert run("--config", config, "--out", tmp_path / "c") == 0  # the flag overrides the config's out
+    assert not (tmp_path / "ignored").exists()
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.manifest["teacher"]["tta"] == ["identity", "hflip"]
+    from distill.data import open_dataset
+
+    record = open_dataset("merged", data)[0]
+    x = torch.from_numpy(record.image.copy()).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = (student(x) + student(x.flip(-1)).flip(-1))[0, 0].numpy() / 2
+    np.testing.assert_allclose(cache.read(record.id).astype(np.float32), expected, atol=2e-2, rtol=1e-2)
+    assert run("--verify", tmp_path / "c") == 0
+
+
+def test_stale_cache_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "c"
+    args = ["--teacher", "frangi", "--data-format", "merged", "--data-root", data, "--out", out]
+    assert run(*args) == 0
+    assert run(*args, "--teacher-option", "sigmas=[1,2]") == 2
+    assert "sigmas: cache [1.0, 2.0, 3.0] vs given [1.0, 2.0]" in capsys.readouterr().err
+    changed = tmp_path / "changed"
+    subprocess.run(["cp", "-r", str(data), str(changed)], check=True)
+    image = next((changed / "images").iterdir())
+    image.write_bytes(image.read_bytes() + b"\0")  # same pixels for a decoder, different content hash
+    assert run(*args[:-3], changed, "--out", out) == 2
+    assert "changed content" in capsys.readouterr().err
+
+
+def test_verify_catches_a_corrupted_shard(data, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert (
+        run(*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", data, "--out", out) == 0
+    )
+    assert run("--verify", out) == 0
+    shard = next(out.glob("*.f16"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert run("--verify", out) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_a_bad_image_fails_loudly_or_is_listed_with_skip_bad(data, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(data), str(broken)], check=True)
+    bad = sorted((broken / "images").iterdir())[1]
+    bad.write_bytes(b"not an image")
+    args = [*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", broken]
+    assert run(*args, "--out", tmp_path / "a") == 2
+    assert bad.name in capsys.readouterr().err
+    summary = tmp_path / "s.json"
+    assert run(*args, "--out", tmp_path / "b", "--skip-bad", "--summary-json", summary) == 0
+    assert summary_of(summary)["failed"] == 1 and summary_of(summary)["done"] == 7
+    assert bad.name in capsys.readouterr().out
+
+
+def test_help_teaches_and_info_summarises(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "--gpus-per-model" in text and "--import" in text
+    out = tmp_path / "c"
+    assert (
+        run(*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", data, "--out", out) == 0
+    )
+    capsys.readouterr()
+    assert run("--info", out) == 0
+    assert '"ids_complete": 8' in capsys.readouterr().out
+    assert os.path.exists(out / "manifest.json")
