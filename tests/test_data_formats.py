@@ -284,3 +284,13 @@ def test_sixteen_bit_scaling_matches_eight_bit(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(read_image(tmp_path / "wide.png")[:, :, 1], values.astype(np.uint8))
+
+
+def test_coco_finds_images_under_root_or_images_folder(tmp_path):
+    write_image(tmp_path / "images" / "a.png")
+    write_image(tmp_path / "b.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}], "annotations": []}
+    write_json(tmp_path / "coco.json", coco)
+    ds = open_dataset("coco", tmp_path)
+    assert ds.ids == ["a", "b"] and ds.get("a").source == tmp_path / "images" / "a.png"
+    assert ds.get("b").mask.sum() == 0

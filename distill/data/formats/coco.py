@@ -1,5 +1,6 @@
 """`coco`: a COCO instances file; the vessel mask is the union of the chosen categories' segmentations.
 
+Images are found under `image_dir` when given, else under the root or root/images/.
 Segmentations may be polygons (a list of flat lists) or RLE, compressed (a `counts` string) or not (a
 `counts` list); RLE is decoded here in numpy, in COCO's column-major order. Images without annotations
 get an empty mask (a negative example). id = `file_name` without extension.
@@ -126,7 +127,8 @@ class CocoDataset(VesselDataset):
         data = read_json(index)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise DatasetError(index, "not a COCO file: needs an 'images' list (and 'annotations')")
-        images_root = self.root / image_dir if image_dir is not None else self.root
+        # Without image_dir, file_name is looked up under the root, then under root/images/ (both are common).
+        image_dirs = [self.root / image_dir] if image_dir is not None else [self.root, self.root / "images"]
         keep = chosen_categories(data.get("categories"), categories, index)
 
         problems: list[DatasetError] = []
@@ -167,9 +169,15 @@ class CocoDataset(VesselDataset):
                 continue
             info = image["info"]
             try:
-                path = inside(self.root, images_root, info["file_name"], index)
-                if not path.is_file():
-                    raise DatasetError(index, f"image {path} (file_name of image id {info['id']}) is missing")
+                tried = [inside(self.root, folder, info["file_name"], index) for folder in image_dirs]
+                path = next((p for p in tried if p.is_file()), None)
+                if path is None:
+                    raise DatasetError(
+                        index,
+                        f"image {info['file_name']!r} (image id {info['id']}) is missing: not at "
+                        + " or ".join(map(str, tried)),
+                        "set the image_dir option if images live elsewhere",
+                    )
             except DatasetError as error:
                 problems.append(error)
                 continue

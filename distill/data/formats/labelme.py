@@ -51,7 +51,7 @@ def checked_vertices(points: Any, owner: Path, where: str, kind: str, counts: ra
 
 
 def parse_shape(shape: Any, owner: Path, where: str) -> dict[str, Any] | None:
-    """A LabelMe shape -> {"type": polygon|circle|line, "points": flat list}; None for a point."""
+    """A LabelMe shape -> {"type": polygon|circle|line, "points": flat float64 array}; None for a point."""
     if not isinstance(shape, dict) or not isinstance(shape.get("points"), list):
         raise DatasetError(owner, f"{where}: a shape needs a 'points' list")
     kind = shape.get("shape_type") or "polygon"
@@ -62,15 +62,15 @@ def parse_shape(shape: Any, owner: Path, where: str) -> dict[str, Any] | None:
         return {"type": "polygon", "points": check_polygon(points, owner, where)}
     if kind == "rectangle":
         (x1, y1), (x2, y2) = checked_vertices(points, owner, where, kind, range(2, 3)).tolist()
-        return {"type": "polygon", "points": [x1, y1, x2, y1, x2, y2, x1, y2]}
+        return {"type": "polygon", "points": np.array([x1, y1, x2, y1, x2, y2, x1, y2])}
     if kind in ("circle", "line"):
         return {
             "type": kind,
-            "points": checked_vertices(points, owner, where, kind, range(2, 3)).ravel().tolist(),
+            "points": checked_vertices(points, owner, where, kind, range(2, 3)).ravel(),
         }
     if kind == "linestrip":
         vertices = checked_vertices(points, owner, where, kind, range(2, 1 << 30))
-        return {"type": "line", "points": vertices.ravel().tolist()}
+        return {"type": "line", "points": vertices.ravel()}
     raise DatasetError(
         owner,
         f"{where}: unsupported shape_type {kind!r}",
@@ -122,7 +122,9 @@ class LabelmeDataset(VesselDataset):
         entries, problems = [], []
         not_labelme, points_ignored, labels_seen = [], Counter(), Counter()
         for path in sorted(self.root.rglob("*.json")):
-            if path == self.root / SPLIT_FILE or any(part.startswith(".") for part in path.parts):
+            if path == self.root / SPLIT_FILE or any(
+                p.startswith(".") for p in path.relative_to(self.root).parts
+            ):
                 continue
             try:
                 data = read_json(path)
@@ -136,7 +138,7 @@ class LabelmeDataset(VesselDataset):
             entries.append(entry)
         if keep and not any(labels_seen[label] for label in keep) and entries:
             raise ConfigError(
-                f"label_filter {sorted(keep)} matches no shape under {self.root}; labels there: {sorted(labels_seen)}"
+                f"label_filter {sorted(keep)} matches no shape under {self.root}; labels there: {sorted(map(str, labels_seen))}"
             )
         if not_labelme:
             warnings.warn(
