@@ -372,7 +372,7 @@ def angiogram(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.nda
     for k, offset in enumerate(spread):
         radius = trunk * (1.0 if k == 0 else rng.uniform(0.65, 0.9))
         branches += grow_tree(
-            rng, scene, root.copy(), inward + offset, radius, rng.uniform(0.3, 0.45), rng.normal(0, 0.008), budget
+            rng, scene, root.copy(), inward + offset, radius, rng.uniform(0.25, 0.4), rng.normal(0, 0.008), budget
         )
 
     x, y, _ = radial_grid(size, scene.centre)
@@ -381,7 +381,7 @@ def angiogram(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.nda
     heart_centre = np.array([rng.uniform(0.2, 0.8), rng.uniform(0.7, 1.1)]) * size
     heart_edge = np.hypot(x - heart_centre[0], y - heart_centre[1]) - rng.uniform(0.35, 0.55) * size
     heart = 1.0 / (1.0 + np.exp(heart_edge / (0.04 * size)))
-    shade = exposure * (1.0 - rng.uniform(0.3, 0.45) * heart)
+    shade = exposure * (1.0 - rng.uniform(0.35, 0.5) * heart)
     tilt = rng.normal(0.0, 0.25)
     bend = rng.uniform(0.3, 0.8) / size
     spacing = rng.uniform(0.16, 0.22) * size
