@@ -32,18 +32,18 @@ def count_outside(points: np.ndarray, height: int, width: int) -> int:
     return int(np.count_nonzero((x < 0) | (x > width) | (y < 0) | (y > height)))
 
 
-def fill_polygon(mask: np.ndarray, points: np.ndarray) -> None:
-    """Set to 1 (in place) the pixels of `mask` whose centres lie inside the polygon `points` (N, 2)."""
-    height, width = mask.shape
+def polygon_spans(points: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows and [start, stop) columns of the pixel runs whose centres lie inside polygon `points` (N, 2)."""
+    empty = np.zeros(0, dtype=np.int64)
     if len(points) < 3:
-        return
+        return empty, empty, empty
     x0, y0 = points[:, 0], points[:, 1]
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
     # Rows whose centre line y = i + 0.5 can cross the polygon.
     row_lo = max(int(np.ceil(y0.min() - 0.5)), 0)
     row_hi = min(int(np.floor(y0.max() - 0.5)), height - 1)
     if row_hi < row_lo:
-        return
+        return empty, empty, empty
     ys = np.arange(row_lo, row_hi + 1, dtype=np.float64) + 0.5
     # Half-open edge rule: an edge counts for the rows with min(y0, y1) <= y < max(y0, y1),
     # so a vertex on a scan line is counted once and horizontal edges never.
@@ -53,26 +53,28 @@ def fill_polygon(mask: np.ndarray, points: np.ndarray) -> None:
         t = (ys[:, None] - y0[None, :]) / (y1 - y0)[None, :]
     xs = np.where(crosses, x0[None, :] + t * (x1 - x0)[None, :], np.inf)
     xs.sort(axis=1)
-    n_cross = crosses.sum(axis=1)
-    for r in np.nonzero(n_cross)[0]:
-        row = mask[row_lo + r]
-        cuts = xs[r, : n_cross[r]]
-        # Pixel j is inside a span [a, b) when a <= j + 0.5 < b.
-        starts = np.clip(np.ceil(cuts[0::2] - 0.5).astype(np.int64), 0, width)
-        stops = np.clip(np.ceil(cuts[1::2] - 0.5).astype(np.int64), 0, width)
-        for a, b in zip(starts, stops, strict=True):
-            if b > a:
-                row[a:b] = 1
+    xs = xs[:, : 2 * (crosses.sum(axis=1).max() // 2)]  # crossings per row are even; inf pads the rest
+    enter, leave = xs[:, 0::2], xs[:, 1::2]
+    valid = np.isfinite(leave)
+    rows = np.broadcast_to(np.arange(row_lo, row_hi + 1)[:, None], enter.shape)[valid]
+    # Pixel j is inside a span [a, b) when a <= j + 0.5 < b.
+    starts = np.clip(np.ceil(enter[valid] - 0.5), 0, width).astype(np.int64)
+    stops = np.clip(np.ceil(leave[valid] - 0.5), 0, width).astype(np.int64)
+    return rows, starts, stops
 
 
 def rasterize_polygons(
     polygons: Iterable[Sequence[float] | np.ndarray], height: int, width: int
 ) -> tuple[np.ndarray, int]:
     """Union of filled polygons as an HxW uint8 0/1 mask, and the number of vertices outside the image."""
-    mask = np.zeros((height, width), dtype=np.uint8)
+    # Every run adds +1 at its start and -1 at its stop; a pixel is covered where the running sum
+    # along its row is positive, which is the union of all polygons in one pass.
+    edges = np.zeros((height, width + 1), dtype=np.int32)
     outside = 0
     for polygon in polygons:
         points = as_vertices(polygon)
         outside += count_outside(points, height, width)
-        fill_polygon(mask, points)
-    return mask, outside
+        rows, starts, stops = polygon_spans(points, height, width)
+        np.add.at(edges, (rows, starts), 1)
+        np.add.at(edges, (rows, stops), -1)
+    return (np.cumsum(edges[:, :width], axis=1) > 0).astype(np.uint8), outside
