@@ -9,6 +9,7 @@ with a message that says what to change, never approximated silently.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -55,7 +56,9 @@ class Param:
         if self.kind == "constant":
             return self.values[0]
         if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.values))
+            choices = self.choices()
+            picked = trial.suggest_categorical(self.name, choices)
+            return self.values[choices.index(picked)]
         if self.kind == "int_uniform":
             return trial.suggest_int(self.name, int(self.low), int(self.high))
         # W&B's q-variants draw X from the continuous distribution, then return round(X / q) * q:
@@ -64,6 +67,17 @@ class Param:
         log = self.kind not in ("uniform", "q_uniform")
         value = trial.suggest_float(self.name, self.low, self.high, log=log)
         return _snap(value, self.q) if self.q else value
+
+    def choices(self) -> list[Any]:
+        """Categorical values as optuna can store them: JSON text for lists and mappings.
+
+        W&B allows a whole mapping as one value (e.g. a student {name, encoder} pair, which is how a
+        grid pairs only valid combinations); optuna takes only scalars, so those travel as JSON.
+        """
+        scalar = (str, int, float, bool, type(None))
+        if all(isinstance(v, scalar) for v in self.values):
+            return list(self.values)
+        return [json.dumps(v, sort_keys=True) for v in self.values]
 
 
 def _snap(value: float, q: float | None) -> float | int:
@@ -98,7 +112,9 @@ class SweepSpec:
         """The search space for optuna's GridSampler (grid needs every parameter discrete)."""
         space = {}
         for p in self.params:
-            if p.kind in ("constant", "categorical"):
+            if p.kind == "categorical":
+                space[p.name] = p.choices()
+            elif p.kind == "constant":
                 space[p.name] = list(p.values)
             elif p.kind == "int_uniform":
                 space[p.name] = list(range(int(p.low), int(p.high) + 1))

@@ -213,3 +213,18 @@ def test_pruned_trial_from_hyperband(tmp_path):
     assert "PRUNED" in states and "COMPLETE" in states
     result = json.loads((tmp_path / "out" / "trials").glob("*/result.json").__next__().read_text())
     assert result["values"]
+
+
+def test_mapping_values_travel_through_optuna_as_json(tmp_path):
+    students = [{"name": "unet", "encoder": "resnet18"}, {"name": "segformer", "encoder": "mit_b0"}]
+    path = write_sweep(tmp_path, {"model.student": {"values": students}}, method="grid")
+    draws = sample(path, n=2)
+    assert sorted(d["model.student"]["name"] for d in draws) == ["segformer", "unet"]
+    argv = expand_command(load_sweep(path), {"model.student": students[0]})
+    assert argv[-1] == "--model.student={'name': 'unet', 'encoder': 'resnet18'}"
+
+
+def test_shipped_sweeps_parse(tmp_path):
+    for path in sorted(Path("configs/sweeps").glob("*.yaml")):
+        spec = load_sweep(path)
+        assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
