@@ -43,7 +43,9 @@ TEXT = "blood vessel"
 REFERENCE_SIZE = 512  # trees are grown in these units, then scaled to the requested size
 STEP = 3.0  # centre-line step in reference pixels: fine enough for smooth curves, few polygon vertices
 MIN_RADIUS = 0.5  # output pixels: a 1-px-wide vessel, the thinnest the pixel-centre rule draws without gaps
-MAX_TURN = math.radians(75)  # a branch never turns further than this from its start, so it cannot cross itself
+MAX_TURN = math.radians(
+    75
+)  # a branch never turns further than this from its start, so it cannot cross itself
 THINNEST = 0.4  # output px: thinner children are not grown (they would vanish at this resolution)
 TAPER = 1.5  # exponent of the radius profile along a branch
 CHUNK = 12  # segments rendered together (vectorised) per bounding box
@@ -244,7 +246,9 @@ def paint(absorb: np.ndarray, branch: Branch) -> None:
 def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Zero-mean, unit-std noise varying over about size/cells pixels (bicubic upsampling of a coarse grid)."""
     coarse = rng.standard_normal((cells + 3, cells + 3)).astype(np.float32)
-    fine = cv2.resize(coarse, (size + 3 * size // cells, size + 3 * size // cells), interpolation=cv2.INTER_CUBIC)
+    fine = cv2.resize(
+        coarse, (size + 3 * size // cells, size + 3 * size // cells), interpolation=cv2.INTER_CUBIC
+    )
     offset = size // cells
     fine = fine[offset : offset + size, offset : offset + size]
     return (fine - fine.mean()) / (fine.std() + 1e-6)
@@ -316,7 +320,9 @@ def fundus(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.ndarra
     vignette = 1.0 - rng.uniform(0.45, 0.65) * (rho / fov_radius) ** 3
     texture = 1.0 + 0.015 * smooth_noise(rng, size, 24) + 0.015 * smooth_noise(rng, size, 64)
     shade = illumination * vignette * texture
-    macula_centre = disc + np.array([-disc_side * size * rng.uniform(0.28, 0.33), size * rng.normal(0.0, 0.02)])
+    macula_centre = disc + np.array(
+        [-disc_side * size * rng.uniform(0.28, 0.33), size * rng.normal(0.0, 0.02)]
+    )
     macula = np.exp(-(((x - macula_centre[0]) ** 2 + (y - macula_centre[1]) ** 2) / (2 * (0.08 * size) ** 2)))
     shade *= 1.0 - rng.uniform(0.15, 0.3) * macula
     disc_dist = np.hypot(x - disc[0], (y - disc[1]) / rng.uniform(1.0, 1.15))
@@ -353,17 +359,22 @@ def angiogram(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.nda
     along = rng.uniform(0.25, 0.6) * size
     depth = rng.uniform(0.18, 0.32) * size
     inward = (0.0, math.pi / 2, math.pi, -math.pi / 2)[side]
-    entry = [np.array([0.0, along]), np.array([along, 0.0]), np.array([size, along]), np.array([along, size])][side]
+    entry = [
+        np.array([0.0, along]),
+        np.array([along, 0.0]),
+        np.array([size, along]),
+        np.array([along, size]),
+    ][side]
     root = entry + depth * np.array([math.cos(inward), math.sin(inward)])
     catheter_points = np.linspace(entry, root, 24)
-    catheter_points += np.sin(np.linspace(0, math.pi, 24))[:, None] * rng.normal(0, 0.04 * size) * np.array(
-        [-math.sin(inward), math.cos(inward)]
+    catheter_points += (
+        np.sin(np.linspace(0, math.pi, 24))[:, None]
+        * rng.normal(0, 0.04 * size)
+        * np.array([-math.sin(inward), math.cos(inward)])
     )
     root = catheter_points[-1]
     trunk = 3.6 * rng.uniform(0.9, 1.1)
-    catheter = Branch(
-        catheter_points, np.full(24, trunk * scale * 0.8), np.full(24, rng.uniform(0.35, 0.45))
-    )
+    catheter = Branch(catheter_points, np.full(24, trunk * scale * 0.8), np.full(24, rng.uniform(0.35, 0.45)))
 
     branches: list[Branch] = []
     budget = int(rng.integers(16, 26))
@@ -372,10 +383,17 @@ def angiogram(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.nda
     for k, offset in enumerate(spread):
         radius = trunk * (1.0 if k == 0 else rng.uniform(0.65, 0.9))
         branches += grow_tree(
-            rng, scene, root.copy(), inward + offset, radius, rng.uniform(0.25, 0.4), rng.normal(0, 0.008), budget
+            rng,
+            scene,
+            root.copy(),
+            inward + offset,
+            radius,
+            rng.uniform(0.25, 0.4),
+            rng.normal(0, 0.008),
+            budget,
         )
 
-    x, y, _ = radial_grid(size, scene.centre)
+    x, y, rho = radial_grid(size, scene.centre)
     exposure = 1.0 + 0.14 * smooth_noise(rng, size, 2) + ramp(rng, x, y, rng.uniform(0.2, 0.5))
     # The heart and diaphragm: a large dark region with a soft, curved edge against the bright lung field.
     heart_centre = np.array([rng.uniform(0.2, 0.8), rng.uniform(0.7, 1.1)]) * size
@@ -387,10 +405,11 @@ def angiogram(rng: np.random.Generator, size: int) -> tuple[list[Branch], np.nda
     spacing = rng.uniform(0.16, 0.22) * size
     rib_coordinate = (y - tilt * x + bend * (x - rng.uniform(0.3, 0.7) * size) ** 2) / spacing
     ribs = np.sin(math.tau * rib_coordinate + rng.uniform(0, math.tau))
-    shade *= 1.0 + rng.uniform(0.06, 0.12) * np.tanh(2.0 * ribs) * (0.5 + 0.5 * smooth_noise(rng, size, 2) ** 2)
+    shade *= 1.0 + rng.uniform(0.06, 0.12) * np.tanh(2.0 * ribs) * (
+        0.5 + 0.5 * smooth_noise(rng, size, 2) ** 2
+    )
     shade *= 1.0 + 0.02 * smooth_noise(rng, size, 20) + 0.015 * smooth_noise(rng, size, 48)
-    _, _, corner = radial_grid(size, scene.centre)
-    shade *= 1.0 - 0.25 * np.clip(corner / (0.72 * size), 0.0, 1.0) ** 4
+    shade *= 1.0 - 0.25 * np.clip(rho / (0.72 * size), 0.0, 1.0) ** 4  # image-intensifier vignetting
 
     absorb = np.zeros((size, size), np.float32)
     for branch in branches:
@@ -496,7 +515,9 @@ def make_dataset(
     if format not in FORMATS:
         raise ConfigError(f"--format={format!r} is unknown; choose one of {', '.join(FORMATS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not an empty directory; delete it or choose another --out")
+        raise ConfigError(
+            f"--out {out} exists and is not an empty directory; delete it or choose another --out"
+        )
     fractions: list[float] = []
     shown: list[SynthSample] = []
 
@@ -554,11 +575,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=16, help="number of images (default: 16)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--style", choices=STYLES, default="fundus", help="background and tree layout")
-    parser.add_argument("--seed", type=int, default=0, help="non-negative; same seed, same bytes (default: 0)")
     parser.add_argument(
-        "--format", choices=FORMATS, default="merged", help="dataset format to write (default: merged, Sa2VA's)"
+        "--seed", type=int, default=0, help="non-negative; same seed, same bytes (default: 0)"
     )
-    parser.add_argument("--preview", type=Path, help="also write a contact sheet PNG (first 16 images + outlines)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="merged",
+        help="dataset format to write (default: merged, Sa2VA's)",
+    )
+    parser.add_argument(
+        "--preview", type=Path, help="also write a contact sheet PNG (first 16 images + outlines)"
+    )
     return parser.parse_args(argv)
 
 
