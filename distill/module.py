@@ -123,7 +123,9 @@ class DistillModule(pl.LightningModule):
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
         self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)
-        self.overlay_samples: dict[str, Tensor] = {}  # a few validation images with both predictions
+        self.overlay_samples: dict[
+            str, Tensor
+        ] = {}  # a few images of the last val or test pass, with both predictions
         self._compiled: nn.Module | None = None
 
     # -- training -------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class DistillModule(pl.LightningModule):
             self.curves[f"{stage}_{who}"].update(p, batch["mask"], batch["roi"])
             self.per_image[f"{stage}_{who}"].update(p, batch["mask"], batch["roi"])
         have = self.overlay_samples.get("image", torch.zeros(0)).shape[0]
-        if stage == "val" and have < self.n_overlays:
+        if have < self.n_overlays:
             take = slice(0, self.n_overlays - have)
             new = {"image": batch["image"], "mask": batch["mask"], "roi": batch["roi"], **probs}
             for key, value in new.items():
@@ -202,6 +204,9 @@ class DistillModule(pl.LightningModule):
                 )
 
     def on_validation_epoch_start(self) -> None:
+        self.overlay_samples = {}
+
+    def on_test_epoch_start(self) -> None:
         self.overlay_samples = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -58,14 +58,13 @@ class Student(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         x = (x - self.mean) / self.std
+        # No shape-dependent Python branches: an ONNX trace then stays right at every input size.
+        # Replicate padding works for any size (reflect needs pad < size); a zero pad and a
+        # same-size bilinear resize (align_corners=False) are exact identities.
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % self.stride, -w % self.stride
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        logits = self.net(x)
-        if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        logits = F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
 
 
