@@ -1,0 +1,276 @@
+"""Evaluate a trained student on a split, beside the teacher: `python -m distill.evaluate --ckpt PATH`.
+
+    python -m distill.evaluate --ckpt students/demo/checkpoints/best.ckpt --split test
+    python -m distill.evaluate --ckpt ... --split test --threshold-from val   # re-choose on val first
+    python -m distill.evaluate --ckpt ... --split test --threshold 0.4        # a fixed operating point
+    python -m distill.evaluate compare students/run_a students/run_b          # runs side by side
+
+Data and cache default to the run's own `config.yaml` (beside `checkpoints/`), so a checkpoint is
+evaluated on what it was trained against unless flags say otherwise. Writes `metrics.json` (the
+DESIGN.md contract), `per_image.csv`, `curves.png`, `overlays.png` and `report.md` that ties them
+together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import ConfigError, DistillError
+
+THRESHOLD_SOURCES = ("ckpt", "val")
+
+
+def run_config(ckpt: Path) -> dict[str, Any]:
+    """The resolved config.yaml that `distill.fit` saved beside the checkpoint's folder, if any."""
+    path = ckpt.resolve().parent.parent / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def build_datamodule(ckpt: Path, overrides: dict[str, Any]) -> Any:
+    """VesselDataModule from the run's data config, with non-None `overrides` (data_root, cache_dir...)."""
+    from distill.data.datamodule import VesselDataModule
+
+    data = dict(run_config(ckpt).get("data") or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if "data_root" not in data:
+        raise ConfigError(
+            f"{ckpt}: no config.yaml beside the run to take the data from; pass --data-format and --data-root"
+        )
+    data.setdefault("num_workers", 0)
+    return VesselDataModule(**data)
+
+
+def evaluate(
+    ckpt: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    threshold: float | None = None,
+    threshold_from: str = "ckpt",
+    data_overrides: dict[str, Any] | None = None,
+    accelerator: str = "auto",
+) -> dict[str, Any]:
+    """Run the student (and the cached teacher) over `split`; write the report files; return metrics."""
+    import lightning.pytorch as pl
+
+    from distill.metrics import DEFAULT_THRESHOLDS
+    from distill.module import DistillModule
+    from distill.report import write_metrics
+    from distill.students import count_parameters, load_student
+    from distill.viz import plot_curves, plot_overlays
+
+    ckpt = Path(ckpt)
+    if split not in ("val", "test"):
+        raise ConfigError(f"--split {split!r}: evaluate takes val or test (train batches are augmented)")
+    if threshold_from not in THRESHOLD_SOURCES:
+        raise ConfigError(f"--threshold-from {threshold_from!r}: choose from {THRESHOLD_SOURCES}")
+    _, info = load_student(ckpt)  # refuses foreign checkpoints with a clear message
+    grid = sorted(set(info.get("thresholds") or DEFAULT_THRESHOLDS) | ({threshold} if threshold else set()))
+    model = DistillModule.load_from_checkpoint(str(ckpt), map_location="cpu", thresholds=tuple(grid))
+    data = build_datamodule(ckpt, data_overrides or {})
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    if threshold is not None:
+        model.chosen_threshold = model.teacher_threshold = float(threshold)
+    elif threshold_from == "val" or split == "val":
+        trainer.validate(model, datamodule=data, verbose=False)  # chooses both thresholds on val
+    if split == "val" and threshold is None:
+        report = model.results["val"]
+        samples = model.overlay_samples
+    else:
+        trainer.test(model, datamodule=data, verbose=False)
+        report = model.results["test"]
+        samples = model.overlay_samples
+    report["split"] = split
+    if threshold is not None:
+        report["chosen_threshold"]["rule"] = f"fixed {threshold}"
+
+    out = Path(out) if out else ckpt.resolve().parent.parent / f"eval_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    params = count_parameters(model.student)
+    write_metrics(out / "metrics.json", report, params, ckpt)
+    ids = data.val_ids if split == "val" else data.test_ids
+    write_per_image(out / "per_image.csv", ids, report)
+    plot_curves(report, out / "curves.png")
+    if samples:
+        plot_overlays(samples, report["chosen_threshold"], out / "overlays.png")
+    write_report_md(out / "report.md", report, ckpt, ids, bool(samples))
+    return report
+
+
+def write_per_image(path: Path, ids: list[str], report: dict[str, Any]) -> None:
+    """id, student Dice, teacher Dice (at each one's chosen threshold), one row per image."""
+    per_image = report["per_image_dice"]
+    if len(per_image["student"]) != len(ids):
+        raise DistillError(
+            f"{len(per_image['student'])} per-image scores for {len(ids)} ids: loader order broke"
+        )
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", *[f"{who}_dice" for who in per_image]])
+        for i, image_id in enumerate(ids):
+            writer.writerow([image_id, *[per_image[who][i] for who in per_image]])
+
+
+def write_report_md(path: Path, report: dict[str, Any], ckpt: Path, ids: list[str], overlays: bool) -> None:
+    from distill.report import format_table
+
+    student = report["per_image_dice"]["student"]
+    worst = sorted(zip(student, ids, strict=True))[:5]
+    lines = [
+        f"# Evaluation of `{ckpt}` on {report['split']}",
+        "",
+        "```",
+        format_table(report),
+        "```",
+        "",
+        "![threshold curves](curves.png)",
+        "",
+        *(["![image | ground truth | teacher | student](overlays.png)", ""] if overlays else []),
+        "Lowest student Dice (per image, at the chosen threshold):",
+        "",
+        "| id | student Dice |",
+        "|---|---|",
+        *[f"| {image_id} | {dice:.4f} |" for dice, image_id in worst],
+        "",
+        "Files: `metrics.json` (DESIGN.md contract), `per_image.csv`.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def measure_latency(ckpt: Path, size: int, repeats: int = 5) -> float:
+    """Median seconds for one image of size x size through the student (batch 1) on this machine."""
+    import torch
+
+    from distill.students import load_student
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student, _ = load_student(ckpt, map_location=device)
+    image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, device=device)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            student(image)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def compare(run_dirs: list[Path], out: Path | None, latency_size: int = 512) -> str:
+    """Markdown table: each run's student and teacher at their chosen thresholds and at 0.5."""
+    rows = []
+    for run in run_dirs:
+        metrics_path = next(
+            (run / n for n in ("metrics_test.json", "metrics_val.json") if (run / n).is_file()), None
+        )
+        if metrics_path is None:
+            raise ConfigError(
+                f"{run}: no metrics_test.json or metrics_val.json; is it a distill.fit run directory?"
+            )
+        m = json.loads(metrics_path.read_text())
+        half = min(range(len(m["thresholds"])), key=lambda i: abs(m["thresholds"][i] - 0.5))
+        row = {"run": run.name, "split": m["split"], "params (M)": f"{m['student_params'] / 1e6:.2f}"}
+        for who in ("student", "teacher"):
+            if who not in m:
+                continue
+            at = m["at_chosen"][who]
+            row[f"{who} thr"] = f"{m['chosen_threshold'][who]:.2f}"
+            row[f"{who} dice"] = f"{at['dice']:.4f}"
+            row[f"{who} recall"] = f"{at['recall']:.4f}"
+            row[f"{who} dice@0.5"] = f"{m[who]['dice'][half]:.4f}"
+            row[f"{who} recall@0.5"] = f"{m[who]['recall'][half]:.4f}"
+        ckpt = Path(m["checkpoint"]) if m.get("checkpoint") else None
+        row[f"latency {latency_size}² (ms)"] = (
+            f"{1000 * measure_latency(ckpt, latency_size):.1f}" if ckpt and ckpt.is_file() else "n/a"
+        )
+        rows.append(row)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    if out:
+        out.write_text(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        parser = argparse.ArgumentParser(
+            prog="python -m distill.evaluate compare", description="Compare finished runs side by side."
+        )
+        parser.add_argument("runs", nargs="+", type=Path, help="run directories (students/<run>)")
+        parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
+        parser.add_argument("--latency-size", type=int, default=512, help="image side for the latency column")
+        args = parser.parse_args(argv[1:])
+        try:
+            print(compare(args.runs, args.out, args.latency_size))
+        except DistillError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    parser = argparse.ArgumentParser(
+        prog="python -m distill.evaluate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:7]),
+    )
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by distill.fit")
+    parser.add_argument(
+        "--split", default="test", choices=["val", "test"], help="split to evaluate (default test)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default <run>/eval_<split>)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--threshold", type=float, default=None, help="fixed threshold for student and teacher"
+    )
+    group.add_argument(
+        "--threshold-from",
+        default="ckpt",
+        choices=THRESHOLD_SOURCES,
+        help="ckpt: the threshold frozen on validation during fit (default); val: choose again on val now",
+    )
+    parser.add_argument("--data-format", default=None, help="dataset format (default: the run's config)")
+    parser.add_argument("--data-root", default=None, help="dataset root (default: the run's config)")
+    parser.add_argument("--cache", default=None, help="teacher cache dir (default: the run's config)")
+    parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    args = parser.parse_args(argv)
+    overrides = {
+        "data_format": args.data_format,
+        "data_root": args.data_root,
+        "cache_dir": args.cache,
+        "batch_size": args.batch_size,
+    }
+    try:
+        report = evaluate(
+            args.ckpt, args.split, args.out, args.threshold, args.threshold_from, overrides, args.accelerator
+        )
+    except DistillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from distill.report import format_table
+
+    print(format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

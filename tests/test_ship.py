@@ -1,0 +1,98 @@
+"""After training: evaluate (report files, threshold rules), compare, ONNX export, predict."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distill.errors import ConfigError
+from distill.evaluate import main as evaluate_main
+from distill.export import TOLERANCE, export_onnx, read_metadata
+from distill.predict import main as predict_main
+
+
+def test_evaluate_writes_contract_report_with_the_frozen_threshold(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    out = tmp_path / "eval"
+    assert (
+        evaluate_main(["--ckpt", str(ckpt), "--split", "test", "--out", str(out), "--accelerator", "cpu"])
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    fit_test = json.loads((tiny_run / "metrics_test.json").read_text())
+    # Same checkpoint, same data, same frozen thresholds: the same numbers as fit's own test report.
+    assert metrics["chosen_threshold"] == fit_test["chosen_threshold"]
+    for who in ("student", "teacher"):
+        assert metrics["at_chosen"][who] == pytest.approx(fit_test["at_chosen"][who], abs=1e-6)
+    n = len(metrics["thresholds"])
+    assert all(len(metrics[who]["dice"]) == n for who in ("student", "teacher"))
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["n_images"] and set(rows[0]) == {"id", "student_dice", "teacher_dice"}
+    for name in ("curves.png", "overlays.png", "report.md"):
+        assert (out / name).is_file(), name
+    assert "![threshold curves](curves.png)" in (out / "report.md").read_text()
+
+
+def test_evaluate_with_a_fixed_threshold_adds_it_to_the_grid(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    out = tmp_path / "fixed"
+    assert (
+        evaluate_main(["--ckpt", str(ckpt), "--threshold", "0.42", "--out", str(out), "--accelerator", "cpu"])
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.42 in metrics["thresholds"] and metrics["chosen_threshold"]["student"] == 0.42
+
+
+def test_evaluate_refuses_a_foreign_checkpoint(tmp_path, capsys):
+    import torch
+
+    bad = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    assert evaluate_main(["--ckpt", str(bad)]) == 2
+    assert "not a vessel-distill student checkpoint" in capsys.readouterr().err
+
+
+def test_compare_prints_student_and_teacher_per_run(tiny_run, tmp_path, capsys):
+    out = tmp_path / "compare.md"
+    assert evaluate_main(["compare", str(tiny_run), "--out", str(out), "--latency-size", "64"]) == 0
+    table = out.read_text()
+    assert "student dice" in table and "teacher dice@0.5" in table and "| tiny |" in table
+
+
+def test_onnx_export_matches_pytorch_and_carries_the_threshold(tiny_run, tmp_path):
+    result = export_onnx(tiny_run / "checkpoints" / "best.ckpt", tmp_path / "student.onnx")
+    assert result["max_abs_error"] <= TOLERANCE
+    meta = read_metadata(tmp_path / "student.onnx")
+    fit_val = json.loads((tiny_run / "metrics_val.json").read_text())
+    assert meta["chosen_threshold"] == fit_val["chosen_threshold"]["student"]
+    assert meta["student"]["name"] == "unet"
+
+
+def test_predict_folder_with_checkpoint_and_onnx_agree(tiny_run, tiny_data_and_cache, tmp_path):
+    data, _ = tiny_data_and_cache
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    export_onnx(ckpt, tmp_path / "student.onnx")
+    assert (
+        predict_main(["--model", str(ckpt), "--images", str(data / "images"), "--out", str(tmp_path / "a")])
+        == 0
+    )
+    onnx_args = ["--model", str(tmp_path / "student.onnx"), "--images", str(data / "images")]
+    assert predict_main([*onnx_args, "--out", str(tmp_path / "b")]) == 0
+    masks = sorted((tmp_path / "a" / "masks").glob("*.png"))
+    assert len(masks) == 12
+    for path in masks:
+        a = np.asarray(Image.open(path))
+        b = np.asarray(Image.open(tmp_path / "b" / "masks" / path.name))
+        assert set(np.unique(a)) <= {0, 255} and a.shape == (64, 64)
+        assert (a != b).mean() < 0.001  # float32 vs onnxruntime: at most a pixel at the threshold
+
+
+def test_predict_refuses_an_empty_folder(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="no images"):
+        from distill.predict import predict_folder
+
+        predict_folder(tiny_run / "checkpoints" / "best.ckpt", tmp_path, tmp_path / "out")
