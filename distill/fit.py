@@ -145,7 +145,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         )
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cli.parser.save(cli.config, run_dir / "config.yaml", skip_none=False, overwrite=True, multifile=False)
+        cli.parser.save(cli.config, run_dir / "config.yaml", overwrite=True, multifile=False)
 
     trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
     best = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)

@@ -1,0 +1,292 @@
+"""Is the data path ever the bottleneck? Training throughput of students with and without the real pipeline.
+
+For each student (UNet-ResNet34, SegFormer-B0) at 512x512, batch 32, bf16-mixed:
+  (a) pure_step_img_s: forward + DistillLoss + backward + AdamW on a batch already on the GPU (the ceiling);
+  (b) pipeline_img_s: the real fit path (VesselDataModule: decoded records, augmentation, teacher-cache
+      reads, collate, host->GPU copy; DistillModule under a Lightning Trainer), timed over a fixed
+      number of steps after warm-up by a callback;
+  (c) inference latency at batch 1 and throughput at batch 32, parameters, peak GPU memory.
+It makes its own synthetic 512x512 data and a teacher cache of synthetic logits (written with CacheWriter).
+Writes benchmarks/fit_<gpu>.json (pure_step_img_s, pipeline_img_s, ratio per model) and prints a table.
+
+    python scripts/bench_fit.py                 # one GPU, < 8 minutes on an H100
+    python scripts/bench_fit.py --devices 2     # the pipeline under DDP on 2 GPUs (ddp_spawn)
+    python scripts/bench_fit.py --tiny          # CPU smoke test: 64 px, a few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from distill.cache import CacheWriter  # noqa: E402
+from distill.data import open_dataset  # noqa: E402
+from distill.data.datamodule import VesselDataModule  # noqa: E402
+from distill.data.writers import write_dataset  # noqa: E402
+from distill.losses import KDConfig  # noqa: E402
+from distill.module import DistillModule  # noqa: E402
+from distill.students import StudentConfig, count_parameters  # noqa: E402
+from distill.synth import generate_sample  # noqa: E402
+
+MODELS = {
+    "unet_r34": StudentConfig(name="unet", encoder="resnet34"),
+    "segformer_b0": StudentConfig(name="segformer", encoder="mit_b0"),
+}
+TINY_MODELS = {
+    "unet_r34": StudentConfig(
+        name="unet", encoder="resnet18", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+    ),
+    "segformer_b0": StudentConfig(name="segformer", encoder="mit_b0"),
+}
+
+
+def make_data(root: Path, n_images: int, n_unique: int, size: int) -> tuple[Path, Path]:
+    """Synthetic merged dataset (n_unique generated images repeated under new ids) and a logit cache for it."""
+    data, cache = root / "data", root / "cache"
+    unique = [
+        generate_sample(seed, size, "fundus")
+        for seed in tqdm(range(n_unique), desc="synthesising", unit="img")
+    ]
+    samples = (dataclasses.replace(unique[i % n_unique], id=f"bench_{i:05d}") for i in range(n_images))
+    write_dataset(data, samples, format="merged")
+    dataset = open_dataset("merged", data)
+    manifest = {
+        "teacher": {"name": "bench-synthetic-logits"},
+        "dataset": dataset.fingerprint(),
+        "views": ["identity"],
+    }
+    rng = np.random.default_rng(0)
+    with CacheWriter(cache, "bench", manifest) as writer:
+        for i in tqdm(dataset.ids, desc="caching logits", unit="img"):
+            mask = dataset.get(i).mask.astype(np.float32)
+            writer.write(i, "identity", 4 * mask - 2 + rng.normal(0, 1.5, mask.shape).astype(np.float32))
+    return data, cache
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fake_batch(batch: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    mask = (torch.rand(batch, 1, size, size, device=device) > 0.85).to(torch.uint8)
+    return {
+        "image": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device),
+        "mask": mask,
+        "roi": torch.ones_like(mask),
+        "teacher": (4 * mask.float() - 2).half(),
+    }
+
+
+def autocast(device: torch.device, precision: str):
+    enabled = precision.startswith("bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: torch.device) -> dict:
+    """The same module and loss as fit, without loader, Trainer or logging: the ceiling."""
+    module = DistillModule(student=student, kd=KDConfig(alpha=0.5)).to(device)
+    if device.type == "cuda":
+        module.student.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    batch = fake_batch(args.batch, args.size, device)
+    timings = []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        with autocast(device, args.precision):
+            logits = module(batch["image"])
+        total, _ = module.loss(logits, batch["mask"], batch["roi"], batch["teacher"])
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    timings = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"pure_step_img_s": args.steps * args.batch / timings, "train_peak_mem_gib": peak}
+
+
+class StepTimer(pl.Callback):
+    """Times steps warmup .. warmup+steps on rank 0 and writes images/s (all ranks) to a JSON file."""
+
+    def __init__(self, warmup: int, steps: int, batch: int, out: Path):
+        self.warmup, self.steps, self.batch, self.out = warmup, steps, batch, out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            synchronize(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup + self.steps:
+            synchronize(pl_module.device)
+            seconds = time.perf_counter() - self.start
+            if trainer.is_global_zero:
+                images = self.steps * self.batch * trainer.world_size
+                self.out.write_text(
+                    json.dumps({"pipeline_img_s": images / seconds, "world_size": trainer.world_size})
+                )
+
+
+def bench_pipeline(
+    student: StudentConfig, args: argparse.Namespace, data: Path, cache: Path, work: Path
+) -> dict:
+    out = work / "pipeline.json"
+    out.unlink(missing_ok=True)
+    datamodule = VesselDataModule(
+        data_format="merged",
+        data_root=str(data),
+        cache_dir=str(cache),
+        batch_size=args.batch,
+        num_workers=args.num_workers,
+        augment="default",
+    )
+    module = DistillModule(student=student, kd=KDConfig(alpha=0.5))
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy="ddp_spawn" if args.devices > 1 else "auto",
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        callbacks=[StepTimer(args.warmup, args.steps, args.batch, out)],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return json.loads(out.read_text())
+
+
+@torch.no_grad()
+def bench_inference(student: StudentConfig, args: argparse.Namespace, device: torch.device) -> dict:
+    module = DistillModule(student=student).to(device).eval()
+    if device.type == "cuda":
+        module.student.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats(device)
+    result = {"params": count_parameters(module.student)}
+    for batch, key in ((1, "latency_b1_ms"), (args.batch, "infer_img_s")):
+        images = torch.randint(0, 256, (batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        repeats = max(3, args.steps)
+        for _ in range(args.warmup):
+            with autocast(device, args.precision):
+                module(images)
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, args.precision):
+                module(images)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        median = float(np.median(times))
+        result[key] = median * 1000 if batch == 1 else batch / median
+    result["infer_peak_mem_gib"] = (
+        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    )
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps")
+    parser.add_argument("--images", type=int, default=384, help="dataset size (train split is ~70%%)")
+    parser.add_argument(
+        "--unique", type=int, default=16, help="distinct synthetic images (repeated under new ids)"
+    )
+    parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument("--devices", type=int, default=1, help="GPUs for the pipeline run (>1: DDP)")
+    parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--work", default=None, help="where data and cache go (default: a temp dir)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 64 px, batch 4, a few steps")
+    args = parser.parse_args(argv)
+    args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        args.size, args.batch, args.warmup, args.steps, args.images, args.unique = 64, 4, 1, 3, 24, 4
+        args.num_workers, args.precision = 0, "32-true"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    models = TINY_MODELS if args.tiny else MODELS
+    pl.seed_everything(0, verbose=False)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:
+        work = Path(args.work or tmp)
+        data, cache = make_data(work, args.images, args.unique, args.size)
+        for name in args.models:
+            student = models[name]
+            print(f"--- {name}", flush=True)
+            entry = {**bench_inference(student, args, device), **bench_pure_step(student, args, device)}
+            entry.update(bench_pipeline(student, args, data, cache, work))
+            entry["ratio"] = entry["pipeline_img_s"] / (entry["pure_step_img_s"] * entry["world_size"])
+            results[name] = entry
+    report = {
+        "device": gpu,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "settings": {
+            k: getattr(args, k)
+            for k in ("size", "batch", "precision", "warmup", "steps", "images", "num_workers", "devices")
+        },
+        "cpu_count": os.cpu_count(),
+        "models": results,
+    }
+    out = (
+        Path(args.out)
+        / f"fit_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}{'_tiny' if args.tiny else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"\n{gpu}, {args.size}px, batch {args.batch}, {args.precision}, pipeline on {args.devices} device(s)"
+    )
+    print(
+        f"{'model':<14}{'params':>8}{'pure img/s':>12}{'pipe img/s':>12}{'ratio':>7}{'b1 ms':>8}{'infer img/s':>13}{'peak GiB':>10}"
+    )
+    for name, r in results.items():
+        peak = f"{r['train_peak_mem_gib']:.1f}" if r["train_peak_mem_gib"] is not None else "-"
+        print(
+            f"{name:<14}{r['params'] / 1e6:>7.1f}M{r['pure_step_img_s']:>12.1f}{r['pipeline_img_s']:>12.1f}"
+            f"{r['ratio']:>7.2f}{r['latency_b1_ms']:>8.2f}{r['infer_img_s']:>13.1f}{peak:>10}"
+        )
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
