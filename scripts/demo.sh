@@ -9,7 +9,7 @@ DATA=data/synthetic
 CACHE=teacher_cache/frangi_synthetic  # the `out` of configs/teacher/frangi_synthetic.yaml
 
 if [ ! -f "$DATA/annotations.json" ]; then
-    "$PY" -m distill.synth --out "$DATA" --count 64 --size 192 --style fundus --seed 0 --preview "$DATA/preview.png"
+    "$PY" -m distill.synth --out "$DATA" --count 96 --size 192 --style fundus --seed 0 --preview "$DATA/preview.png"
 fi
 if ! "$PY" -m distill.cache_teacher --verify "$CACHE" >/dev/null 2>&1; then
     # Missing, or made for other data: a cache is only a cache, rebuild it.
