@@ -56,7 +56,9 @@ class PerImageDice(Metric):
         self.dice.append(torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), 1.0).float())
 
     def compute(self) -> Tensor:
-        return dim_zero_cat(self.dice) if self.dice else torch.zeros(0, len(self._boundaries))
+        if isinstance(self.dice, list) and not self.dice:  # after a DDP sync the state is one tensor
+            return torch.zeros(0, len(self._boundaries), device=self._boundaries.device)
+        return dim_zero_cat(self.dice)
 
 
 class DistillModule(pl.LightningModule):

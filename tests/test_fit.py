@@ -109,7 +109,6 @@ def test_kd_without_a_cache_is_refused(data_and_cache, tmp_path):
         main([a if not a.startswith("--data.cache_dir") else "--data.cache_dir=null" for a in args])
 
 
-@pytest.mark.slow
 def test_ddp_fit_on_two_cpu_processes(data_and_cache, tmp_path):
     data, cache = data_and_cache
     args = fit_args(data, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=1", "--wandb=false")
@@ -117,3 +116,4 @@ def test_ddp_fit_on_two_cpu_processes(data_and_cache, tmp_path):
     subprocess.run([sys.executable, "-m", "distill.fit", *args], check=True, timeout=300)
     metrics = json.loads((tmp_path / "ddp/metrics_val.json").read_text())
     assert len(metrics["teacher"]["dice"]) == len(metrics["thresholds"])
+    assert metrics["n_images"] >= 1 and (tmp_path / "ddp/checkpoints/best.ckpt").is_file()
