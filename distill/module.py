@@ -125,9 +125,8 @@ class DistillModule(pl.LightningModule):
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
         self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)
-        self.overlay_samples: dict[
-            str, Tensor
-        ] = {}  # a few images of the last val or test pass, with both predictions
+        # A few images of the last val or test pass, with both predictions (for overlay pictures).
+        self.overlay_samples: dict[str, Tensor] = {}
         self._compiled: nn.Module | None = None
 
     # -- training -------------------------------------------------------------------------------
