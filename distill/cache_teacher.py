@@ -484,6 +484,7 @@ def run_worker(
             f"cuda:{physical[d]}": torch.cuda.max_memory_allocated(d) / 2**30
             for d in range(torch.cuda.device_count())
         }
+    summary["teacher_stats"] = [teacher.stats()]
     teacher.close()
     return summary
 
@@ -563,6 +564,7 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     total["forward_s"] = sum(s["forward_s"] for s in summaries)
     total["images_per_s"] = total["done"] / total["wall_s"] if total["wall_s"] > 0 else 0.0
     total["overhead_pct"] = 100.0 * (total["wall_s"] - forward) / forward if forward > 0 else 0.0
+    total["teacher_stats"] = [stats for s in summaries for stats in s.get("teacher_stats", [])]
     memory = {k: v for s in summaries for k, v in s.get("peak_memory_gib", {}).items()}
     if memory:
         total["peak_memory_gib"] = memory
@@ -578,6 +580,13 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     ]
     for device, gib in summary.get("peak_memory_gib", {}).items():
         lines.append(f"  peak memory {device}: {gib:.2f} GiB")
+    for stats in summary.get("teacher_stats", []):
+        if "agreement" in stats:
+            lines.append(
+                f"  self-check: sigmoid(logits) > 0.5 agrees with the teacher's own masks on "
+                f"{100 * stats['agreement']:.4f}% of {stats['pixels_checked']:,} pixels "
+                f"(worst image {100 * stats['worst_image_mismatch']:.4f}% off)"
+            )
     if summary["failures"]:
         lines.append("  failed (left out with --skip-bad):")
         lines += [f"    {f}" for f in summary["failures"]]

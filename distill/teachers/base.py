@@ -50,6 +50,10 @@ class Teacher(ABC):
         """True when `fit` must run on ground truth before `predict_logits` is meaningful."""
         return False
 
+    def stats(self) -> dict[str, Any]:
+        """Run statistics worth a line in the caching summary (default: none; sa2va: self-check agreement)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027
         """Release devices and memory (default: nothing)."""
 
