@@ -128,6 +128,7 @@ class DistillModule(pl.LightningModule):
         # A few images of the last val or test pass, with both predictions (for overlay pictures).
         self.overlay_samples: dict[str, Tensor] = {}
         self._compiled: nn.Module | None = None
+        self._unchecked: tuple[int, int, int, dict[str, Tensor]] | None = None  # see training_step
 
     # -- training -------------------------------------------------------------------------------
 
@@ -148,13 +149,10 @@ class DistillModule(pl.LightningModule):
         total, terms = self.loss(
             logits, batch["mask"], batch["roi"], batch.get("teacher"), batch.get("skeleton")
         )
-        bad = first_nonfinite(terms)
-        if bad is not None:
-            raise FloatingPointError(
-                f"loss term {bad!r} is {terms[bad].item()} at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}): lower model.lr, check the data and "
-                "teacher cache, or resume from the last good checkpoint"
-            )
+        # Checking finiteness needs the GPU's answer. Checking the previous step's terms (finished by
+        # now) keeps the host from waiting on the GPU every step; a NaN is still named exactly.
+        self._check_finite()
+        self._unchecked = (self.global_step, self.current_epoch, batch_idx, terms)
         self.log_dict(
             {f"train/loss/{name}": value for name, value in terms.items()},
             on_step=True,
@@ -167,6 +165,29 @@ class DistillModule(pl.LightningModule):
             "train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=logits.shape[0]
         )
         return total
+
+    def _check_finite(self) -> None:
+        """Raise if the last unchecked step had a NaN/inf loss term, naming the step and the term."""
+        if self._unchecked is None:
+            return
+        step, epoch, batch_idx, terms = self._unchecked
+        self._unchecked = None
+        bad = first_nonfinite(terms)
+        if bad is not None:
+            raise FloatingPointError(
+                f"loss term {bad!r} is {terms[bad].item()} at global step {step} "
+                f"(epoch {epoch}, batch {batch_idx}): lower model.lr, check the data and "
+                "teacher cache, or resume from the last good checkpoint"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite()
+
+    def on_validation_start(self) -> None:
+        self._check_finite()  # never validate (or checkpoint) weights a NaN step produced
+
+    def on_train_end(self) -> None:
+        self._check_finite()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
