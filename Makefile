@@ -29,4 +29,4 @@ demo: setup
 	bash scripts/demo.sh $(PY)
 
 clean-demo:
-	rm -rf data/synthetic teacher_cache/demo students/demo
+	rm -rf data/synthetic teacher_cache/frangi_synthetic students/demo

@@ -36,7 +36,7 @@ SPLITS = ("train", "val", "test")
 EPILOG = """\
 examples:
   # the embedded default: Frangi vesselness on synthetic data (CPU, no weights)
-  python -m distill.synth --out data/synthetic --count 64 --size 256 --seed 0
+  python -m distill.synth --out data/synthetic --count 96 --size 192 --seed 0
   python -m distill.cache_teacher --config configs/teacher/frangi_synthetic.yaml
   python -m distill.cache_teacher --verify teacher_cache/frangi_synthetic
 

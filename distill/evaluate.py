@@ -72,7 +72,9 @@ def evaluate(
     if threshold_from not in THRESHOLD_SOURCES:
         raise ConfigError(f"--threshold-from {threshold_from!r}: choose from {THRESHOLD_SOURCES}")
     _, info = load_student(ckpt)  # refuses foreign checkpoints with a clear message
-    grid = sorted(set(info.get("thresholds") or DEFAULT_THRESHOLDS) | ({threshold} if threshold else set()))
+    grid = sorted(
+        set(info.get("thresholds") or DEFAULT_THRESHOLDS) | ({threshold} if threshold is not None else set())
+    )
     model = DistillModule.load_from_checkpoint(str(ckpt), map_location="cpu", thresholds=tuple(grid))
     data = build_datamodule(ckpt, data_overrides or {})
     trainer = pl.Trainer(

@@ -311,14 +311,18 @@ early_terminate: {type: hyperband} -> HyperbandPruner on the metric reported eac
         "--out", type=Path, default=None, help="sweep folder (default students/sweeps/<name>)"
     )
     parser.add_argument("--seed", type=int, default=0, help="sampler seed")
-    parser.add_argument(
-        "extra", nargs="*", help="extra args for every trial, after --, e.g. -- --trainer.max_epochs=2"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after a bare `--` goes to every trial unchanged (argparse would try to parse it).
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser.epilog += (
+        "\n\nafter a bare --, arguments go to every trial: ... --trials 3 -- --trainer.max_epochs=2"
     )
     args = parser.parse_args(argv)
     try:
         spec = load_sweep(args.sweep)
         out_dir = args.out or Path("students") / "sweeps" / spec.name
-        sweep = LocalSweep(spec, out_dir, seed=args.seed, extra_args=args.extra)
+        sweep = LocalSweep(spec, out_dir, seed=args.seed, extra_args=extra)
         sweep.run(args.trials, args.workers)
         rows = write_results(sweep.study, spec, out_dir)
     except DistillError as err:

@@ -228,3 +228,10 @@ def test_shipped_sweeps_parse(tmp_path):
     for path in sorted(Path("configs/sweeps").glob("*.yaml")):
         spec = load_sweep(path)
         assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
+
+
+def test_arguments_after_a_bare_double_dash_reach_every_trial(tmp_path):
+    path = write_sweep(tmp_path, {"x": {"values": [0.5]}})
+    assert main([str(path), "--trials", "1", "--out", str(tmp_path / "out"), "--", "--extra.flag=7"]) == 0
+    study = LocalSweep(load_sweep(path), tmp_path / "out").study
+    assert study.trials[0].user_attrs["command"].endswith("--extra.flag=7")
