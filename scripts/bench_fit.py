@@ -147,12 +147,9 @@ class StepTimer(pl.Callback):
                 )
 
 
-def bench_pipeline(
-    student: StudentConfig, args: argparse.Namespace, data: Path, cache: Path, work: Path
-) -> dict:
-    out = work / "pipeline.json"
-    out.unlink(missing_ok=True)
-    datamodule = VesselDataModule(
+def bench_datamodule(args: argparse.Namespace, data: Path, cache: Path) -> VesselDataModule:
+    """The DataModule both pipeline figures use: the synthetic set, its cache, default augmentation."""
+    return VesselDataModule(
         data_format="merged",
         data_root=str(data),
         cache_dir=str(cache),
@@ -160,6 +157,14 @@ def bench_pipeline(
         num_workers=args.num_workers,
         augment="default",
     )
+
+
+def bench_pipeline(
+    student: StudentConfig, args: argparse.Namespace, data: Path, cache: Path, work: Path
+) -> dict:
+    out = work / "pipeline.json"
+    out.unlink(missing_ok=True)
+    datamodule = bench_datamodule(args, data, cache)
     module = DistillModule(student=student, kd=KDConfig(alpha=0.5))
     trainer = pl.Trainer(
         accelerator=args.accelerator,
@@ -186,14 +191,7 @@ def bench_loader(args: argparse.Namespace, data: Path, cache: Path, device: torc
     Iterates across epoch boundaries as training does, so the restart of the workers' pipeline at
     each epoch is part of the figure.
     """
-    datamodule = VesselDataModule(
-        data_format="merged",
-        data_root=str(data),
-        cache_dir=str(cache),
-        batch_size=args.batch,
-        num_workers=args.num_workers,
-        augment="default",
-    )
+    datamodule = bench_datamodule(args, data, cache)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     seen, start = 0, None

@@ -7,57 +7,18 @@ import sys
 import pytest
 import torch
 
-from distill import cache_teacher
 from distill.errors import ConfigError
 from distill.fit import main
 from distill.students import load_student
-from distill.synth import make_dataset
-
-TINY_STUDENT = [
-    "--model.student.encoder=resnet18",
-    "--model.student.extra={encoder_depth: 3, decoder_channels: [16, 8, 4]}",
-]
+from tests.conftest import tiny_fit_args
 
 
-@pytest.fixture(scope="module")
-def data_and_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fit")
-    data = make_dataset(root / "data", count=12, size=64, style="fundus", seed=0)
-    cache = root / "cache"
-    code = cache_teacher.main(
-        [
-            "--config",
-            "configs/teacher/frangi_synthetic.yaml",
-            "--data-root",
-            str(data),
-            "--out",
-            str(cache),
-            "--views",
-            "identity",
-        ]
-    )
-    assert code == 0
-    return data, cache
-
-
-def fit_args(data, cache, runs, *extra):
-    return [
-        "--config=configs/fit/demo.yaml",
-        f"--data.data_root={data}",
-        f"--data.cache_dir={cache}",
-        f"--runs_dir={runs}",
-        "--data.crop_size=null",
-        "--data.batch_size=4",
-        "--trainer.enable_progress_bar=false",
-        *TINY_STUDENT,
-        *extra,
-    ]
-
-
-def test_fit_writes_contract_metrics_pictures_and_a_loadable_checkpoint(data_and_cache, tmp_path):
-    data, cache = data_and_cache
+def test_fit_writes_contract_metrics_pictures_and_a_loadable_checkpoint(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
     reports = main(
-        fit_args(data, cache, tmp_path, "--run_name=e2e", "--trainer.max_epochs=1", "--model.kd.alpha=0.0")
+        tiny_fit_args(
+            data, cache, tmp_path, "--run_name=e2e", "--trainer.max_epochs=1", "--model.kd.alpha=0.0"
+        )
     )
     run = tmp_path / "e2e"
     for name in (
@@ -89,12 +50,12 @@ def test_fit_writes_contract_metrics_pictures_and_a_loadable_checkpoint(data_and
     assert "kd:\n    alpha: 0.0" in (run / "config.yaml").read_text()
 
 
-def test_resume_continues_from_the_checkpoint(data_and_cache, tmp_path):
-    data, cache = data_and_cache
-    main(fit_args(data, cache, tmp_path, "--run_name=first", "--trainer.max_epochs=1", "--wandb=false"))
+def test_resume_continues_from_the_checkpoint(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    main(tiny_fit_args(data, cache, tmp_path, "--run_name=first", "--trainer.max_epochs=1", "--wandb=false"))
     first = torch.load(tmp_path / "first/checkpoints/last.ckpt", weights_only=True)
     main(
-        fit_args(data, cache, tmp_path, "--run_name=second", "--trainer.max_epochs=2", "--wandb=false")
+        tiny_fit_args(data, cache, tmp_path, "--run_name=second", "--trainer.max_epochs=2", "--wandb=false")
         + [f"--ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}"]
     )
     second = torch.load(tmp_path / "second/checkpoints/last.ckpt", weights_only=True)
@@ -102,16 +63,16 @@ def test_resume_continues_from_the_checkpoint(data_and_cache, tmp_path):
     assert second["global_step"] == 2 * first["global_step"]
 
 
-def test_kd_without_a_cache_is_refused(data_and_cache, tmp_path):
-    data, _ = data_and_cache
-    args = fit_args(data, "null", tmp_path, "--trainer.max_epochs=1", "--wandb=false")
+def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):
+    data, _ = tiny_data_and_cache
+    args = tiny_fit_args(data, "null", tmp_path, "--trainer.max_epochs=1", "--wandb=false")
     with pytest.raises(ConfigError, match="kd.alpha"):
         main([a if not a.startswith("--data.cache_dir") else "--data.cache_dir=null" for a in args])
 
 
-def test_ddp_fit_on_two_cpu_processes(data_and_cache, tmp_path):
-    data, cache = data_and_cache
-    args = fit_args(data, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=1", "--wandb=false")
+def test_ddp_fit_on_two_cpu_processes(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=1", "--wandb=false")
     args += ["--trainer.devices=2", "--trainer.strategy=ddp"]
     subprocess.run([sys.executable, "-m", "distill.fit", *args], check=True, timeout=300)
     metrics = json.loads((tmp_path / "ddp/metrics_val.json").read_text())
