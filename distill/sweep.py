@@ -108,6 +108,7 @@ class LocalSweep:
         self.storage_path = out_dir / "journal.log"
         self.study = open_study(self.storage_path, spec, seed)
         self.extra_args = extra_args or []
+        self.seed = seed
 
     def requeue_interrupted(self) -> int:
         """Trials left RUNNING by a killed sweep: mark them failed and queue their parameters again."""
@@ -195,6 +196,8 @@ class LocalSweep:
             print(f"[sweep] the study already has {self._counted()} trial(s); nothing to do", flush=True)
             return
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # A resumed sweep must not replay the first run's draws: offset the seed by the trials so far.
+        self.study.sampler = make_sampler(self.spec, self.seed + len(self.study.get_trials(deepcopy=False)))
         self.study.optimize(self.objective, n_trials=remaining, n_jobs=max(1, workers), catch=(TrialFailed,))
 
 

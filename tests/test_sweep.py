@@ -170,6 +170,7 @@ def test_local_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     study = LocalSweep(spec, out).study
     table = results_rows(study, spec)
     assert len(table) == 5 and all(r["state"] == "complete" for r in table)
+    assert len({r["x"] for r in table}) == 5  # the resumed run draws new points, not a replay
     # the fake trial scores 1 - (x - 0.3)^2; each row's value follows from the args it ran with
     for r in table:
         assert r["val/student/dice@best"] == pytest.approx(1 - (r["x"] - 0.3) ** 2)
