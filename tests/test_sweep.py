@@ -236,3 +236,12 @@ def test_arguments_after_a_bare_double_dash_reach_every_trial(tmp_path):
     assert main([str(path), "--trials", "1", "--out", str(tmp_path / "out"), "--", "--extra.flag=7"]) == 0
     study = LocalSweep(load_sweep(path), tmp_path / "out").study
     assert study.trials[0].user_attrs["command"].endswith("--extra.flag=7")
+
+
+def test_resumed_random_sweep_does_not_replay_earlier_draws(tmp_path):
+    path = write_sweep(tmp_path, {"x": {"min": 0.0, "max": 1.0}}, method="random")
+    out = tmp_path / "out"
+    assert main([str(path), "--trials", "2", "--out", str(out)]) == 0
+    assert main([str(path), "--trials", "4", "--out", str(out)]) == 0
+    xs = [t.params["x"] for t in LocalSweep(load_sweep(path), out).study.get_trials()]
+    assert len(xs) == 4 and len(set(xs)) == 4
