@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import ConfigError
+from distill.registry import Registry
 
 CHECKPOINT_FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_REGISTRY: dict[str, Callable[..., tuple[nn.Module, int]]] = {}
+_REGISTRY = Registry("student")
 
 
 @dataclass
@@ -71,13 +72,7 @@ class Student(nn.Module):
 def register_student(name: str) -> Callable:
     """Decorator: `factory(encoder, **kwargs) -> (network, stride)` becomes `create_student(name, ...)`."""
 
-    def wrap(factory: Callable[..., tuple[nn.Module, int]]) -> Callable[..., tuple[nn.Module, int]]:
-        if name in _REGISTRY:
-            raise ValueError(f"student {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    return _REGISTRY.register(name)
 
 
 def list_students() -> list[str]:

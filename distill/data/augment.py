@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from distill.errors import ConfigError
+from distill.registry import Registry
 from distill.views import VIEWS, apply_view
 
 REFLECT = cv2.BORDER_REFLECT_101
@@ -47,15 +48,11 @@ class Preset:
     photometric: list[A.ImageOnlyTransform]
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {}
+PRESETS = Registry("augmentation preset")
 
 
 def register_preset(name: str) -> Callable[[Callable[[], Preset]], Callable[[], Preset]]:
-    def register(builder: Callable[[], Preset]) -> Callable[[], Preset]:
-        PRESETS[name] = builder
-        return builder
-
-    return register
+    return PRESETS.register(name)
 
 
 def list_presets() -> list[str]:

@@ -29,8 +29,9 @@ from distill.data.rasterize import as_vertices, count_outside, rasterize_polygon
 from distill.data.record import Record
 from distill.data.splits import SPLITS, check_fractions, resolve_splits
 from distill.errors import ConfigError, DatasetError
+from distill.registry import Registry
 
-FORMATS: dict[str, type[VesselDataset]] = {}
+FORMATS = Registry("dataset format")
 
 
 class DatasetWarning(UserWarning):
@@ -44,8 +45,7 @@ class SkippedItemsWarning(DatasetWarning):
 def register_format(name: str) -> Callable[[type[VesselDataset]], type[VesselDataset]]:
     def register(cls: type[VesselDataset]) -> type[VesselDataset]:
         cls.format = name
-        FORMATS[name] = cls
-        return cls
+        return FORMATS.register(name)(cls)
 
     return register
 

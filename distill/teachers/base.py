@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
-_REGISTRY: dict[str, Callable[..., Teacher]] = {}
+from distill.registry import Registry
+
+_REGISTRY = Registry("teacher")
 # Modules that define teachers; imported lazily so that `import distill.teachers` stays cheap
 # and a teacher's heavy dependencies (transformers, bitsandbytes) load only when it is used.
 _TEACHER_MODULES = {
@@ -61,13 +63,7 @@ class Teacher(ABC):
 def register_teacher(name: str) -> Callable[[Callable[..., Teacher]], Callable[..., Teacher]]:
     """Class decorator: make a teacher constructible by `create_teacher(name, **options)`."""
 
-    def wrap(factory: Callable[..., Teacher]) -> Callable[..., Teacher]:
-        if name in _REGISTRY:
-            raise ValueError(f"teacher {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    return _REGISTRY.register(name)
 
 
 def list_teachers() -> list[str]:
