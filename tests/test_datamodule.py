@@ -71,7 +71,7 @@ def module(data: dict, **options) -> VesselDataModule:
 
 
 def check_contract(batch: dict, teacher: bool, skeleton: bool) -> None:
-    expected = {"image", "mask", "roi", "id"} | ({"teacher"} if teacher else set())
+    expected = {"image", "mask", "roi", "id", "index"} | ({"teacher"} if teacher else set())
     assert set(batch) == expected | ({"skeleton"} if skeleton else set())
     b, _, h, w = batch["image"].shape
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1] == 3
@@ -81,6 +81,7 @@ def check_contract(batch: dict, teacher: bool, skeleton: bool) -> None:
     if skeleton:
         assert batch["skeleton"].dtype == torch.uint8 and batch["skeleton"].shape == (b, 1, h, w)
     assert isinstance(batch["id"], list) and len(batch["id"]) == b
+    assert batch["index"].dtype == torch.int64 and batch["index"].shape == (b,)
     assert set(batch["mask"].unique().tolist()) <= {0, 1} and set(batch["roi"].unique().tolist()) <= {0, 1}
 
 
@@ -118,6 +119,7 @@ def test_validation_joins_the_teacher_by_id_unaugmented(data, teacher_views):
         else:
             expected = cache.read(item_id, "identity")
         np.testing.assert_array_equal(batch["teacher"][0, 0].numpy(), expected)
+        assert batch["index"].tolist() == [len(seen)]  # position in the split
         seen.append(item_id)
     assert seen == dm.val_ids
 

@@ -9,6 +9,7 @@ copy stays small; the LightningModule converts on the device. Shapes and dtypes:
     teacher  float16 [B,1,H,W]  logits aligned with the augmented image (only with cache_dir)
     skeleton uint8   [B,1,H,W]  skeleton of the augmented mask (only with skeletons=True)
     id       list[str]
+    index    int64   [B]        position in its split (puts per-image scores gathered over DDP ranks in order)
 
 Images of different sizes: training crops to `crop_size` when it is set; validation and test are
 never augmented or resized, so a batch whose images differ in size is padded at the bottom/right to
@@ -21,8 +22,10 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
+import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from tqdm import tqdm
 from distill.cache import TeacherCache
 from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment
+from distill.data.sampling import EndlessBatches, EpochStream, EvalShard
 from distill.errors import CacheError, ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -117,16 +121,19 @@ class VesselSplit(Dataset):
             del sample["view"]
         if self.skeletons:
             sample["skeleton"] = skeletonize(sample["mask"].astype(bool)).astype(np.uint8)
-        return {**sample, "id": record.id}
+        return {**sample, "id": record.id, "index": index}
 
 
 def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     """Stack samples into the batch dict of the module docstring, padding bottom/right to the largest."""
     height = max(s["mask"].shape[0] for s in samples)
     width = max(s["mask"].shape[1] for s in samples)
-    batch: dict[str, torch.Tensor | list[str]] = {"id": [s["id"] for s in samples]}
+    batch: dict[str, torch.Tensor | list[str]] = {
+        "id": [s["id"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+    }
     for key in samples[0]:
-        if key == "id":
+        if key in batch:
             continue
         first = samples[0][key]
         channels = first.shape[2] if first.ndim == 3 else 1
@@ -139,17 +146,20 @@ def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     return batch
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: own seeds for `random`, numpy and the augmentation in each worker.
+def init_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader worker_init_fn: own seeds for `random`, numpy and the augmentation; one OpenCV thread.
 
-    torch gives worker k the seed base + k, with `base` drawn from the loader's generator each time
-    an iterator starts (every epoch unless workers persist, when their streams simply continue), so
-    seeds differ per worker and per epoch and follow `seed_everything`.
+    torch gives worker k the seed base + k, with `base` drawn from the loader's generator when its
+    iterator starts, so seeds differ per worker and follow `seed_everything`; the DDP rank is mixed
+    in because every rank draws the same base. The workers are the parallelism: OpenCV's own thread
+    pool in each of them would oversubscribe the cores (0 = no pool; unlike 1, safe in a forked child
+    whose parent already used the pool).
     """
-    seed = torch.initial_seed() % 2**32
+    seed = int(np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     get_worker_info().dataset.reseed(seed)
+    cv2.setNumThreads(0)
 
 
 class VesselDataModule(pl.LightningDataModule):
@@ -171,7 +181,8 @@ class VesselDataModule(pl.LightningDataModule):
         split_seed: seed of the dataset's train/val/test split (used when no split file exists yet).
         skeletons: add the skeleton of the (augmented) mask for thin-vessel losses.
         pin_memory: pin batches for a faster copy to the GPU (only used when CUDA is available).
-        persistent_workers: keep workers alive between epochs (only used when num_workers > 0).
+        persistent_workers: keep validation/test workers alive between epochs (num_workers > 0); the
+            train workers always run for the whole fit (see distill.data.sampling).
     """
 
     def __init__(
@@ -217,6 +228,7 @@ class VesselDataModule(pl.LightningDataModule):
         self.cache: TeacherCache | None = None
         self.records: dict[str, Record] | None = None
         self.splits: dict[str, VesselSplit] = {}
+        self.train_stream: EpochStream | None = None
 
     @property
     def has_teacher(self) -> bool:
@@ -269,38 +281,74 @@ class VesselDataModule(pl.LightningDataModule):
                 self.dataset.split_ids(split), load, augment, teacher, self.skeletons
             )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _split(self, split: str) -> VesselSplit:
         data = self.splits[split]
         if len(data) == 0:
             raise ConfigError(
                 f"the {split} split of {self.data_root} is empty; add images or change its splits file"
             )
-        drop_last = shuffle and len(data) >= self.batch_size
-        if shuffle and not drop_last:
-            warnings.warn(
-                f"train split has {len(data)} images < data.batch_size={self.batch_size}: "
-                "one short batch per epoch",
-                stacklevel=3,
-            )
-        if self.num_workers == 0:
-            data.reseed(int(torch.randint(2**31, ()).item()))  # follows seed_everything like workers do
+        return data
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, data: VesselSplit, rank: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
             data,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=collate_padded,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+            worker_init_fn=partial(init_worker, rank=rank) if self.num_workers > 0 else None,
+            **kwargs,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> EpochStream:
+        """Shuffled, augmented batches as one stream that runs across epochs (see distill.data.sampling)."""
+        data = self._split("train")
+        rank, world_size = self._ranks()
+        seed = int(torch.randint(2**31, ()).item())  # follows seed_everything
+        first_pass = 0
+        if self.trainer is not None:
+            seed = self.trainer.strategy.broadcast(seed)  # every rank must deal the same permutation
+            first_pass = self.trainer.current_epoch  # a resumed run continues the sequence
+        if len(data) // world_size < self.batch_size:
+            warnings.warn(
+                f"train split has {len(data)} images for {world_size} process(es) of data.batch_size="
+                f"{self.batch_size}: one short batch per epoch",
+                stacklevel=2,
+            )
+        if self.num_workers == 0:
+            data.reseed(seed + rank)
+        batches = EndlessBatches(len(data), self.batch_size, seed, rank, world_size, first_pass)
+        self.close_train_stream()
+        self.train_stream = EpochStream(
+            self._loader(data, rank, batch_sampler=batches), batches.batches_per_pass
+        )
+        return self.train_stream
+
+    def close_train_stream(self) -> None:
+        if self.train_stream is not None:
+            self.train_stream.close()
+            self.train_stream = None
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        data = self._split(split)
+        rank, world_size = self._ranks()
+        return self._loader(
+            data,
+            rank,
+            batch_size=self.batch_size,
+            sampler=EvalShard(data, rank, world_size),
+            persistent_workers=self.persistent_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.close_train_stream()
