@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -32,7 +33,11 @@ WHO = ("student", "teacher")
 
 
 class PerImageDice(Metric):
-    """Dice of every image at every threshold ([N, n_thresholds]), gathered over DDP ranks by concatenation."""
+    """Dice of every image at every threshold ([N, n_thresholds]) in split order, gathered over DDP ranks.
+
+    `index` is each image's position in its split (the batch's "index"): ranks see interleaved shares
+    of a split, and compute() puts the gathered rows back in split order by it.
+    """
 
     full_state_update = False
 
@@ -40,9 +45,13 @@ class PerImageDice(Metric):
         super().__init__(**kwargs)
         self.register_buffer("_boundaries", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
         self.add_state("dice", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
 
-    def update(self, probs: Tensor, target: Tensor, roi: Tensor) -> None:
+    def update(self, probs: Tensor, target: Tensor, roi: Tensor, index: Tensor | None = None) -> None:
         n_images, n = probs.shape[0], len(self._boundaries)
+        if index is None:  # arrival order
+            seen = sum(len(i) for i in self.index)
+            index = torch.arange(seen, seen + n_images, device=probs.device)
         bins = 2 * (n + 1) + 1  # per image: negatives by thresholds reached, positives likewise, ignored
         code = torch.bucketize(probs.float(), self._boundaries, right=True) + (n + 1) * (target > 0.5).long()
         code = torch.where(roi > 0, code, 2 * (n + 1))
@@ -54,11 +63,12 @@ class PerImageDice(Metric):
         fn = positives.sum(1, keepdim=True) - tp
         denominator = 2 * tp + fp + fn
         self.dice.append(torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), 1.0).float())
+        self.index.append(index.to(device=probs.device, dtype=torch.int64).flatten())
 
     def compute(self) -> Tensor:
         if isinstance(self.dice, list) and not self.dice:  # after a DDP sync the state is one tensor
             return torch.zeros(0, len(self._boundaries), device=self._boundaries.device)
-        return dim_zero_cat(self.dice)
+        return dim_zero_cat(self.dice)[dim_zero_cat(self.index).argsort()]
 
 
 class DistillModule(pl.LightningModule):
@@ -214,7 +224,7 @@ class DistillModule(pl.LightningModule):
             probs["teacher"] = torch.sigmoid(batch["teacher"].float())
         for who, p in probs.items():
             self.curves[f"{stage}_{who}"].update(p, batch["mask"], batch["roi"])
-            self.per_image[f"{stage}_{who}"].update(p, batch["mask"], batch["roi"])
+            self.per_image[f"{stage}_{who}"].update(p, batch["mask"], batch["roi"], batch.get("index"))
         have = self.overlay_samples.get("image", torch.zeros(0)).shape[0]
         if have < self.n_overlays:
             take = slice(0, self.n_overlays - have)
@@ -271,7 +281,16 @@ class DistillModule(pl.LightningModule):
             per_image = per_image_metric.compute()
             curves_metric.reset(), per_image_metric.reset()
             if stage == "val" or frozen[who] is None:
-                index, threshold = choose_threshold(curves, self.threshold_rule, self.recall_target)
+                choice = choose_threshold(curves, self.threshold_rule, self.recall_target)
+                index, threshold = choice
+                if self.threshold_rule == "recall_target":
+                    report["chosen_threshold"]["recall_target"] = self.recall_target
+                    report["chosen_threshold"].setdefault("fell_back", {})[who] = choice.fell_back
+                    if choice.fell_back and not self.trainer.sanity_checking:
+                        rank_zero_warn(
+                            f"{stage}: the {who}'s recall reaches {self.recall_target} at no threshold; "
+                            f"took the highest-recall one, {threshold}"
+                        )
             else:
                 index, threshold = self._index_of(frozen[who]), frozen[who]
             report[who] = {k: v for k, v in curves_to_json(curves).items() if k != "thresholds"}
@@ -280,6 +299,9 @@ class DistillModule(pl.LightningModule):
             dice = per_image[:, index] if len(per_image) else per_image.new_zeros(0)
             report["per_image_dice"][who] = [round(float(d), 6) for d in dice]
             report["n_images"] = len(per_image)
+        ids = getattr(self.trainer.datamodule, f"{stage}_ids", None)
+        if ids is not None and len(ids) == report.get("n_images"):
+            report["per_image_ids"] = list(ids)  # per_image_dice is in split order (PerImageDice)
         self.results[stage] = report
         return report
 

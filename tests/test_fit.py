@@ -1,6 +1,7 @@
 """`python -m distill.fit` end to end on tiny synthetic data with a real Frangi cache: files, contract, resume."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from distill.errors import ConfigError
+from distill.evaluate import evaluate
 from distill.fit import main
 from distill.students import load_student
 from tests.conftest import tiny_fit_args
@@ -70,11 +72,27 @@ def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):
         main([a if not a.startswith("--data.cache_dir") else "--data.cache_dir=null" for a in args])
 
 
-def test_ddp_fit_on_two_cpu_processes(tiny_data_and_cache, tmp_path):
+def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_and_cache, tmp_path):
+    """Two gloo processes on val/test splits of 3 images (not divisible by 2: a padded sampler would repeat one)."""
     data, cache = tiny_data_and_cache
-    args = tiny_fit_args(data, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=1", "--wandb=false")
-    args += ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    odd = tmp_path / "data"
+    shutil.copytree(data, odd)
+    ids = sorted(json.loads((data / "splits.json").read_text())["splits"])
+    splits = {i: "val" if n < 3 else "test" if n < 6 else "train" for n, i in enumerate(ids)}
+    (odd / "splits.json").write_text(
+        json.dumps({"seed": 0, "fractions": [0.5, 0.25, 0.25], "splits": splits})
+    )
+    args = tiny_fit_args(odd, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=1", "--wandb=false")
+    args += ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=2"]
     subprocess.run([sys.executable, "-m", "distill.fit", *args], check=True, timeout=300)
-    metrics = json.loads((tmp_path / "ddp/metrics_val.json").read_text())
-    assert len(metrics["teacher"]["dice"]) == len(metrics["thresholds"])
-    assert metrics["n_images"] >= 1 and (tmp_path / "ddp/checkpoints/best.ckpt").is_file()
+    run = tmp_path / "ddp"
+    for split in ("val", "test"):
+        ddp = json.loads((run / f"metrics_{split}.json").read_text())
+        assert ddp["n_images"] == 3 and ddp["per_image_ids"] == [i for i in ids if splits[i] == split]
+    one = evaluate(run / "checkpoints/best.ckpt", split="val", out=tmp_path / "one", accelerator="cpu")
+    ddp = json.loads((run / "metrics_val.json").read_text())
+    assert one["per_image_ids"] == ddp["per_image_ids"] and one["chosen_threshold"] == ddp["chosen_threshold"]
+    for who in ("student", "teacher"):
+        for name in ("dice", "recall", "precision", "iou"):
+            assert one[who][name] == pytest.approx(ddp[who][name], abs=1e-6), (who, name)
+        assert one["per_image_dice"][who] == pytest.approx(ddp["per_image_dice"][who], abs=1e-6)

@@ -79,3 +79,31 @@ def test_per_image_dice_matches_direct_count():
     metric.update(probs, target, torch.ones_like(target))
     # image 0: tp=1 (0.9), fp=1 (0.6), fn=1 (0.2) -> 2/4; image 1 empty and predicted empty -> 1
     torch.testing.assert_close(metric.compute(), torch.tensor([[0.5], [1.0]]))
+
+
+def test_per_image_dice_is_returned_in_split_order_whatever_the_arrival_order():
+    probs = torch.tensor([0.9, 0.1, 0.6]).view(3, 1, 1, 1)
+    target = torch.ones(3, 1, 1, 1)
+    metric = PerImageDice((0.5,))
+    metric.update(probs[:2], target[:2], torch.ones_like(target[:2]), index=torch.tensor([2, 0]))
+    metric.update(probs[2:], target[2:], torch.ones_like(target[2:]), index=torch.tensor([1]))
+    # arrival: index 2 -> hit (1), index 0 -> miss (0), index 1 -> hit (1)
+    torch.testing.assert_close(metric.compute(), torch.tensor([[0.0], [1.0], [1.0]]))
+
+
+def test_recall_target_reports_whether_it_fell_back(tmp_path):
+    module = DistillModule(
+        student=TINY,
+        kd=KDConfig(alpha=0.5),
+        thresholds=[0.9, 0.95],
+        threshold_rule="recall_target",
+        recall_target=1.0,
+    )
+    run = trainer(tmp_path)
+    with pytest.warns(UserWarning, match="reaches 1.0 at no threshold"):
+        run.fit(module, identity_loader(fake_batches()), identity_loader(fake_batches(2, seed=1)))
+    chosen = module.results["val"]["chosen_threshold"]
+    assert chosen["rule"] == "recall_target" and chosen["recall_target"] == 1.0
+    # At 0.9 the untrained student (probabilities near 0.5) finds no vessel, and the teacher's noisy
+    # logits (2 +- 1 on vessels) miss some: neither reaches recall 1, both fall back.
+    assert chosen["fell_back"] == {"student": True, "teacher": True}
