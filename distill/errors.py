@@ -24,6 +24,9 @@ class DatasetError(DistillError):
             message += f" ({fix})"
         super().__init__(message)
 
+    def __reduce__(self):  # pickles with its fields, so it survives a trip from a worker process
+        return type(self), (self.path, self.problem, self.fix)
+
 
 class CacheError(DistillError):
     """A teacher cache is missing, corrupt, or does not match the dataset/teacher it is used with."""

@@ -181,13 +181,34 @@ def skeleton_recall(probs: Tensor, skeleton: Tensor, roi: Tensor) -> Tensor:
     return 1 - ((probs * skeleton).sum() + SMOOTH) / (skeleton.sum() + SMOOTH)
 
 
-def first_nonfinite(terms: dict[str, Tensor]) -> str | None:
-    """Name of the first term that is NaN or infinite, else None (one device sync for all terms)."""
-    names = list(terms)
-    finite = torch.stack([terms[name].detach().float().reshape(()) for name in names]).isfinite()
-    if bool(finite.all()):
-        return None
-    return names[int((~finite).nonzero()[0])]
+class FiniteCheck:
+    """Whether a step's loss terms are finite, fetched to the host without stalling the GPU's queue.
+
+    `bool(tensor)` on a GPU waits for everything queued so far, so checking every step would leave
+    the GPU idle while the host prepares the next step. Here the flags are copied to pinned memory
+    asynchronously and `first_nonfinite()` waits only for the step they belong to: called one step
+    later, that step is long done.
+    """
+
+    def __init__(self, terms: dict[str, Tensor]):
+        self.terms = {name: value.detach() for name, value in terms.items()}
+        finite = torch.stack([value.float().reshape(()) for value in self.terms.values()]).isfinite()
+        self.ready: torch.cuda.Event | None = None
+        if finite.is_cuda:
+            self.finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+            self.finite.copy_(finite, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.finite = finite
+
+    def first_nonfinite(self) -> str | None:
+        """Name of the first term that is NaN or infinite, else None."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        if bool(self.finite.all()):
+            return None
+        return list(self.terms)[int((~self.finite).nonzero()[0])]
 
 
 def _check_shape(name: str, tensor: Tensor | None, shape: torch.Size) -> None:

@@ -19,7 +19,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from distill.errors import ConfigError
-from distill.losses import DistillLoss, GTLossConfig, KDConfig, ThinConfig, first_nonfinite
+from distill.losses import DistillLoss, FiniteCheck, GTLossConfig, KDConfig, ThinConfig
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
     ThresholdCurves,
@@ -138,7 +138,7 @@ class DistillModule(pl.LightningModule):
         # A few images of the last val or test pass, with both predictions (for overlay pictures).
         self.overlay_samples: dict[str, Tensor] = {}
         self._compiled: nn.Module | None = None
-        self._unchecked: tuple[int, int, int, dict[str, Tensor]] | None = None  # see training_step
+        self._unchecked: tuple[int, int, int, FiniteCheck] | None = None  # see training_step
 
     # -- training -------------------------------------------------------------------------------
 
@@ -159,10 +159,10 @@ class DistillModule(pl.LightningModule):
         total, terms = self.loss(
             logits, batch["mask"], batch["roi"], batch.get("teacher"), batch.get("skeleton")
         )
-        # Checking finiteness needs the GPU's answer. Checking the previous step's terms (finished by
-        # now) keeps the host from waiting on the GPU every step; a NaN is still named exactly.
+        # Checking finiteness needs the GPU's answer: check the previous step's terms (finished by now,
+        # see FiniteCheck) so the host never waits for this one; a NaN is still named exactly.
         self._check_finite()
-        self._unchecked = (self.global_step, self.current_epoch, batch_idx, terms)
+        self._unchecked = (self.global_step, self.current_epoch, batch_idx, FiniteCheck(terms))
         self.log_dict(
             {f"train/loss/{name}": value for name, value in terms.items()},
             on_step=True,
@@ -180,12 +180,12 @@ class DistillModule(pl.LightningModule):
         """Raise if the last unchecked step had a NaN/inf loss term, naming the step and the term."""
         if self._unchecked is None:
             return
-        step, epoch, batch_idx, terms = self._unchecked
+        step, epoch, batch_idx, check = self._unchecked
         self._unchecked = None
-        bad = first_nonfinite(terms)
+        bad = check.first_nonfinite()
         if bad is not None:
             raise FloatingPointError(
-                f"loss term {bad!r} is {terms[bad].item()} at global step {step} "
+                f"loss term {bad!r} is {check.terms[bad].item()} at global step {step} "
                 f"(epoch {epoch}, batch {batch_idx}): lower model.lr, check the data and "
                 "teacher cache, or resume from the last good checkpoint"
             )

@@ -5,6 +5,7 @@ a batch's teacher tells which id and which view it came from, and must line up w
 """
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,9 @@ from skimage.morphology import skeletonize
 
 from distill.cache import CacheWriter, TeacherCache
 from distill.data import open_dataset
-from distill.data.datamodule import VesselDataModule, VesselSplit, collate_padded
+from distill.data.datamodule import VesselDataModule, VesselSplit, collate_padded, decode_all
 from distill.data.writers import write_dataset
-from distill.errors import CacheError, ConfigError
+from distill.errors import CacheError, ConfigError, DatasetError
 from distill.synth import generate_sample
 from distill.views import apply_view
 
@@ -216,3 +217,22 @@ def test_configurable_as_data_section_of_a_fit_yaml(data):
     assert (dm.teacher_views, dm.crop_size, dm.train_augment.crop_size) == ("match", 48, 48)
     with pytest.raises(SystemExit):
         parser.parse_string("data:\n  teacher_views: median\n")
+
+
+def test_records_decoded_by_workers_equal_those_decoded_here(data):
+    dataset = data["dataset"]
+    here = decode_all(dataset, dataset.ids, num_workers=0)
+    there = decode_all(dataset, dataset.ids, num_workers=2)
+    assert list(there) == list(here) == dataset.ids
+    for item_id, record in here.items():
+        np.testing.assert_array_equal(there[item_id].image, record.image)
+        np.testing.assert_array_equal(there[item_id].mask, record.mask)
+
+
+def test_a_bad_item_decoded_by_a_worker_raises_its_own_error(data, tmp_path):
+    root = shutil.copytree(data["root"], tmp_path / "data")
+    image = next((root / "images").iterdir())
+    image.write_bytes(image.read_bytes()[:100])  # truncated
+    dataset = open_dataset(FORMAT, root)
+    with pytest.raises(DatasetError, match=rf"{image.name}: image cannot be decoded"):
+        decode_all(dataset, dataset.ids, num_workers=2)

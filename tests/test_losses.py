@@ -8,10 +8,10 @@ import torch
 from distill.losses import (
     SMOOTH,
     DistillLoss,
+    FiniteCheck,
     GTLossConfig,
     KDConfig,
     ThinConfig,
-    first_nonfinite,
     skeleton_recall,
     soft_cldice,
     soft_dice,
@@ -298,5 +298,5 @@ def test_first_nonfinite_names_the_term():
         "kd/bce": torch.tensor(float("nan")),
         "total": torch.tensor(math.inf),
     }
-    assert first_nonfinite(terms) == "kd/bce"
-    assert first_nonfinite({"gt/bce": torch.tensor(0.3)}) is None
+    assert FiniteCheck(terms).first_nonfinite() == "kd/bce"
+    assert FiniteCheck({"gt/bce": torch.tensor(0.3)}).first_nonfinite() is None

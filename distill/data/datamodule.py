@@ -37,7 +37,7 @@ from distill.cache import TeacherCache
 from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment
 from distill.data.sampling import EndlessBatches, EpochStream, EvalShard
-from distill.errors import CacheError, ConfigError
+from distill.errors import CacheError, ConfigError, DistillError
 
 SPLITS = ("train", "val", "test")
 
@@ -146,6 +146,35 @@ def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     return batch
 
 
+class _Decode(Dataset):
+    def __init__(self, dataset: VesselDataset, ids: list[str]):
+        self.dataset, self.ids = dataset, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Record | DistillError:
+        try:
+            return self.dataset.get(self.ids[index])
+        except DistillError as error:  # raised as itself in the main process (a DataLoader would rewrap it)
+            return error
+
+
+def _as_is(item: Record | DistillError) -> Record | DistillError:
+    return item
+
+
+def decode_all(dataset: VesselDataset, ids: list[str], num_workers: int) -> dict[str, Record]:
+    """Every record, decoded once by `num_workers` processes (rasterising polygons is the slow part)."""
+    loader = DataLoader(_Decode(dataset, ids), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+    records = {}
+    for item in tqdm(loader, total=len(ids), desc="decoding dataset", unit="img"):
+        if isinstance(item, DistillError):
+            raise item
+        records[item.id] = item
+    return records
+
+
 def init_worker(worker_id: int, rank: int = 0) -> None:
     """DataLoader worker_init_fn: own seeds for `random`, numpy and the augmentation; one OpenCV thread.
 
@@ -175,7 +204,7 @@ class VesselDataModule(pl.LightningDataModule):
             sampled flip/rotation (only cached views are sampled then).
         batch_size: samples per batch (train, val and test).
         num_workers: DataLoader worker processes (0 = load in the main process).
-        in_memory: decode every record once in setup and keep it in RAM (forked workers share it).
+        in_memory: decode every record once in setup (in num_workers processes) and keep it in RAM\n            (forked workers share it).
         crop_size: random square crop (pixels) for training; None trains at full size.
         augment: augmentation preset: "none", "light", "default", "strong".
         split_seed: seed of the dataset's train/val/test split (used when no split file exists yet).
@@ -273,7 +302,7 @@ class VesselDataModule(pl.LightningDataModule):
         load = self.dataset.get
         if self.in_memory:
             ids = [i for split in SPLITS for i in self.dataset.split_ids(split)]
-            self.records = {i: self.dataset.get(i) for i in tqdm(ids, desc="decoding dataset", unit="img")}
+            self.records = decode_all(self.dataset, ids, self.num_workers)
             load = self.records.__getitem__
         for split in SPLITS:
             augment = self.train_augment if split == "train" else None
