@@ -5,7 +5,9 @@ For each student (UNet-ResNet34, SegFormer-B0) at 512x512, batch 32, bf16-mixed:
   (b) pipeline_img_s: the real fit path (VesselDataModule: decoded records, augmentation, teacher-cache
       reads, collate, host->GPU copy; DistillModule under a Lightning Trainer), timed over a fixed
       number of steps after warm-up by a callback;
-  (c) inference latency at batch 1 and throughput at batch 32, parameters, peak GPU memory.
+  (c) inference latency at batch 1 and throughput at batch 32, parameters, peak GPU memory;
+  (d) loop_img_s: the same Lightning loop on one pre-made batch (data free, host->GPU copy kept), and
+      loader_img_s: the DataLoader alone; together they say whether a gap is the loop's or the data's.
 It makes its own synthetic 512x512 data and a teacher cache of synthetic logits (written with CacheWriter).
 Writes benchmarks/fit_<gpu>.json (pure_step_img_s, pipeline_img_s, ratio per model) and prints a table.
 
@@ -147,6 +149,51 @@ class StepTimer(pl.Callback):
                 )
 
 
+class SameBatch:
+    """A train "loader" that hands out one pre-made CPU batch (pinned on CUDA) `length` times: free data."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], length: int):
+        pin = torch.cuda.is_available()
+        self.batch = {k: v.pin_memory() if pin else v for k, v in batch.items()}
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for _ in range(self.length):
+            yield self.batch
+
+
+def timed_trainer(args: argparse.Namespace, out: Path) -> pl.Trainer:
+    """The Trainer both Lightning figures use: no validation, logger or checkpoints; StepTimer writes `out`."""
+    return pl.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy="ddp_spawn" if args.devices > 1 else "auto",
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        callbacks=[StepTimer(args.warmup, args.steps, args.batch, out)],
+    )
+
+
+def bench_loop(student: StudentConfig, args: argparse.Namespace, work: Path) -> dict:
+    """The Lightning loop (module, logging, host->GPU copy) on free data: what the data path could reach."""
+    out = work / "loop.json"
+    out.unlink(missing_ok=True)
+    batch = fake_batch(args.batch, args.size, torch.device("cpu"))
+    module = DistillModule(student=student, kd=KDConfig(alpha=0.5))
+    timed_trainer(args, out).fit(module, train_dataloaders=SameBatch(batch, args.warmup + args.steps))
+    return {"loop_img_s": json.loads(out.read_text())["pipeline_img_s"]}
+
+
 def bench_datamodule(args: argparse.Namespace, data: Path, cache: Path) -> VesselDataModule:
     """The DataModule both pipeline figures use: the synthetic set, its cache, default augmentation."""
     return VesselDataModule(
@@ -166,21 +213,7 @@ def bench_pipeline(
     out.unlink(missing_ok=True)
     datamodule = bench_datamodule(args, data, cache)
     module = DistillModule(student=student, kd=KDConfig(alpha=0.5))
-    trainer = pl.Trainer(
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy="ddp_spawn" if args.devices > 1 else "auto",
-        precision=args.precision,
-        max_steps=args.warmup + args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-        callbacks=[StepTimer(args.warmup, args.steps, args.batch, out)],
-    )
+    trainer = timed_trainer(args, out)
     trainer.fit(module, datamodule=datamodule)
     return json.loads(out.read_text())
 
@@ -285,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"--- {name}", flush=True)
             entry = {**bench_inference(student, args, device), **bench_pure_step(student, args, device)}
             entry.update(bench_pipeline(student, args, data, cache, work))
+            if args.devices == 1:
+                entry.update(bench_loop(student, args, work))
             entry.update(bench_loader(args, data, cache, device))
             entry["ratio"] = entry["pipeline_img_s"] / (entry["pure_step_img_s"] * entry["world_size"])
             results[name] = entry
@@ -311,13 +346,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"\n{gpu}, {args.size}px, batch {args.batch}, {args.precision}, pipeline on {args.devices} device(s)"
     )
     print(
-        f"{'model':<14}{'params':>8}{'pure img/s':>12}{'pipe img/s':>12}{'ratio':>7}{'loader img/s':>14}{'b1 ms':>8}{'infer img/s':>13}{'peak GiB':>10}"
+        f"{'model':<14}{'params':>8}{'pure img/s':>12}{'pipe img/s':>12}{'ratio':>7}{'loop img/s':>12}{'loader img/s':>14}{'b1 ms':>8}{'infer img/s':>13}{'peak GiB':>10}"
     )
     for name, r in results.items():
         peak = f"{r['train_peak_mem_gib']:.1f}" if r["train_peak_mem_gib"] is not None else "-"
         print(
             f"{name:<14}{r['params'] / 1e6:>7.1f}M{r['pure_step_img_s']:>12.1f}{r['pipeline_img_s']:>12.1f}"
-            f"{r['ratio']:>7.2f}{r['loader_img_s']:>14.1f}{r['latency_b1_ms']:>8.2f}{r['infer_img_s']:>13.1f}{peak:>10}"
+            f"{r['ratio']:>7.2f}{r.get('loop_img_s', float('nan')):>12.1f}{r['loader_img_s']:>14.1f}{r['latency_b1_ms']:>8.2f}{r['infer_img_s']:>13.1f}{peak:>10}"
         )
     print(f"wrote {out}")
     return report

@@ -76,6 +76,7 @@ def check_contract(batch: dict, teacher: bool, skeleton: bool) -> None:
     assert set(batch) == expected | ({"skeleton"} if skeleton else set())
     b, _, h, w = batch["image"].shape
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1] == 3
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     for key, dtype in [("mask", torch.uint8), ("roi", torch.uint8), ("teacher", torch.float16)]:
         if key in batch:
             assert batch[key].dtype == dtype and batch[key].shape == (b, 1, h, w)

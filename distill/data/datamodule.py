@@ -3,7 +3,7 @@
 Batches are dicts of cheap CPU types (uint8 images/masks, float16 teacher logits) so the host->GPU
 copy stays small; the LightningModule converts on the device. Shapes and dtypes:
 
-    image    uint8   [B,3,H,W]  RGB, not normalised
+    image    uint8   [B,3,H,W]  RGB, not normalised (channels_last strides)
     mask     uint8   [B,1,H,W]  0/1
     roi      uint8   [B,1,H,W]  0/1 (all ones when the dataset has none; 0 on batch padding)
     teacher  float16 [B,1,H,W]  logits aligned with the augmented image (only with cache_dir)
@@ -125,7 +125,11 @@ class VesselSplit(Dataset):
 
 
 def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
-    """Stack samples into the batch dict of the module docstring, padding bottom/right to the largest."""
+    """Stack samples into the batch dict of the module docstring, padding bottom/right to the largest.
+
+    Arrays are stacked as they come (HxWxC), so a sample's copy is one memcpy rather than a strided
+    transpose; [B,C,H,W] is a view of that buffer, i.e. channels_last, the layout the GPU wants.
+    """
     height = max(s["mask"].shape[0] for s in samples)
     width = max(s["mask"].shape[1] for s in samples)
     batch: dict[str, torch.Tensor | list[str]] = {
@@ -136,13 +140,12 @@ def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
         if key in batch:
             continue
         first = samples[0][key]
-        channels = first.shape[2] if first.ndim == 3 else 1
-        out = np.zeros((len(samples), channels, height, width), first.dtype)
+        out = np.zeros((len(samples), height, width, *first.shape[2:]), first.dtype)
         for i, sample in enumerate(samples):
             array = sample[key]
-            array = array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
-            out[i, :, : array.shape[1], : array.shape[2]] = array
-        batch[key] = torch.from_numpy(out)
+            out[i, : array.shape[0], : array.shape[1]] = array
+        stacked = torch.from_numpy(out)
+        batch[key] = stacked.permute(0, 3, 1, 2) if stacked.dim() == 4 else stacked[:, None]
     return batch
 
 
