@@ -354,9 +354,9 @@ class VesselDataModule(pl.LightningDataModule):
             data.reseed(seed + rank)
         batches = EndlessBatches(len(data), self.batch_size, seed, rank, world_size, first_pass)
         self.close_train_stream()
-        self.train_stream = EpochStream(
-            self._loader(data, rank, batch_sampler=batches), batches.batches_per_pass
-        )
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        loader = self._loader(data, rank, batch_sampler=batches)
+        self.train_stream = EpochStream(loader, batches.batches_per_pass, device)
         return self.train_stream
 
     def close_train_stream(self) -> None:

@@ -14,12 +14,13 @@ exactly one rank (ranks may differ by one image).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from distill.data.prefetch import prefetch_to_device
 from distill.errors import ConfigError
 
 
@@ -76,12 +77,14 @@ class EpochStream:
 
     Lightning sees a sized iterable (so it counts steps and epochs as usual, and leaves the sampling
     to us: it only injects samplers into DataLoader objects). The workers start at the first batch
-    and stop at `close()` (the DataModule's teardown) or when this object is collected.
+    and stop at `close()` (the DataModule's teardown) or when this object is collected. With a CUDA
+    `device`, batches come already on it (see distill.data.prefetch).
     """
 
-    def __init__(self, loader: DataLoader, batches_per_epoch: int):
+    def __init__(self, loader: DataLoader, batches_per_epoch: int, device: torch.device | None = None):
         self.loader = loader
         self.batches_per_epoch = batches_per_epoch
+        self.device = device
         self._batches: Iterator[Any] | None = None
 
     @property
@@ -94,11 +97,15 @@ class EpochStream:
     def __iter__(self) -> Iterator[Any]:
         if self._batches is None:
             self._batches = iter(self.loader)
+            if self.device is not None and self.device.type == "cuda":
+                self._batches = prefetch_to_device(self._batches, self.device)
         for _ in range(self.batches_per_epoch):
             yield next(self._batches)
 
     def close(self) -> None:
         """Stop the worker processes now rather than at garbage collection."""
+        if isinstance(self._batches, Generator):
+            self._batches.close()  # the prefetcher: closing it releases the loader iterator it holds
         shutdown = getattr(self._batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
