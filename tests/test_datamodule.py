@@ -5,6 +5,7 @@ a batch's teacher tells which id and which view it came from, and must line up w
 """
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from skimage.morphology import skeletonize
 
 from distill.cache import CacheWriter, TeacherCache
 from distill.data import open_dataset
-from distill.data.datamodule import VesselDataModule, VesselSplit, collate_padded, decode_all
+from distill.data.datamodule import (
+    WORKER_NICENESS,
+    VesselDataModule,
+    VesselSplit,
+    collate_padded,
+    decode_all,
+    init_worker,
+)
 from distill.data.writers import write_dataset
 from distill.errors import CacheError, ConfigError, DatasetError
 from distill.synth import generate_sample
@@ -237,3 +245,21 @@ def test_a_bad_item_decoded_by_a_worker_raises_its_own_error(data, tmp_path):
     dataset = open_dataset(FORMAT, root)
     with pytest.raises(DatasetError, match=rf"{image.name}: image cannot be decoded"):
         decode_all(dataset, dataset.ids, num_workers=2)
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def reseed(self, seed):
+        pass
+
+    def __getitem__(self, index):
+        return os.nice(0)
+
+
+def test_workers_yield_the_cpu_to_the_training_process():
+    loader = torch.utils.data.DataLoader(
+        _Niceness(), batch_size=None, num_workers=1, worker_init_fn=init_worker
+    )
+    assert {int(n) for n in loader} == {min(19, os.nice(0) + WORKER_NICENESS)}
