@@ -5,6 +5,7 @@ a batch's teacher tells which id and which view it came from, and must line up w
 """
 
 import dataclasses
+import gc
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from distill.cache import CacheWriter, TeacherCache
 from distill.data import open_dataset
 from distill.data.datamodule import (
     WORKER_NICENESS,
+    ForkSafeLoader,
     VesselDataModule,
     VesselSplit,
     collate_padded,
@@ -263,3 +265,40 @@ def test_workers_yield_the_cpu_to_the_training_process():
         _Niceness(), batch_size=None, num_workers=1, worker_init_fn=init_worker
     )
     assert {int(n) for n in loader} == {min(19, os.nice(0) + WORKER_NICENESS)}
+
+
+class _Cycle:
+    """Garbage that says which process freed it (as a CUDA tensor's deleter would run there)."""
+
+    def __init__(self, folder):
+        self.folder, self.me = folder, self
+
+    def __del__(self):
+        (self.folder / str(os.getpid())).touch()
+
+
+class _MakesGarbage(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def reseed(self, seed):
+        pass
+
+    def __getitem__(self, index):
+        for _ in range(5000):  # enough young cycles to run the worker's garbage collector
+            cycle = []
+            cycle.append(cycle)
+        gc.collect()
+        return index
+
+
+def test_workers_never_free_garbage_inherited_from_the_training_process(tmp_path):
+    gc.disable()
+    try:
+        _Cycle(tmp_path)  # unreachable at once, freed only by a collection
+        loader = ForkSafeLoader(_MakesGarbage(), batch_size=None, num_workers=2, worker_init_fn=init_worker)
+        assert sorted(loader) == [0, 1, 2, 3]
+    finally:
+        gc.enable()
+    gc.collect()
+    assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]

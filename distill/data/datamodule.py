@@ -19,6 +19,7 @@ only roi pixels, so padding changes no number. (The students pad to their stride
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import warnings
@@ -151,6 +152,21 @@ def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     return batch
 
 
+class ForkSafeLoader(DataLoader):
+    """A DataLoader whose worker processes never free CUDA memory they inherited.
+
+    Workers are forked: any garbage cycle holding a CUDA tensor in the parent at that moment is
+    copied into them, and a garbage collection there frees it with CUDA calls a forked child cannot
+    make ("CUDA error: initialization error", the worker dies). So the parent collects right before
+    its workers start, and each worker freezes what it inherited (`init_worker`).
+    """
+
+    def __iter__(self):
+        if self.num_workers > 0:
+            gc.collect()
+        return super().__iter__()
+
+
 class _Decode(Dataset):
     def __init__(self, dataset: VesselDataset, ids: list[str]):
         self.dataset, self.ids = dataset, ids
@@ -171,7 +187,13 @@ def _as_is(item: Record | DistillError) -> Record | DistillError:
 
 def decode_all(dataset: VesselDataset, ids: list[str], num_workers: int) -> dict[str, Record]:
     """Every record, decoded once by `num_workers` processes (rasterising polygons is the slow part)."""
-    loader = DataLoader(_Decode(dataset, ids), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+    loader = ForkSafeLoader(
+        _Decode(dataset, ids),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        worker_init_fn=freeze_inherited_objects,
+    )
     records = {}
     for item in tqdm(loader, total=len(ids), desc="decoding dataset", unit="img"):
         if isinstance(item, DistillError):
@@ -180,8 +202,14 @@ def decode_all(dataset: VesselDataset, ids: list[str], num_workers: int) -> dict
     return records
 
 
+def freeze_inherited_objects(worker_id: int = 0) -> None:
+    """Keep the garbage collector of a forked worker off everything it inherited (see ForkSafeLoader)."""
+    gc.freeze()
+
+
 def init_worker(worker_id: int, rank: int = 0) -> None:
-    """DataLoader worker_init_fn: own seeds for `random`, numpy and the augmentation; one OpenCV thread.
+    """DataLoader worker_init_fn: inherited objects frozen (see ForkSafeLoader); own seeds for `random`,
+    numpy and the augmentation; one OpenCV thread; a lower priority.
 
     torch gives worker k the seed base + k, with `base` drawn from the loader's generator when its
     iterator starts, so seeds differ per worker and follow `seed_everything`; the DDP rank is mixed
@@ -191,6 +219,7 @@ def init_worker(worker_id: int, rank: int = 0) -> None:
     short, the training process, whose kernel launches keep the GPU busy, goes first (SegFormer-B0 on
     an H200 with 14 workers on 16 cores: +5% images/s; BENCHMARKS.md).
     """
+    freeze_inherited_objects()
     seed = int(np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
@@ -331,7 +360,7 @@ class VesselDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, data: VesselSplit, rank: int, **kwargs: Any) -> DataLoader:
-        return DataLoader(
+        return ForkSafeLoader(
             data,
             num_workers=self.num_workers,
             collate_fn=collate_padded,
