@@ -241,7 +241,8 @@ class VesselDataModule(pl.LightningDataModule):
             sampled flip/rotation (only cached views are sampled then).
         batch_size: samples per batch (train, val and test).
         num_workers: DataLoader worker processes (0 = load in the main process).
-        in_memory: decode every record once in setup (in num_workers processes) and keep it in RAM\n            (forked workers share it).
+        in_memory: decode every record once in setup (in num_workers processes) and keep it in RAM
+            (forked workers share it).
         crop_size: random square crop (pixels) for training; None trains at full size.
         augment: augmentation preset: "none", "light", "default", "strong".
         split_seed: seed of the dataset's train/val/test split (used when no split file exists yet).
@@ -374,10 +375,11 @@ class VesselDataModule(pl.LightningDataModule):
         data = self._split("train")
         rank, world_size = self._ranks()
         seed = int(torch.randint(2**31, ()).item())  # follows seed_everything
-        first_pass = 0
+        first_pass, device = 0, None
         if self.trainer is not None:
             seed = self.trainer.strategy.broadcast(seed)  # every rank must deal the same permutation
             first_pass = self.trainer.current_epoch  # a resumed run continues the sequence
+            device = self.trainer.strategy.root_device  # CUDA: batches prefetched onto it
         if len(data) // world_size < self.batch_size:
             warnings.warn(
                 f"train split has {len(data)} images for {world_size} process(es) of data.batch_size="
@@ -388,7 +390,6 @@ class VesselDataModule(pl.LightningDataModule):
             data.reseed(seed + rank)
         batches = EndlessBatches(len(data), self.batch_size, seed, rank, world_size, first_pass)
         self.close_train_stream()
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
         loader = self._loader(data, rank, batch_sampler=batches)
         self.train_stream = EpochStream(loader, batches.batches_per_pass, device)
         return self.train_stream
