@@ -4,12 +4,17 @@ A teacher is run on `apply_view(image, v)`; `invert_view(logits, v)` maps its ou
 original orientation, which is how the cache stores every view. Training can then average the
 views, or take view `v` when augmentation sampled the same flip/rotation. All act on axes (0, 1),
 so HxW maps and HxWxC images are treated alike.
+
+`VIEWS` defines each view in numpy; OpenCV does the same moves 5-15x faster on the arrays it can hold
+(a strided numpy copy of a 512x512x3 rotation takes ~1.1 ms, ~0.1 ms in OpenCV), which matters in
+DataLoader workers that apply a view to every sample. The tests check both give identical arrays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 
 VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -25,6 +30,20 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 # Every view is its own inverse except the two quarter turns.
 _INVERSE = {name: name for name in VIEWS} | {"rot90": "rot270", "rot270": "rot90"}
 
+_OPENCV: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "hflip": lambda a: cv2.flip(a, 1),
+    "vflip": lambda a: cv2.flip(a, 0),
+    "rot90": lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+    "rot180": lambda a: cv2.rotate(a, cv2.ROTATE_180),
+    "rot270": lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    "transpose": cv2.transpose,
+    "antitranspose": lambda a: cv2.flip(cv2.transpose(a), -1),
+}
+_OPENCV_DTYPES = {
+    np.dtype(t)
+    for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float16, np.float32, np.float64)
+}
+
 
 def check_views(names: list[str]) -> list[str]:
     """Validate view names (from a CLI flag or config); returns them or raises ValueError."""
@@ -37,10 +56,17 @@ def check_views(names: list[str]) -> list[str]:
 
 
 def apply_view(array: np.ndarray, name: str) -> np.ndarray:
-    """Apply view `name` to an HxW or HxWxC array; returns a contiguous copy."""
+    """Apply view `name` to an HxW or HxWxC array; returns a contiguous array (a copy unless identity)."""
+    if (
+        name in _OPENCV
+        and array.dtype in _OPENCV_DTYPES
+        and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] <= 4))
+    ):
+        out = _OPENCV[name](array)
+        return out.reshape(*out.shape[:2], *array.shape[2:])  # OpenCV drops a trailing channel axis of 1
     return np.ascontiguousarray(VIEWS[name](array))
 
 
 def invert_view(array: np.ndarray, name: str) -> np.ndarray:
     """Undo `apply_view(., name)`: maps a teacher's output on the view back to the original frame."""
-    return np.ascontiguousarray(VIEWS[_INVERSE[name]](array))
+    return apply_view(array, _INVERSE[name])

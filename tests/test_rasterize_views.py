@@ -48,6 +48,35 @@ def test_every_view_is_undone_by_its_inverse(name):
     np.testing.assert_array_equal(invert_view(apply_view(image, name), name), image)
 
 
+def view_inputs(tmp_path) -> dict[str, np.ndarray]:
+    """Arrays of every kind a view meets: OpenCV's dtypes and layouts, and those it cannot hold."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    stored = np.lib.format.open_memmap(tmp_path / "map.npy", mode="w+", dtype=np.float16, shape=(6, 9))
+    stored[:] = rng.normal(size=(6, 9))
+    return {
+        "uint8 HxWx3": image,
+        "uint8 HxW": image[..., 0].copy(),
+        "float32 HxWx1": rng.normal(size=(6, 9, 1)).astype(np.float32),
+        "float16 memmap": stored,
+        "float16 HxWx8 (numpy path)": rng.normal(size=(6, 9, 8)).astype(np.float16),
+        "bool (numpy path)": image[..., 0] > 128,
+        "int64 (numpy path)": image[..., 0].astype(np.int64),
+        "strided": image[:, ::2],
+        "column slice": image[..., 1],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(VIEWS))
+def test_views_equal_their_numpy_definition_for_every_dtype_and_layout(name, tmp_path):
+    for kind, array in view_inputs(tmp_path).items():
+        expected = np.ascontiguousarray(VIEWS[name](np.asarray(array)))
+        out = apply_view(array, name)
+        assert out.dtype == expected.dtype and out.shape == expected.shape, kind
+        assert out.flags.c_contiguous, kind
+        np.testing.assert_array_equal(out, expected, err_msg=kind)
+
+
 def test_check_views_rejects_unknown_and_repeated():
     with pytest.raises(ValueError, match="unknown"):
         check_views(["identity", "spin"])

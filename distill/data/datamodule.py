@@ -68,10 +68,10 @@ class TeacherMaps:
         return {**self.__dict__, "_cache": None}  # each worker opens its own memory maps
 
     def read(self, id: str, view: str, shape: tuple[int, int]) -> np.ndarray:
-        if self.views == "mean":
-            teacher = self.cache.read_views(id).astype(np.float32).mean(axis=0).astype(np.float16)
-        else:
-            teacher = self.cache.read(id, view)
+        if self.views == "mean" and len(self.cache.views) > 1:
+            teacher = self.cache.read_views(id).mean(axis=0, dtype=np.float32).astype(np.float16)
+        else:  # one map: a read-only view of the cache (augmentation and collate copy it anyway)
+            teacher = self.cache.read(id, view if self.views == "match" else self.cache.views[0], copy=False)
         if teacher.shape != shape:
             raise CacheError(
                 f"{self.cache_dir}: teacher map of {id!r} is {teacher.shape[0]}x{teacher.shape[1]} but the "
