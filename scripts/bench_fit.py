@@ -108,16 +108,16 @@ def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: to
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    optimizer = module.make_optimizer()  # the one fit uses
     batch = fake_batch(args.batch, args.size, device)
     timings = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             synchronize(device)
             start = time.perf_counter()
-        with autocast(device, args.precision):
+        with autocast(device, args.precision):  # around the loss too, as Lightning's precision plugin does
             logits = module(batch["image"])
-        total, _ = module.loss(logits, batch["mask"], batch["roi"], batch["teacher"])
+            total, _ = module.loss(logits, batch["mask"], batch["roi"], batch["teacher"])
         total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,8 @@
 """DistillModule: a training step on fake batches, each loss term logged, NaN stops with step and term."""
 
+import csv
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -62,6 +65,37 @@ def test_training_step_logs_every_term_and_validation_scores_both(tmp_path):
     assert module.chosen_threshold in (0.25, 0.5, 0.75)
     # The teacher logits are 4*mask-2 plus noise: better than chance, and scored on the same images.
     assert report["at_chosen"]["teacher"]["dice"] > 0.5
+
+
+def test_step_losses_logged_at_log_steps_and_epoch_losses_are_the_batch_weighted_mean(tmp_path):
+    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5))
+    seen = []  # every step's terms, as the loss returned them
+    loss = module.loss.forward
+
+    def recording_loss(*args, **kwargs):
+        total, terms = loss(*args, **kwargs)
+        seen.append({name: value.item() for name, value in terms.items()})
+        return total, terms
+
+    module.loss.forward = recording_loss
+    batches = fake_batches(5)
+    batches[4] = {k: v[:1] for k, v in batches[4].items()}  # a smaller last batch weighs less
+    run = trainer(tmp_path, log_every_n_steps=2, max_epochs=2)
+    run.fit(module, identity_loader(batches))
+    rows = list(csv.DictReader((Path(run.logger.log_dir) / "metrics.csv").read_text().splitlines()))
+    step_rows = [r for r in rows if r["train/loss/total_step"]]
+    assert [int(r["step"]) for r in step_rows] == [1, 3, 5, 7, 9]  # (global step + 1) % 2 == 0
+    for row in step_rows:
+        assert float(row["train/loss/total_step"]) == pytest.approx(seen[int(row["step"])]["total"], rel=1e-5)
+        assert float(row["train/lr"]) > 0
+    epoch_rows = [r for r in rows if r["train/loss/kd/bce_epoch"]]
+    assert len(epoch_rows) == 2
+    weights = [2, 2, 2, 2, 1]
+    for epoch, row in enumerate(epoch_rows):
+        steps = seen[5 * epoch : 5 * epoch + 5]
+        for term in ("total", "gt/bce", "kd/bce"):
+            expected = sum(w * s[term] for w, s in zip(weights, steps, strict=True)) / sum(weights)
+            assert float(row[f"train/loss/{term}_epoch"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_nan_loss_names_step_and_term(tmp_path):
