@@ -232,12 +232,13 @@ class DistillModule(pl.LightningModule):
         self._check_finite()
 
     def make_optimizer(self) -> torch.optim.AdamW:
-        """AdamW over every parameter; on CUDA the fused kernel (a few launches per step, not a few per tensor)."""
+        """AdamW over every parameter (torch picks its multi-tensor kernels on CUDA).
+
+        Not `fused=True`: Lightning refuses gradient clipping (the GPU configs clip at 1.0) with an
+        optimizer that unscales gradients itself, which is what fused kernels declare.
+        """
         return torch.optim.AdamW(
-            self.parameters(),
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            fused=self.device.type == "cuda",
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Is the data path ever the bottleneck? Training throughput of students with and without the real pipeline.
 
 For each student (UNet-ResNet34, SegFormer-B0) at 512x512, batch 32, bf16-mixed:
-  (a) pure_step_img_s: forward + DistillLoss + backward + AdamW on a batch already on the GPU (the ceiling);
+  (a) pure_step_img_s: forward + DistillLoss + backward + clipping + AdamW on a batch already on the GPU
+      (the ceiling);
   (b) pipeline_img_s: the real fit path (VesselDataModule: decoded records, augmentation, teacher-cache
       reads, collate, host->GPU copy; DistillModule under a Lightning Trainer), timed over a fixed
       number of steps after warm-up by a callback;
@@ -49,6 +50,7 @@ MODELS = {
     "unet_r34": StudentConfig(name="unet", encoder="resnet34"),
     "segformer_b0": StudentConfig(name="segformer", encoder="mit_b0"),
 }
+GRADIENT_CLIP = 1.0  # as in configs/fit/*_kd.yaml
 TINY_MODELS = {
     "unet_r34": StudentConfig(
         name="unet", encoder="resnet18", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
@@ -119,6 +121,7 @@ def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: to
             logits = module(batch["image"])
             total, _ = module.loss(logits, batch["mask"], batch["roi"], batch["teacher"])
         total.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), GRADIENT_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     synchronize(device)
@@ -180,6 +183,7 @@ def timed_trainer(args: argparse.Namespace, out: Path) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=10,
+        gradient_clip_val=GRADIENT_CLIP,
         callbacks=[StepTimer(args.warmup, args.steps, args.batch, out)],
     )
 

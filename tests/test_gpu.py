@@ -5,6 +5,7 @@ import torch
 
 from distill.data.prefetch import prefetch_to_device
 from distill.data.sampling import EndlessBatches, EpochStream
+from distill.fit import main as fit
 from distill.losses import FiniteCheck
 
 pytestmark = [
@@ -45,3 +46,27 @@ def test_finite_check_names_a_nan_term_on_cuda():
     terms = {"gt/bce": torch.tensor(0.3, device="cuda"), "kd/bce": torch.tensor(float("nan"), device="cuda")}
     assert FiniteCheck(terms).first_nonfinite() == "kd/bce"
     assert FiniteCheck({"gt/bce": torch.ones((), device="cuda")}).first_nonfinite() is None
+
+
+@pytest.mark.parametrize("config", ["unet_r34_kd", "segformer_b0_kd", "unet_r34_gt"])
+def test_the_shipped_gpu_configs_train_and_report(config, tiny_data_and_cache, tmp_path):
+    """Their trainer settings as shipped (bf16-mixed, gradient clipping, channels_last) on tiny data."""
+    data, cache = tiny_data_and_cache
+    reports = fit(
+        [
+            f"--config=configs/fit/{config}.yaml",
+            f"--data.data_root={data}",
+            f"--data.cache_dir={cache}",
+            f"--runs_dir={tmp_path}",
+            "--run_name=gpu",
+            "--data.batch_size=4",
+            "--data.num_workers=2",
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            "--wandb=false",
+        ]
+    )
+    for split in ("val", "test"):
+        assert reports[split]["n_images"] >= 1
+        assert (tmp_path / "gpu" / f"metrics_{split}.json").is_file()
+    assert (tmp_path / "gpu" / "checkpoints" / "best.ckpt").is_file()
