@@ -131,25 +131,39 @@ def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: to
 
 
 class StepTimer(pl.Callback):
-    """Times steps warmup .. warmup+steps on rank 0 and writes images/s (all ranks) to a JSON file."""
+    """Times steps warmup .. warmup+steps on rank 0 and writes images/s (all ranks) to a JSON file.
+
+    Also `between_steps_ms`: the host's mean time from one step's end to the next one's start, which
+    is where the loop fetches batches; the pipeline's figure minus the loop's is time spent waiting
+    for data (a GPU-bound run waits inside the step instead, for the previous step's loss check).
+    """
 
     def __init__(self, warmup: int, steps: int, batch: int, out: Path):
         self.warmup, self.steps, self.batch, self.out = warmup, steps, batch, out
+        self.last_end: float | None = None
+        self.between = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
         if trainer.global_step == self.warmup:
             synchronize(pl_module.device)
             self.start = time.perf_counter()
+        elif trainer.global_step > self.warmup:
+            self.between += now - self.last_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.last_end = time.perf_counter()
         if trainer.global_step == self.warmup + self.steps:
             synchronize(pl_module.device)
             seconds = time.perf_counter() - self.start
             if trainer.is_global_zero:
                 images = self.steps * self.batch * trainer.world_size
-                self.out.write_text(
-                    json.dumps({"pipeline_img_s": images / seconds, "world_size": trainer.world_size})
-                )
+                result = {
+                    "pipeline_img_s": images / seconds,
+                    "world_size": trainer.world_size,
+                    "between_steps_ms": 1000 * self.between / (self.steps - 1),
+                }
+                self.out.write_text(json.dumps(result))
 
 
 class SameBatch:
@@ -195,7 +209,8 @@ def bench_loop(student: StudentConfig, args: argparse.Namespace, work: Path) -> 
     batch = fake_batch(args.batch, args.size, torch.device("cpu"))
     module = DistillModule(student=student, kd=KDConfig(alpha=0.5))
     timed_trainer(args, out).fit(module, train_dataloaders=SameBatch(batch, args.warmup + args.steps))
-    return {"loop_img_s": json.loads(out.read_text())["pipeline_img_s"]}
+    timed = json.loads(out.read_text())
+    return {"loop_img_s": timed["pipeline_img_s"], "loop_between_steps_ms": timed["between_steps_ms"]}
 
 
 def bench_datamodule(args: argparse.Namespace, data: Path, cache: Path) -> VesselDataModule:
@@ -349,15 +364,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\n{gpu}, {args.size}px, batch {args.batch}, {args.precision}, pipeline on {args.devices} device(s)"
     )
-    print(
-        f"{'model':<14}{'params':>8}{'pure img/s':>12}{'pipe img/s':>12}{'ratio':>7}{'loop img/s':>12}{'loader img/s':>14}{'b1 ms':>8}{'infer img/s':>13}{'peak GiB':>10}"
-    )
+    columns = [  # (header, width, format, JSON key)
+        ("params M", 9, ".1f", "params_m"),
+        ("pure img/s", 11, ".1f", "pure_step_img_s"),
+        ("pipe img/s", 11, ".1f", "pipeline_img_s"),
+        ("ratio", 6, ".2f", "ratio"),
+        ("loop img/s", 11, ".1f", "loop_img_s"),
+        ("gap ms pipe", 12, ".2f", "between_steps_ms"),
+        ("gap ms loop", 12, ".2f", "loop_between_steps_ms"),
+        ("loader img/s", 13, ".1f", "loader_img_s"),
+        ("b1 ms", 7, ".2f", "latency_b1_ms"),
+        ("infer img/s", 12, ".1f", "infer_img_s"),
+        ("peak GiB", 9, ".1f", "train_peak_mem_gib"),
+    ]
+    print(f"{'model':<14}" + "".join(f"{header:>{width}}" for header, width, _, _ in columns))
     for name, r in results.items():
-        peak = f"{r['train_peak_mem_gib']:.1f}" if r["train_peak_mem_gib"] is not None else "-"
-        print(
-            f"{name:<14}{r['params'] / 1e6:>7.1f}M{r['pure_step_img_s']:>12.1f}{r['pipeline_img_s']:>12.1f}"
-            f"{r['ratio']:>7.2f}{r.get('loop_img_s', float('nan')):>12.1f}{r['loader_img_s']:>14.1f}{r['latency_b1_ms']:>8.2f}{r['infer_img_s']:>13.1f}{peak:>10}"
+        r = {**r, "params_m": r["params"] / 1e6}
+        cells = (
+            f"{r[key]:>{width}{fmt}}" if r.get(key) is not None else f"{'-':>{width}}"
+            for _, width, fmt, key in columns
         )
+        print(f"{name:<14}" + "".join(cells))
     print(f"wrote {out}")
     return report
 
