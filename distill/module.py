@@ -183,7 +183,7 @@ class DistillModule(pl.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last and images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        return (self._compiled or self.student)(images)
+        return (self.student if self._compiled is None else self._compiled)(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
@@ -317,8 +317,9 @@ class DistillModule(pl.LightningModule):
             curves_metric, per_image_metric = self.curves[f"{stage}_{who}"], self.per_image[f"{stage}_{who}"]
             if curves_metric.update_count == 0:
                 continue
-            curves = curves_metric.compute()
-            per_image = per_image_metric.compute()
+            # torchmetrics squeezes one-element results (one threshold, or one image at one threshold).
+            curves = {name: values.reshape(-1) for name, values in curves_metric.compute().items()}
+            per_image = per_image_metric.compute().reshape(-1, len(self.thresholds))
             curves_metric.reset(), per_image_metric.reset()
             if stage == "val" or frozen[who] is None:
                 choice = choose_threshold(curves, self.threshold_rule, self.recall_target)

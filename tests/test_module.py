@@ -141,3 +141,22 @@ def test_recall_target_reports_whether_it_fell_back(tmp_path):
     # At 0.9 the untrained student (probabilities near 0.5) finds no vessel, and the teacher's noisy
     # logits (2 +- 1 on vessels) miss some: neither reaches recall 1, both fall back.
     assert chosen["fell_back"] == {"student": True, "teacher": True}
+
+
+def test_compiled_student_trains_and_keeps_plain_checkpoint_keys(tmp_path):
+    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5), compile=True)
+    run = trainer(tmp_path, max_steps=2)
+    run.fit(module, identity_loader(fake_batches(2)), identity_loader(fake_batches(1, seed=1)))
+    assert module._compiled is not None and run.global_step == 2
+    assert all(key.startswith(("student.", "loss.", "curves.", "per_image.")) for key in module.state_dict())
+
+
+def test_a_one_threshold_grid_and_a_one_image_split_still_give_lists(tmp_path):
+    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5), thresholds=[0.5])
+    one_image = [{k: v[:1] for k, v in fake_batches(1, seed=1)[0].items()}]
+    trainer(tmp_path, max_steps=1).fit(module, identity_loader(fake_batches(1)), identity_loader(one_image))
+    report = module.results["val"]
+    assert report["n_images"] == 1 and report["chosen_threshold"]["student"] == 0.5
+    for who in ("student", "teacher"):
+        assert all(len(report[who][name]) == 1 for name in ("dice", "recall", "precision", "iou"))
+        assert len(report["per_image_dice"][who]) == 1
