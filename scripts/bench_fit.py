@@ -104,11 +104,16 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def training_module(student: StudentConfig, args: argparse.Namespace) -> DistillModule:
+    """The module all three training figures use: KD on, torch.compile with --compile."""
+    return DistillModule(student=student, kd=KDConfig(alpha=0.5), compile=args.compile)
+
+
 def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: torch.device) -> dict:
     """The same module and loss as fit, without loader, Trainer or logging: the ceiling."""
-    module = DistillModule(student=student, kd=KDConfig(alpha=0.5)).to(device)
+    module = training_module(student, args).to(device)
+    module.on_fit_start()  # channels_last and torch.compile, as under the Trainer
     if device.type == "cuda":
-        module.student.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = module.make_optimizer()  # the one fit uses
     batch = fake_batch(args.batch, args.size, device)
@@ -207,7 +212,7 @@ def bench_loop(student: StudentConfig, args: argparse.Namespace, work: Path) -> 
     out = work / "loop.json"
     out.unlink(missing_ok=True)
     batch = fake_batch(args.batch, args.size, torch.device("cpu"))
-    module = DistillModule(student=student, kd=KDConfig(alpha=0.5))
+    module = training_module(student, args)
     timed_trainer(args, out).fit(module, train_dataloaders=SameBatch(batch, args.warmup + args.steps))
     timed = json.loads(out.read_text())
     return {"loop_img_s": timed["pipeline_img_s"], "loop_between_steps_ms": timed["between_steps_ms"]}
@@ -231,7 +236,7 @@ def bench_pipeline(
     out = work / "pipeline.json"
     out.unlink(missing_ok=True)
     datamodule = bench_datamodule(args, data, cache)
-    module = DistillModule(student=student, kd=KDConfig(alpha=0.5))
+    module = training_module(student, args)
     trainer = timed_trainer(args, out)
     trainer.fit(module, datamodule=datamodule)
     return json.loads(out.read_text())
@@ -307,6 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--devices", type=int, default=1, help="GPUs for the pipeline run (>1: DDP)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student (model.compile)")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--work", default=None, help="where data and cache go (default: a temp dir)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 64 px, batch 4, a few steps")
@@ -350,14 +356,24 @@ def main(argv: list[str] | None = None) -> dict:
         "lightning": pl.__version__,
         "settings": {
             k: getattr(args, k)
-            for k in ("size", "batch", "precision", "warmup", "steps", "images", "num_workers", "devices")
+            for k in (
+                "size",
+                "batch",
+                "precision",
+                "warmup",
+                "steps",
+                "images",
+                "num_workers",
+                "devices",
+                "compile",
+            )
         },
         "cpu_count": os.cpu_count(),
         "models": results,
     }
     out = (
         Path(args.out)
-        / f"fit_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}{'_tiny' if args.tiny else ''}.json"
+        / f"fit_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}{'_compile' if args.compile else ''}{'_tiny' if args.tiny else ''}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
