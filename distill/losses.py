@@ -244,8 +244,13 @@ class DistillLoss(nn.Module):
         roi: Tensor | None = None,
         teacher_logits: Tensor | None = None,
         skeleton: Tensor | None = None,
+        teacher_valid: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """All inputs [B,1,H,W]; mask/roi/skeleton may be uint8, teacher float16. Returns (total, terms)."""
+        """Maps [B,1,H,W] (mask/roi/skeleton may be uint8, teacher float16). Returns (total, terms).
+
+        `teacher_valid` [B] (0/1) drops the KD pixels of images the teacher gave no map for; they
+        still count in the ground-truth and thin terms.
+        """
         shape = student_logits.shape
         for name, tensor in (
             ("mask", mask),
@@ -273,8 +278,9 @@ class DistillLoss(nn.Module):
                 parts.append((1 - self.kd.alpha, *self._ground_truth(logits, target, weight)))
             if teacher_logits is not None:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd.alpha > 0):
+                    kd_weight = weight if teacher_valid is None else weight * teacher_valid.view(-1, 1, 1, 1)
                     parts.append(
-                        (self.kd.alpha, *self._distill(logits, target, weight, teacher_logits.float()))
+                        (self.kd.alpha, *self._distill(logits, target, kd_weight, teacher_logits.float()))
                     )
             if self.thin.kind != "none":
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self.thin.weight > 0):

@@ -188,7 +188,12 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
         total, terms = self.loss(
-            logits, batch["mask"], batch["roi"], batch.get("teacher"), batch.get("skeleton")
+            logits,
+            batch["mask"],
+            batch["roi"],
+            batch.get("teacher"),
+            batch.get("skeleton"),
+            batch.get("teacher_valid"),
         )
         # Checking finiteness needs the GPU's answer: check the previous step's terms (finished by now,
         # see FiniteCheck) so the host never waits for this one; a NaN is still named exactly.
@@ -340,9 +345,13 @@ class DistillModule(pl.LightningModule):
             dice = per_image[:, index] if len(per_image) else per_image.new_zeros(0)
             report["per_image_dice"][who] = [round(float(d), 6) for d in dice]
             report["n_images"] = len(per_image)
-        ids = getattr(self.trainer.datamodule, f"{stage}_ids", None)
+        datamodule = self.trainer.datamodule
+        ids = getattr(datamodule, f"{stage}_ids", None)
         if ids is not None and len(ids) == report.get("n_images"):
             report["per_image_ids"] = list(ids)  # per_image_dice is in split order (PerImageDice)
+        no_map = getattr(datamodule, "teacher_no_mask_ids", None)
+        if "teacher" in report and ids is not None and no_map is not None:
+            report["teacher_no_mask_ids"] = [i for i in ids if i in no_map]  # scored as empty predictions
         self.results[stage] = report
         return report
 

@@ -19,6 +19,7 @@ from skimage.morphology import skeletonize
 from distill.cache import CacheWriter, TeacherCache
 from distill.data import open_dataset
 from distill.data.datamodule import (
+    NO_MAP_LOGIT,
     WORKER_NICENESS,
     ForkSafeLoader,
     VesselDataModule,
@@ -82,7 +83,7 @@ def module(data: dict, **options) -> VesselDataModule:
 
 
 def check_contract(batch: dict, teacher: bool, skeleton: bool) -> None:
-    expected = {"image", "mask", "roi", "id", "index"} | ({"teacher"} if teacher else set())
+    expected = {"image", "mask", "roi", "id", "index"} | ({"teacher", "teacher_valid"} if teacher else set())
     assert set(batch) == expected | ({"skeleton"} if skeleton else set())
     b, _, h, w = batch["image"].shape
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1] == 3
@@ -94,6 +95,8 @@ def check_contract(batch: dict, teacher: bool, skeleton: bool) -> None:
         assert batch["skeleton"].dtype == torch.uint8 and batch["skeleton"].shape == (b, 1, h, w)
     assert isinstance(batch["id"], list) and len(batch["id"]) == b
     assert batch["index"].dtype == torch.int64 and batch["index"].shape == (b,)
+    if teacher:
+        assert batch["teacher_valid"].dtype == torch.uint8 and batch["teacher_valid"].shape == (b,)
     assert set(batch["mask"].unique().tolist()) <= {0, 1} and set(batch["roi"].unique().tolist()) <= {0, 1}
 
 
@@ -302,3 +305,28 @@ def test_workers_never_free_garbage_inherited_from_the_training_process(tmp_path
         gc.enable()
     gc.collect()
     assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
+
+
+def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_0(data, tmp_path):
+    splits = module(data)
+    missing = {splits.train_ids[0], splits.val_ids[0]}
+    dataset = data["dataset"]
+    manifest = {"teacher": {"name": "test-pattern"}, "dataset": dataset.fingerprint(), "views": ["identity"]}
+    with CacheWriter(tmp_path / "cache", "w0", manifest) as writer:
+        for item_id in dataset.ids:
+            if item_id in missing:
+                writer.write_status(item_id)
+            else:
+                writer.write(item_id, "identity", cached_map(dataset.get(item_id), 0))
+    with pytest.warns(UserWarning, match="no map for 2 of 12 id"):
+        dm = module(data, cache_dir=str(tmp_path / "cache"), batch_size=len(splits.train_ids), crop_size=48)
+    assert dm.teacher_no_mask_ids == missing
+    for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
+        check_contract(batch, teacher=True, skeleton=False)
+        for i, item_id in enumerate(batch["id"]):
+            assert batch["teacher_valid"][i].item() == (item_id not in missing)
+            if item_id in missing:
+                assert (batch["teacher"][i] == NO_MAP_LOGIT).all()
+            else:
+                assert (batch["teacher"][i] != NO_MAP_LOGIT).any()
+        assert set(batch["id"]) & missing

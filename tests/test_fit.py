@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from distill.cache import CacheWriter, TeacherCache
 from distill.errors import ConfigError
 from distill.evaluate import evaluate
 from distill.fit import main
@@ -96,3 +97,32 @@ def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_
         for name in ("dice", "recall", "precision", "iou"):
             assert one[who][name] == pytest.approx(ddp[who][name], abs=1e-6), (who, name)
         assert one["per_image_dice"][who] == pytest.approx(ddp["per_image_dice"][who], abs=1e-6)
+
+
+def test_fit_on_a_cache_with_no_mask_ids_scores_them_as_empty_teacher_predictions(
+    tiny_data_and_cache, tmp_path
+):
+    data, cache = tiny_data_and_cache
+    full = TeacherCache(cache)
+    splits = json.loads((data / "splits.json").read_text())["splits"]
+    val_ids = sorted(i for i, split in splits.items() if split == "val")
+    missing = {val_ids[0], next(i for i, split in sorted(splits.items()) if split == "train")}
+    with CacheWriter(tmp_path / "cache", "w0", full.manifest) as writer:
+        for item_id in full.ids:
+            if item_id in missing:
+                writer.write_status(item_id)
+            else:
+                writer.write(item_id, "identity", full.read(item_id))
+    with pytest.warns(UserWarning, match="no map for 2 of"):
+        reports = main(
+            tiny_fit_args(data, tmp_path / "cache", tmp_path, "--run_name=nomask", "--trainer.max_epochs=1")
+            + ["--wandb=false"]
+        )
+    val = reports["val"]
+    assert val["teacher_no_mask_ids"] == [val_ids[0]]
+    assert json.loads((tmp_path / "nomask" / "metrics_val.json").read_text())["teacher_no_mask_ids"] == [
+        val_ids[0]
+    ]
+    position = val["per_image_ids"].index(val_ids[0])
+    assert val["per_image_dice"]["teacher"][position] == 0.0  # an empty prediction of an image with vessels
+    assert all(d > 0 for i, d in enumerate(val["per_image_dice"]["teacher"]) if i != position)

@@ -300,3 +300,29 @@ def test_first_nonfinite_names_the_term():
     }
     assert FiniteCheck(terms).first_nonfinite() == "kd/bce"
     assert FiniteCheck({"gt/bce": torch.tensor(0.3)}).first_nonfinite() is None
+
+
+@pytest.mark.parametrize(
+    "kd", [{}, {"confidence_weighting": True, "soft_dice_weight": 1.0}, {"trust_gt": True}]
+)
+def test_an_image_without_teacher_map_drops_out_of_kd_only(kd):
+    student, teacher, mask, roi = _batch(seed=7, shape=(3, 1, 8, 8))
+    loss = DistillLoss(kd=KDConfig(alpha=0.5, **kd))
+    valid = torch.tensor([1, 0, 1], dtype=torch.uint8)
+    _, terms = loss(student, mask, roi, teacher, teacher_valid=valid)
+    keep = valid.bool()
+    _, with_teacher = loss(student[keep], mask[keep], roi[keep], teacher[keep])
+    _, everything = loss(student, mask, roi, teacher)
+    for name in ("kd/bce", "kd/dice"):
+        assert terms[name].item() == pytest.approx(with_teacher[name].item(), rel=1e-6)
+    for name in ("gt/bce", "gt/dice"):
+        assert terms[name].item() == pytest.approx(everything[name].item(), rel=1e-6)
+    assert terms["kd/bce"].item() != pytest.approx(everything["kd/bce"].item(), rel=1e-3)  # so it can fail
+
+
+def test_a_batch_without_any_teacher_map_has_zero_finite_kd_and_no_kd_gradient():
+    student, teacher, mask, roi = _batch(seed=8)
+    total, terms = _kd_only()(student, mask, roi, teacher, teacher_valid=torch.zeros(2, dtype=torch.uint8))
+    assert terms["kd/bce"].item() == 0 and torch.isfinite(terms["kd/dice"])
+    total.backward()
+    assert student.grad.abs().max().item() == 0

@@ -7,6 +7,8 @@ copy stays small; the LightningModule converts on the device. Shapes and dtypes:
     mask     uint8   [B,1,H,W]  0/1
     roi      uint8   [B,1,H,W]  0/1 (all ones when the dataset has none; 0 on batch padding)
     teacher  float16 [B,1,H,W]  logits aligned with the augmented image (only with cache_dir)
+    teacher_valid uint8 [B]     1 where the teacher gave a map; 0 for a no_mask id, whose teacher
+                                logits are NO_MAP_LOGIT everywhere (only with cache_dir)
     skeleton uint8   [B,1,H,W]  skeleton of the augmented mask (only with skeletons=True)
     id       list[str]
     index    int64   [B]        position in its split (puts per-image scores gathered over DDP ranks in order)
@@ -15,6 +17,11 @@ Images of different sizes: training crops to `crop_size` when it is set; validat
 never augmented or resized, so a batch whose images differ in size is padded at the bottom/right to
 its largest image, with roi = 0 (and mask = teacher = 0) on the padding: losses and metrics count
 only roi pixels, so padding changes no number. (The students pad to their stride themselves.)
+
+Ids the teacher gave no map for (cache status no_mask: Sa2VA generated no [SEG]) stay in the data:
+they train on ground truth alone (the loss drops their KD pixels by teacher_valid), and the teacher
+is scored on them as what it returned, an empty prediction. Leaving them out instead would change
+the dataset's fingerprint and orphan the whole cache.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from skimage.morphology import skeletonize
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
@@ -42,6 +50,7 @@ from distill.data.sampling import EndlessBatches, EpochStream, EvalShard
 from distill.errors import CacheError, ConfigError, DistillError
 
 SPLITS = ("train", "val", "test")
+NO_MAP_LOGIT = -20.0  # the teacher logit of an id without a map: probability 2e-9, below any threshold
 WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_worker)
 
 
@@ -53,9 +62,10 @@ class TeacherMaps:
     view asked for, still in the original orientation (the caller applies the view, as to the image).
     """
 
-    def __init__(self, cache_dir: str, views: Literal["mean", "match"]):
+    def __init__(self, cache_dir: str, views: Literal["mean", "match"], no_map: frozenset[str] = frozenset()):
         self.cache_dir = cache_dir
         self.views = views
+        self.no_map = no_map  # ids with status no_mask (for any view): read() gives None
         self._cache: TeacherCache | None = None
 
     @property
@@ -67,7 +77,9 @@ class TeacherMaps:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": None}  # each worker opens its own memory maps
 
-    def read(self, id: str, view: str, shape: tuple[int, int]) -> np.ndarray:
+    def read(self, id: str, view: str, shape: tuple[int, int]) -> np.ndarray | None:
+        if id in self.no_map:
+            return None
         if self.views == "mean" and len(self.cache.views) > 1:
             teacher = self.cache.read_views(id).mean(axis=0, dtype=np.float32).astype(np.float16)
         else:  # one map: a read-only view of the cache (augmentation and collate copy it anyway)
@@ -113,18 +125,26 @@ class VesselSplit(Dataset):
         shape = record.mask.shape
         roi = np.ones(shape, np.uint8) if record.roi is None else record.roi.astype(np.uint8)
         sample = {"image": record.image, "mask": record.mask, "roi": roi}
-        if self.augment is None:
-            if self.teacher is not None:
-                sample["teacher"] = self.teacher.read(record.id, "identity", shape)
-        else:
+        view = "identity"
+        if self.augment is not None:
             among = self.teacher.cache.views if self.teacher and self.teacher.views == "match" else None
             view = self.augment.sample_view(among)
-            teacher = self.teacher.read(record.id, view, shape) if self.teacher else None
+        teacher = self.teacher.read(record.id, view, shape) if self.teacher else None
+        if self.augment is not None:
             sample = self.augment(**sample, teacher=teacher, view=view)
             del sample["view"]
+        elif teacher is not None:
+            sample["teacher"] = teacher
+        if self.teacher is not None:
+            sample["teacher_valid"] = np.uint8(teacher is not None)
+            if teacher is None:
+                sample["teacher"] = np.full(sample["mask"].shape, NO_MAP_LOGIT, np.float16)
         if self.skeletons:
             sample["skeleton"] = skeletonize(sample["mask"].astype(bool)).astype(np.uint8)
         return {**sample, "id": record.id, "index": index}
+
+
+PER_SAMPLE_VALUES = {"index": torch.int64, "teacher_valid": torch.uint8}  # one number per sample
 
 
 def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
@@ -135,10 +155,10 @@ def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     """
     height = max(s["mask"].shape[0] for s in samples)
     width = max(s["mask"].shape[1] for s in samples)
-    batch: dict[str, torch.Tensor | list[str]] = {
-        "id": [s["id"] for s in samples],
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-    }
+    batch: dict[str, torch.Tensor | list[str]] = {"id": [s["id"] for s in samples]}
+    for key, dtype in PER_SAMPLE_VALUES.items():
+        if key in samples[0]:
+            batch[key] = torch.tensor([s[key] for s in samples], dtype=dtype)
     for key in samples[0]:
         if key in batch:
             continue
@@ -293,6 +313,7 @@ class VesselDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.dataset: VesselDataset | None = None
         self.cache: TeacherCache | None = None
+        self.teacher_no_mask_ids: frozenset[str] = frozenset()  # set in setup (see the module docstring)
         self.records: dict[str, Record] | None = None
         self.splits: dict[str, VesselSplit] = {}
         self.train_stream: EpochStream | None = None
@@ -329,14 +350,17 @@ class VesselDataModule(pl.LightningDataModule):
                     f"data.teacher_views='match' needs the identity view in {self.cache_dir} for un-augmented "
                     f"validation (it holds {self.cache.views}); use teacher_views='mean' or cache identity"
                 )
-            no_mask = [i for i in self.dataset.ids if self.cache.status(i) == "no_mask"]
-            if no_mask:
-                raise CacheError(
-                    f"{self.cache_dir}: the teacher gave no map for {len(no_mask)} id(s) (status no_mask, e.g. "
-                    f"{no_mask[:5]}); a KD target cannot be invented for them: re-run the teacher on them, "
-                    "or leave them out of the dataset"
+            self.teacher_no_mask_ids = frozenset(
+                i for i in self.dataset.ids if self.cache.status(i) == "no_mask"
+            )
+            if self.teacher_no_mask_ids:
+                rank_zero_warn(
+                    f"{self.cache_dir}: the teacher gave no map for {len(self.teacher_no_mask_ids)} of "
+                    f"{len(self.dataset.ids)} id(s) (status no_mask, e.g. {sorted(self.teacher_no_mask_ids)[:5]}): "
+                    "they train on ground truth alone, and count as an empty teacher prediction in the "
+                    "teacher's metrics (metrics.json lists them under teacher_no_mask_ids)"
                 )
-            teacher = TeacherMaps(self.cache_dir, self.teacher_views)
+            teacher = TeacherMaps(self.cache_dir, self.teacher_views, self.teacher_no_mask_ids)
         load = self.dataset.get
         if self.in_memory:
             ids = [i for split in SPLITS for i in self.dataset.split_ids(split)]
