@@ -248,8 +248,9 @@ class DistillLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Maps [B,1,H,W] (mask/roi/skeleton may be uint8, teacher float16). Returns (total, terms).
 
-        `teacher_valid` [B] (0/1) drops the KD pixels of images the teacher gave no map for; they
-        still count in the ground-truth and thin terms.
+        `teacher_valid` [B] (0/1): images the teacher gave no map for get the ground truth as their
+        KD target, as `trust_gt` does for pixels where the teacher is wrong, so they train on ground
+        truth alone and at full weight, whatever alpha is.
         """
         shape = student_logits.shape
         for name, tensor in (
@@ -278,9 +279,11 @@ class DistillLoss(nn.Module):
                 parts.append((1 - self.kd.alpha, *self._ground_truth(logits, target, weight)))
             if teacher_logits is not None:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd.alpha > 0):
-                    kd_weight = weight if teacher_valid is None else weight * teacher_valid.view(-1, 1, 1, 1)
                     parts.append(
-                        (self.kd.alpha, *self._distill(logits, target, kd_weight, teacher_logits.float()))
+                        (
+                            self.kd.alpha,
+                            *self._distill(logits, target, weight, teacher_logits.float(), teacher_valid),
+                        )
                     )
             if self.thin.kind != "none":
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self.thin.weight > 0):
@@ -309,7 +312,12 @@ class DistillLoss(nn.Module):
         return bce + self.gt.dice_weight * region, {"gt/bce": bce, region_name: region}
 
     def _distill(
-        self, logits: Tensor, target: Tensor, weight: Tensor, teacher_logits: Tensor
+        self,
+        logits: Tensor,
+        target: Tensor,
+        weight: Tensor,
+        teacher_logits: Tensor,
+        teacher_valid: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """KD against the teacher; with trust_gt, against the ground truth where the teacher is wrong.
 
@@ -322,6 +330,10 @@ class DistillLoss(nn.Module):
         temperature = self.kd.temperature
         teacher_probs = torch.sigmoid(teacher_logits)
         soft_target = torch.sigmoid(teacher_logits / temperature)
+        if teacher_valid is not None:
+            no_map = teacher_valid.view(-1, 1, 1, 1) == 0
+            teacher_probs = torch.where(no_map, target, teacher_probs)
+            soft_target = torch.where(no_map, target, soft_target)
         if self.kd.trust_gt:
             wrong = (teacher_probs > 0.5) != (target > 0.5)
             teacher_probs = torch.where(wrong, target, teacher_probs)

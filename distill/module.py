@@ -205,7 +205,7 @@ class DistillModule(pl.LightningModule):
         if every and (self.global_step + 1) % every == 0:  # the steps Lightning's logger writes
             step_values = {f"train/loss/{name}_step": value for name, value in terms.items()}
             step_values["train/lr"] = self.optimizers().param_groups[0]["lr"]
-            self.log_dict(step_values, on_step=True, on_epoch=False, batch_size=batch_size)
+            self.log_dict(step_values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
         return total
 
     def _check_finite(self) -> None:
@@ -221,6 +221,9 @@ class DistillModule(pl.LightningModule):
                 f"(epoch {epoch}, batch {batch_idx}): lower model.lr, check the data and "
                 "teacher cache, or resume from the last good checkpoint"
             )
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_losses.pop()  # nothing left from an interrupted fit of this module
 
     def on_train_epoch_end(self) -> None:
         self._check_finite()

@@ -56,9 +56,10 @@ def check_views(names: list[str]) -> list[str]:
 
 
 def apply_view(array: np.ndarray, name: str) -> np.ndarray:
-    """Apply view `name` to an HxW or HxWxC array; returns a contiguous array (a copy unless identity)."""
+    """Apply view `name` to an HxW or HxWxC array; returns a C-contiguous array."""
     if (
-        name in _OPENCV
+        array.size  # OpenCV returns None for an empty array
+        and name in _OPENCV
         and array.dtype in _OPENCV_DTYPES
         and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] <= 4))
     ):

@@ -166,7 +166,7 @@ class StepTimer(pl.Callback):
                 result = {
                     "pipeline_img_s": images / seconds,
                     "world_size": trainer.world_size,
-                    "between_steps_ms": 1000 * self.between / (self.steps - 1),
+                    "between_steps_ms": 1000 * self.between / max(1, self.steps - 1),
                 }
                 self.out.write_text(json.dumps(result))
 

@@ -64,6 +64,7 @@ def view_inputs(tmp_path) -> dict[str, np.ndarray]:
         "int64 (numpy path)": image[..., 0].astype(np.int64),
         "strided": image[:, ::2],
         "column slice": image[..., 1],
+        "empty": image[:0],
     }
 
 

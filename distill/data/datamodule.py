@@ -19,8 +19,8 @@ its largest image, with roi = 0 (and mask = teacher = 0) on the padding: losses 
 only roi pixels, so padding changes no number. (The students pad to their stride themselves.)
 
 Ids the teacher gave no map for (cache status no_mask: Sa2VA generated no [SEG]) stay in the data:
-they train on ground truth alone (the loss drops their KD pixels by teacher_valid), and the teacher
-is scored on them as what it returned, an empty prediction. Leaving them out instead would change
+they train on ground truth alone (by teacher_valid, DistillLoss makes the ground truth their KD
+target), and the teacher is scored on them as what it returned, an empty prediction. Leaving them out instead would change
 the dataset's fingerprint and orphan the whole cache.
 """
 
