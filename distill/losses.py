@@ -319,7 +319,8 @@ class DistillLoss(nn.Module):
         teacher_logits: Tensor,
         teacher_valid: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """KD against the teacher; with trust_gt, against the ground truth where the teacher is wrong.
+        """KD against the teacher; against the ground truth on images without a map (teacher_valid 0)
+        and, with trust_gt, where the teacher is wrong.
 
         trust_gt replaces the target rather than dropping the pixel: the pixels where the teacher is
         wrong (often missed thin vessels) are exactly where the student should beat it. There the
@@ -330,14 +331,13 @@ class DistillLoss(nn.Module):
         temperature = self.kd.temperature
         teacher_probs = torch.sigmoid(teacher_logits)
         soft_target = torch.sigmoid(teacher_logits / temperature)
-        if teacher_valid is not None:
-            no_map = teacher_valid.view(-1, 1, 1, 1) == 0
-            teacher_probs = torch.where(no_map, target, teacher_probs)
-            soft_target = torch.where(no_map, target, soft_target)
+        use_gt = None if teacher_valid is None else teacher_valid.view(-1, 1, 1, 1) == 0  # no map
         if self.kd.trust_gt:
             wrong = (teacher_probs > 0.5) != (target > 0.5)
-            teacher_probs = torch.where(wrong, target, teacher_probs)
-            soft_target = torch.where(wrong, target, soft_target)
+            use_gt = wrong if use_gt is None else use_gt | wrong
+        if use_gt is not None:
+            teacher_probs = torch.where(use_gt, target, teacher_probs)
+            soft_target = torch.where(use_gt, target, soft_target)
         if self.kd.confidence_weighting:
             weight = weight * (2 * teacher_probs - 1).abs()
         bce = weighted_mean(kd_bce(logits, soft_target, temperature), weight)

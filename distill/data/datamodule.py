@@ -20,8 +20,8 @@ only roi pixels, so padding changes no number. (The students pad to their stride
 
 Ids the teacher gave no map for (cache status no_mask: Sa2VA generated no [SEG]) stay in the data:
 they train on ground truth alone (by teacher_valid, DistillLoss makes the ground truth their KD
-target), and the teacher is scored on them as what it returned, an empty prediction. Leaving them out instead would change
-the dataset's fingerprint and orphan the whole cache.
+target), and the teacher is scored on them as what it returned, an empty prediction. Leaving them
+out instead would change the dataset's fingerprint and orphan the whole cache.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class TeacherMaps:
     def __init__(self, cache_dir: str, views: Literal["mean", "match"], no_map: frozenset[str] = frozenset()):
         self.cache_dir = cache_dir
         self.views = views
-        self.no_map = no_map  # ids with status no_mask (for any view): read() gives None
+        self.no_map = no_map  # ids with status no_mask (for any view): read() gives NO_MAP_LOGIT everywhere
         self._cache: TeacherCache | None = None
 
     @property
@@ -77,9 +77,9 @@ class TeacherMaps:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": None}  # each worker opens its own memory maps
 
-    def read(self, id: str, view: str, shape: tuple[int, int]) -> np.ndarray | None:
-        if id in self.no_map:
-            return None
+    def read(self, id: str, view: str, shape: tuple[int, int]) -> np.ndarray:
+        if id in self.no_map:  # an empty prediction; augmentation moves it like any map
+            return np.full(shape, NO_MAP_LOGIT, np.float16)
         if self.views == "mean" and len(self.cache.views) > 1:
             teacher = self.cache.read_views(id).mean(axis=0, dtype=np.float32).astype(np.float16)
         else:  # one map: a read-only view of the cache (augmentation and collate copy it anyway)
@@ -125,20 +125,17 @@ class VesselSplit(Dataset):
         shape = record.mask.shape
         roi = np.ones(shape, np.uint8) if record.roi is None else record.roi.astype(np.uint8)
         sample = {"image": record.image, "mask": record.mask, "roi": roi}
-        view = "identity"
-        if self.augment is not None:
+        if self.augment is None:
+            if self.teacher is not None:
+                sample["teacher"] = self.teacher.read(record.id, "identity", shape)
+        else:
             among = self.teacher.cache.views if self.teacher and self.teacher.views == "match" else None
             view = self.augment.sample_view(among)
-        teacher = self.teacher.read(record.id, view, shape) if self.teacher else None
-        if self.augment is not None:
+            teacher = self.teacher.read(record.id, view, shape) if self.teacher else None
             sample = self.augment(**sample, teacher=teacher, view=view)
             del sample["view"]
-        elif teacher is not None:
-            sample["teacher"] = teacher
         if self.teacher is not None:
-            sample["teacher_valid"] = np.uint8(teacher is not None)
-            if teacher is None:
-                sample["teacher"] = np.full(sample["mask"].shape, NO_MAP_LOGIT, np.float16)
+            sample["teacher_valid"] = np.uint8(record.id not in self.teacher.no_map)
         if self.skeletons:
             sample["skeleton"] = skeletonize(sample["mask"].astype(bool)).astype(np.uint8)
         return {**sample, "id": record.id, "index": index}
