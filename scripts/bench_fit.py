@@ -117,7 +117,6 @@ def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: to
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = module.make_optimizer()  # the one fit uses
     batch = fake_batch(args.batch, args.size, device)
-    timings = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             synchronize(device)
@@ -130,9 +129,9 @@ def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: to
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     synchronize(device)
-    timings = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"pure_step_img_s": args.steps * args.batch / timings, "train_peak_mem_gib": peak}
+    return {"pure_step_img_s": args.steps * args.batch / seconds, "train_peak_mem_gib": peak}
 
 
 class StepTimer(pl.Callback):
