@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from distill.cli import comma_list, key_value
 from distill.errors import ConfigError, DistillError
 from distill.views import apply_view, check_views, invert_view
 
@@ -70,18 +71,6 @@ different teacher or from different data is refused with a message saying what d
 
 
 # -- command line and config ----------------------------------------------------------------------
-
-
-def key_value(text: str) -> tuple[str, Any]:
-    """`k=v` -> (k, yaml.safe_load(v)): `sigmas=[1,2]` is a list, `delay=0.5` a float, `x=abc` a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
-
-
-def comma_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from distill.cache import CacheWriter, TeacherCache
-from distill.cache_teacher import build_teacher, key_value, main
+from distill.cache_teacher import build_teacher, main
+from distill.cli import key_value
 from distill.data import open_dataset
 from distill.synth import make_dataset
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import sys
 import warnings
 from collections import Counter
-from typing import Any
 
 import numpy as np
 
+from distill.cli import key_value
 from distill.data import list_formats, open_dataset
 from distill.data.dataset import FORMATS, DatasetWarning, SkippedItemsWarning, VesselDataset
 from distill.data.splits import SPLITS
@@ -43,17 +42,6 @@ def reader_options_help() -> str:
     return "reader options (--option KEY=VALUE), besides split_file=PATH for every format:\n" + "\n".join(
         lines
     )
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """KEY=VALUE with VALUE read as JSON when it parses (numbers, lists), else as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def summarise(ds: VesselDataset) -> list[str]:
@@ -122,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     checker.add_argument("--split-seed", type=int, default=0, help="seed for ids not yet in splits.json")
     checker.add_argument(
         "--option",
-        type=parse_option,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="reader option (value parsed as JSON when it can be), e.g. line_width=5; repeatable",
+        help="reader option (value parsed as YAML), e.g. line_width=5; repeatable",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
