@@ -3,6 +3,11 @@
 Every student is wrapped in `Student`, which owns the ImageNet normalisation and the padding to the
 encoder's stride, so that training, `predict` and an ONNX export all take raw uint8 RGB of any size
 and return logits at exactly the input size.
+
+smp and timm build every encoder stage whatever `encoder_depth` says (ResNet's layer4, timm's later
+blocks, a Mix Transformer's last stage) and then never use the deeper ones. `create_student` drops
+every submodule whose parameters get no gradient from the logits, so that parameter counts, ONNX files
+and checkpoints hold only what runs, and DDP (which needs a gradient for every parameter) works.
 """
 
 from __future__ import annotations
@@ -48,13 +53,15 @@ class StudentConfig:
 class Student(nn.Module):
     """Normalise raw RGB, pad to the stride, run the network, resize logits back to the input size."""
 
-    def __init__(self, net: nn.Module, stride: int, config: dict[str, Any]):
+    def __init__(self, net: nn.Module, stride: int, config: dict[str, Any], dropped: tuple[str, ...] = ()):
         super().__init__()
         self.net = net
         self.stride = stride
         self.config = dict(config)  # plain create_student kwargs: what a checkpoint needs to rebuild it
+        self.dropped = tuple(dropped)  # submodules of `net` that drop_unused_modules replaced
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_load_state_dict_pre_hook(_skip_dropped_weights)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -67,6 +74,60 @@ class Student(nn.Module):
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         logits = F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
+
+
+def _skip_dropped_weights(student: Student, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Checkpoints written before unused stages were dropped still load: their weights are left out."""
+    dropped = tuple(f"{prefix}net.{name}." for name in student.dropped)
+    for key in [k for k in state_dict if k.startswith(dropped)]:
+        del state_dict[key]
+
+
+class _Dropped(nn.Module):
+    """Parameter-free stand-in for a submodule whose output never reaches the logits: passes its input on."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+def drop_unused_modules(net: nn.Module, size: int) -> tuple[str, ...]:
+    """Replace every submodule of `net` whose parameters get no gradient from its output; return their names.
+
+    One forward of a `size` x `size` image (a multiple of the stride) finds them. The replacement is
+    checked to give bit-identical logits. Parameters left unused outside such submodules are warned about.
+    """
+    was_training = net.training
+    net.eval()  # no dropout, no drop-path, BatchNorm statistics untouched
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # global RNG untouched
+    params = dict(net.named_parameters())
+    logits = net(image)
+    grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
+    unused = {name for name, grad in zip(params, grads, strict=True) if grad is None}
+    dropped: list[str] = []
+    for name, module in net.named_modules():  # parents before children: keep the outermost
+        owned = [f"{name}.{n}" for n, _ in module.named_parameters()]
+        if (
+            name
+            and owned
+            and unused.issuperset(owned)
+            and not name.startswith(tuple(f"{d}." for d in dropped))
+        ):
+            dropped.append(name)
+    for name in dropped:
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, _Dropped())
+    with torch.no_grad():
+        if dropped and not torch.equal(net(image), logits.detach()):
+            raise RuntimeError(f"dropping the unused submodules {dropped} changed the logits")
+    left = sorted(unused - {n for n in unused if n.startswith(tuple(f"{d}." for d in dropped))})
+    if left:
+        warnings.warn(
+            f"{len(left)} parameters get no gradient, e.g. {left[:3]}; DDP then needs "
+            "--trainer.strategy=ddp_find_unused_parameters_true",
+            stacklevel=3,
+        )
+    net.train(was_training)
+    return tuple(dropped)
 
 
 def register_student(name: str) -> Callable:
@@ -91,10 +152,11 @@ def create_student(
         raise ConfigError(
             f"model.student: cannot build {name!r} with encoder={encoder!r}, extra={kwargs}: {err}"
         ) from err
+    dropped = drop_unused_modules(net, size=stride * max(2, -(-64 // stride)))
     if encoder_weights is not None:
-        load_encoder_weights(net, encoder_weights)
+        load_encoder_weights(net, encoder_weights, dropped)
     config = {"name": name, "encoder": encoder, "encoder_weights": encoder_weights, **kwargs}
-    return Student(net, stride, config)
+    return Student(net, stride, config, dropped)
 
 
 def _smp_factory(arch: str) -> Callable[..., tuple[nn.Module, int]]:
@@ -153,11 +215,12 @@ def _hf_segformer(encoder: str = "b0", **config_overrides: Any) -> tuple[nn.Modu
     return _HFSegformer(variant, **config_overrides), 32
 
 
-def load_encoder_weights(net: nn.Module, path: str | Path) -> None:
+def load_encoder_weights(net: nn.Module, path: str | Path, dropped: tuple[str, ...] = ()) -> None:
     """Load a local weights file into the network's encoder; missing keys are an error, extras a warning.
 
     The file may hold a bare encoder state dict or a full model's (keys prefixed `encoder.`, `model.`,
-    `segformer.`, `state_dict`): the prefix that matches the encoder best is stripped.
+    `segformer.`, `state_dict`): the prefix that matches the encoder best is stripped. Weights of the
+    `dropped` submodules of `net` (stages beyond encoder_depth) are skipped without a warning.
     """
     path = Path(path)
     if not path.is_file():
@@ -171,16 +234,18 @@ def load_encoder_weights(net: nn.Module, path: str | Path) -> None:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-    targets = [net.encoder] + ([net.encoder.model] if hasattr(net.encoder, "model") else [])
+    targets = {"encoder.": net.encoder}
+    if hasattr(net.encoder, "model"):
+        targets["encoder.model."] = net.encoder.model
     best = None
-    for target in targets:
+    for target_name, target in targets.items():
         wanted = set(target.state_dict())
         for prefix in ("", "encoder.", "model.", "segformer.", "backbone.", "module."):
             stripped = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
             overlap = len(wanted & set(stripped))
             if best is None or overlap > best[0]:
-                best = (overlap, target, stripped)
-    overlap, target, stripped = best
+                best = (overlap, target_name, target, stripped)
+    overlap, target_name, target, stripped = best
     if overlap == 0:
         raise ConfigError(
             f"{path}: none of its {len(state)} keys match the encoder; is it the right architecture?"
@@ -191,14 +256,17 @@ def load_encoder_weights(net: nn.Module, path: str | Path) -> None:
             f"{path}: {len(result.missing_keys)} encoder weights are missing from the file, "
             f"e.g. {result.missing_keys[:5]} (wrong encoder for this file?)"
         )
-    if result.unexpected_keys:
+    skipped = tuple(f"{d.removeprefix(target_name)}." for d in dropped if d.startswith(target_name))
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(skipped)]
+    if unexpected:
         warnings.warn(
-            f"{path}: ignored {len(result.unexpected_keys)} keys not in the encoder, e.g. {result.unexpected_keys[:5]}",
+            f"{path}: ignored {len(unexpected)} keys not in the encoder, e.g. {unexpected[:5]}",
             stacklevel=2,
         )
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Parameters of `module`; for a Student, all of them take part in the forward pass (see above)."""
     return sum(p.numel() for p in module.parameters())
 
 

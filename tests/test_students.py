@@ -1,9 +1,14 @@
 """Students: every registered one maps raw RGB of any size to logits of that size; checkpoints round-trip."""
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from distill.errors import ConfigError
+from distill.students import _REGISTRY as STUDENT_FACTORIES
 from distill.students import (
     StudentConfig,
     count_parameters,
@@ -91,3 +96,39 @@ def test_load_student_round_trip_and_foreign_checkpoint(tmp_path):
     torch.save({"state_dict": {"net.weight": torch.zeros(1)}}, foreign)
     with pytest.raises(ConfigError, match="not a vessel-distill"):
         load_student(foreign)
+
+
+@pytest.mark.parametrize("config", sorted(Path("configs/fit").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_parameter_of_each_shipped_student_gets_a_gradient(config):
+    """What DDP requires (without find_unused_parameters): one backward reaches every parameter."""
+    student = create_student(
+        **StudentConfig(**yaml.safe_load(config.read_text())["model"]["student"]).kwargs()
+    )
+    student.train()(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).sum().backward()
+    assert [name for name, p in student.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "encoder", "depth"),
+    [
+        ("unet", "resnet18", 4),  # torchvision-style smp encoder: layer4 was built, never run
+        ("unet", "tu-mobilenetv3_large_100", 4),  # timm features_only: later blocks run, output unused
+        ("unet", "mit_b0", 4),  # smp's Mix Transformer: the last stage
+        ("segformer", "mit_b0", 4),
+    ],
+)
+def test_stages_beyond_encoder_depth_are_dropped_and_the_logits_are_unchanged(name, encoder, depth):
+    extra = {"encoder_depth": depth} | ({} if name == "segformer" else {"decoder_channels": [32, 16, 8, 4]})
+    torch.manual_seed(0)
+    full, _ = STUDENT_FACTORIES[name](encoder, **extra)  # what smp builds
+    full.eval()(torch.rand(1, 3, 64, 64)).sum().backward()
+    used = sum(p.numel() for p in full.parameters() if p.grad is not None)
+    student = create_student(name, encoder, **extra).eval()
+    assert count_parameters(student) == used < count_parameters(full)
+    # A state dict that still holds the dropped stages (a checkpoint from before) loads, same logits.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        student.load_state_dict({f"net.{k}": v for k, v in full.state_dict().items()})
+    images = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(student.net(images), full(images), rtol=0, atol=0)
