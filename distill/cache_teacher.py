@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from distill.cli import comma_list, key_value
 from distill.errors import ConfigError, DistillError
-from distill.views import apply_view, check_views, invert_view
+from distill.views import apply_view, expand_views, invert_view
 
 SPLITS = ("train", "val", "test")
 
@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--out", help="cache directory (created, or resumed when it exists)")
     run.add_argument(
-        "--views", type=comma_list, default=["identity"], help="views to cache, e.g. identity,hflip,rot90"
+        "--views",
+        type=comma_list,
+        default=["identity"],
+        help="views to cache, e.g. identity,hflip,rot90 (d4 = all 8)",
     )
     run.add_argument("--splits", type=comma_list, default=list(SPLITS), help="splits to cache (default: all)")
     run.add_argument(
@@ -193,7 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if missing:
         parser.error(f"missing {', '.join(missing)} (as flags or in --config)")
     try:
-        check_views(args.views)
+        args.views = expand_views(args.views)  # `d4` = all 8
     except ValueError as err:
         parser.error(f"--views: {err}")
     bad_splits = sorted(set(args.splits) - set(SPLITS))

@@ -1,5 +1,5 @@
 """Command-line pieces shared by every `python -m distill.*` tool, so that the same thing is spelled
-and parsed the same way everywhere: `--reader-option K=V`, `--teacher-option K=V`, comma lists."""
+and parsed the same way everywhere: `--reader-option K=V`, `--teacher-option K=V`, comma lists, views."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def key_value(text: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({err})") from err
+
+
+def views_flag(text: str) -> list[str]:
+    """`--views d4` / `--views identity,hflip` -> checked view names (distill.views; `d4` = all 8)."""
+    from distill.views import expand_views
+
+    try:
+        return expand_views(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def comma_list(text: str) -> list[str]:

@@ -3,10 +3,12 @@
     python -m distill.evaluate --ckpt students/demo/checkpoints/best.ckpt --split test
     python -m distill.evaluate --ckpt ... --split test --threshold-from val   # re-choose on val first
     python -m distill.evaluate --ckpt ... --split test --threshold 0.4        # a fixed operating point
+    python -m distill.evaluate --ckpt ... --views d4                          # also over the 8 D4 views
     python -m distill.evaluate compare students/run_a students/run_b          # runs side by side
 
-Data and cache default to the run's own `config.yaml` (beside `checkpoints/`), so a checkpoint is
-evaluated on what it was trained against unless flags say otherwise. Writes `metrics.json` (the
+Data, cache, precision and test-time views default to the run's own `config.yaml` (beside
+`checkpoints/`), so a checkpoint is evaluated on what it was trained against, and gives the numbers
+`fit` reported, unless flags say otherwise. Writes `metrics.json` (the
 DESIGN.md contract), `per_image.csv`, `curves.png`, `overlays.png` and `report.md` that ties them
 together.
 """
@@ -23,7 +25,9 @@ from typing import Any
 
 import yaml
 
+from distill.cli import views_flag
 from distill.errors import ConfigError, DistillError
+from distill.report import LABELS, WHO
 
 THRESHOLD_SOURCES = ("ckpt", "val")
 
@@ -56,8 +60,15 @@ def evaluate(
     threshold_from: str = "ckpt",
     data_overrides: dict[str, Any] | None = None,
     accelerator: str = "auto",
+    views: list[str] | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """Run the student (and the cached teacher) over `split`; write the report files; return metrics."""
+    """Run the student (and the cached teacher) over `split`; write the report files; return metrics.
+
+    `views` (view names, `d4` = all 8) also scores the student averaged over them ("student_views"); its
+    threshold is the run's when fit used the same `model.test_views`, else it is chosen on val first.
+    `precision` is a Lightning precision ("32-true", "bf16-mixed"); default: the run's trainer.precision.
+    """
     import lightning.pytorch as pl
 
     from distill.metrics import DEFAULT_THRESHOLDS
@@ -75,19 +86,23 @@ def evaluate(
     grid = sorted(
         set(info.get("thresholds") or DEFAULT_THRESHOLDS) | ({threshold} if threshold is not None else set())
     )
-    model = DistillModule.load_from_checkpoint(str(ckpt), map_location="cpu", thresholds=tuple(grid))
+    overrides: dict[str, Any] = {"thresholds": tuple(grid)}
+    if views:
+        overrides["test_views"] = views
+    model = DistillModule.load_from_checkpoint(str(ckpt), map_location="cpu", **overrides)
     data = build_datamodule(ckpt, data_overrides or {})
     trainer = pl.Trainer(
         accelerator=accelerator,
+        precision=precision or (run_config(ckpt).get("trainer") or {}).get("precision") or "32-true",
         devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
     )
     if threshold is not None:
-        model.chosen_threshold = model.teacher_threshold = float(threshold)
-    elif threshold_from == "val" or split == "val":
-        trainer.validate(model, datamodule=data, verbose=False)  # chooses both thresholds on val
+        model.chosen_threshold = model.teacher_threshold = model.views_threshold = float(threshold)
+    elif threshold_from == "val" or split == "val" or (model.test_views and model.views_threshold is None):
+        trainer.validate(model, datamodule=data, verbose=False)  # chooses every side's threshold on val
     if split == "val" and threshold is None:
         report = model.results["val"]
         samples = model.overlay_samples
@@ -188,15 +203,16 @@ def compare(run_dirs: list[Path], out: Path | None, latency_size: int = 512) -> 
         m = json.loads(metrics_path.read_text())
         half = min(range(len(m["thresholds"])), key=lambda i: abs(m["thresholds"][i] - 0.5))
         row = {"run": run.name, "split": m["split"], "params (M)": f"{m['student_params'] / 1e6:.2f}"}
-        for who in ("student", "teacher"):
+        for who in WHO:
             if who not in m:
                 continue
             at = m["at_chosen"][who]
-            row[f"{who} thr"] = f"{m['chosen_threshold'][who]:.2f}"
-            row[f"{who} dice"] = f"{at['dice']:.4f}"
-            row[f"{who} recall"] = f"{at['recall']:.4f}"
-            row[f"{who} dice@0.5"] = f"{m[who]['dice'][half]:.4f}"
-            row[f"{who} recall@0.5"] = f"{m[who]['recall'][half]:.4f}"
+            label = LABELS[who]
+            row[f"{label} thr"] = f"{m['chosen_threshold'][who]:.2f}"
+            row[f"{label} dice"] = f"{at['dice']:.4f}"
+            row[f"{label} recall"] = f"{at['recall']:.4f}"
+            row[f"{label} dice@0.5"] = f"{m[who]['dice'][half]:.4f}"
+            row[f"{label} recall@0.5"] = f"{m[who]['recall'][half]:.4f}"
         ckpt = Path(m["checkpoint"]) if m.get("checkpoint") else None
         row[f"latency {latency_size}² (ms)"] = (
             f"{1000 * measure_latency(ckpt, latency_size):.1f}" if ckpt and ckpt.is_file() else "n/a"
@@ -254,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=None, help="teacher cache dir (default: the run's config)")
     parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    parser.add_argument(
+        "--precision", default=None, help="32-true, bf16-mixed, ... (default: the run's trainer.precision)"
+    )
+    parser.add_argument(
+        "--views",
+        type=views_flag,
+        default=None,
+        help="also score the student over these test-time views (d4 = all 8; default: the run's model.test_views)",
+    )
     args = parser.parse_args(argv)
     overrides = {
         "data_format": args.data_format,
@@ -263,7 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         report = evaluate(
-            args.ckpt, args.split, args.out, args.threshold, args.threshold_from, overrides, args.accelerator
+            args.ckpt,
+            args.split,
+            args.out,
+            args.threshold,
+            args.threshold_from,
+            overrides,
+            args.accelerator,
+            args.views,
+            args.precision,
         )
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,6 +6,10 @@ preprocessing code. The threshold chosen on validation travels in the model's me
 (`chosen_threshold`), next to the student's config, so `sigmoid(logits) > chosen_threshold` is the
 mask the evaluation reported. Every export is checked against PyTorch with onnxruntime on random
 images of two sizes before it is declared done.
+
+`--views d4` folds test-time views into the graph (flips and transposes of the input, the inverse
+moves on each output, the logit mean), so the ONNX model is the student averaged over them; the
+threshold is then the one `fit` chose on validation over the same views (`model.test_views`).
 """
 
 from __future__ import annotations
@@ -21,17 +25,29 @@ import numpy as np
 import torch
 
 from distill import __version__
+from distill.cli import views_flag
 from distill.errors import DistillError
-from distill.students import load_student
+from distill.students import chosen_threshold, load_student
+from distill.views import ViewMean
 
 TOLERANCE = 1e-4
 
 
 def export_onnx(
-    ckpt: str | Path, out: str | Path, opset: int = 17, check_sizes: tuple[int, ...] = (64, 90)
+    ckpt: str | Path,
+    out: str | Path,
+    opset: int = 17,
+    check_sizes: tuple[int, ...] = (64, 90),
+    views: list[str] | None = None,
 ) -> dict:
-    """Export the student of `ckpt` to ONNX at `out`; returns the metadata and the measured error."""
+    """Export the student of `ckpt` (averaged over `views`, if any) to ONNX at `out`.
+
+    Returns the metadata and the measured error; raises DistillError when onnxruntime and PyTorch
+    differ by more than TOLERANCE.
+    """
     student, info = load_student(ckpt)
+    views = list(views or [])
+    model = ViewMean(student, views).eval() if views else student
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randint(0, 256, (1, 3, check_sizes[0], check_sizes[0]), dtype=torch.uint8)
@@ -41,7 +57,7 @@ def export_onnx(
         # the spatial size dynamic for this graph; its deprecation notice is not actionable here.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            student,
+            model,
             (example,),
             str(out),
             dynamo=False,
@@ -51,17 +67,18 @@ def export_onnx(
             opset_version=opset,
         )
     metadata = {
-        "chosen_threshold": info.get("chosen_threshold"),
+        "chosen_threshold": chosen_threshold(info, views),
+        "views": views,
         "threshold_rule": info.get("threshold_rule"),
         "student": info["student"],
         "params": info["params"],
         "input": "image: uint8 RGB [N, 3, H, W], any size; normalisation is inside the model",
-        "output": "logits: float32 [N, 1, H, W]; mask = sigmoid(logits) > chosen_threshold",
+        "output": "logits: float32 [N, 1, H, W] (mean over `views`); mask = sigmoid(logits) > chosen_threshold",
         "source_checkpoint": str(ckpt),
         "distill_version": __version__,
     }
     _set_metadata(out, metadata)
-    error = max_abs_error(student, out, check_sizes)
+    error = max_abs_error(model, out, check_sizes)
     if error > TOLERANCE:
         raise DistillError(
             f"{out}: ONNX output differs from PyTorch by {error:.2e} (> {TOLERANCE}); do not ship it"
@@ -127,15 +144,22 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="output file (default: <ckpt dir>/../student.onnx)"
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument(
+        "--views",
+        type=views_flag,
+        default=None,
+        help="fold these test-time views into the graph (d4 = all 8)",
+    )
     args = parser.parse_args(argv)
     out = args.out or args.ckpt.parent.parent / "student.onnx"
     try:
-        result = export_onnx(args.ckpt, out, opset=args.opset)
+        result = export_onnx(args.ckpt, out, opset=args.opset, views=args.views)
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
-        f"wrote {out} ({result['params']:,} parameters, chosen threshold {result['chosen_threshold']}); "
+        f"wrote {out} ({result['params']:,} parameters, views {result['views'] or 'none'}, "
+        f"chosen threshold {result['chosen_threshold']}); "
         f"max |onnx - torch| = {result['max_abs_error']:.2e}"
     )
     return 0

@@ -22,8 +22,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from distill.data.datamodule import VesselDataModule
 from distill.errors import ConfigError
-from distill.module import WHO, DistillModule
-from distill.report import format_table, write_metrics
+from distill.module import DistillModule
+from distill.report import WHO, format_table, write_metrics
 from distill.students import count_parameters
 from distill.viz import plot_curves, plot_overlays
 

@@ -2,7 +2,10 @@
 
 Validation sweeps a grid of thresholds for the student and, from the cached logits of the same images,
 for the teacher; each picks its own threshold by `threshold_rule`. The student's choice is frozen into
-the checkpoint (`checkpoint["distill"]`) and used unchanged on test.
+the checkpoint (`checkpoint["distill"]`) and used unchanged on test. With `test_views` the student is
+also scored averaged over those views ("student_views", its own threshold, chosen on val the same way).
+With `ema_decay` an exponential moving average of the weights is what validation scores and what
+checkpoints hold (Lightning's WeightAveraging with torch's EMA).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -27,9 +32,9 @@ from distill.metrics import (
     curves_at,
     curves_to_json,
 )
+from distill.report import WHO, kd_margin
 from distill.students import CHECKPOINT_FORMAT_VERSION, StudentConfig, count_parameters, create_student
-
-WHO = ("student", "teacher")
+from distill.views import expand_views, mean_over_views
 
 
 class PerImageDice(Metric):
@@ -101,6 +106,24 @@ class EpochLossMeans:
         return means
 
 
+class EMAWeights(WeightAveraging):
+    """Lightning's weight averaging with torch's EMA of weights and buffers, updated after every step.
+
+    While fitting, validation scores the EMA weights and checkpoints hold them as `state_dict` (the live
+    weights under `current_model_state`, for resuming), so `best.ckpt`, `evaluate` and `export` use them.
+    The average lives on `device` (the training device): on the CPU every step would copy all weights.
+    """
+
+    def __init__(self, decay: float, device: torch.device):
+        super().__init__(device=device, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        if self._average_model is not None:  # resuming a fit; validate/test just use state_dict, quietly
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
 class DistillModule(pl.LightningModule):
     """Student + DistillLoss + threshold-sweep metrics for student and teacher.
 
@@ -123,6 +146,8 @@ class DistillModule(pl.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         n_overlays: int = 6,
+        test_views: list[str] | str | None = None,
+        ema_decay: float | None = None,
     ):
         super().__init__()
         # Lightning's load_from_checkpoint passes the saved plain dicts back: accept both.
@@ -132,6 +157,12 @@ class DistillModule(pl.LightningModule):
         thin = thin if isinstance(thin, ThinConfig) else ThinConfig(**thin)
         if not 0 <= warmup_fraction < 1:
             raise ConfigError(f"model.warmup_fraction={warmup_fraction}: must be in [0, 1)")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ConfigError(f"model.ema_decay={ema_decay}: must be in (0, 1), e.g. 0.999, or null for none")
+        try:
+            views = tuple(expand_views(test_views)) if test_views else ()
+        except ValueError as err:
+            raise ConfigError(f"model.test_views={test_views!r}: {err}") from err
         # Plain types only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -148,6 +179,8 @@ class DistillModule(pl.LightningModule):
                 "channels_last": channels_last,
                 "compile": compile,
                 "n_overlays": n_overlays,
+                "test_views": list(views) or None,
+                "ema_decay": ema_decay,
             }
         )
         self.student = create_student(**student.kwargs())
@@ -156,6 +189,7 @@ class DistillModule(pl.LightningModule):
         self.threshold_rule = threshold_rule
         self.recall_target = recall_target
         self.n_overlays = n_overlays
+        self.test_views = views
         self.curves = nn.ModuleDict(
             {f"{stage}_{who}": ThresholdCurves(self.thresholds) for stage in ("val", "test") for who in WHO}
         )
@@ -164,6 +198,7 @@ class DistillModule(pl.LightningModule):
         )
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
+        self.views_threshold: float | None = None  # the student's over test_views, chosen on validation
         self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)
         # A few images of the last val or test pass, with both predictions (for overlay pictures).
         self.overlay_samples: dict[str, Tensor] = {}
@@ -172,6 +207,12 @@ class DistillModule(pl.LightningModule):
         self._epoch_losses = EpochLossMeans()
 
     # -- training -------------------------------------------------------------------------------
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The EMA of the weights (a fresh one per fit/validate/test call; it only acts while fitting)."""
+        if self.hparams.ema_decay is None:
+            return []
+        return [EMAWeights(self.hparams.ema_decay, self.trainer.strategy.root_device)]
 
     def on_fit_start(self) -> None:
         if self.hparams.channels_last and self.device.type == "cuda":
@@ -266,8 +307,11 @@ class DistillModule(pl.LightningModule):
     # -- validation and test ---------------------------------------------------------------------
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        student_probs = torch.sigmoid(self(batch["image"]).float())
-        probs = {"student": student_probs}
+        probs = {"student": torch.sigmoid(self(batch["image"]).float())}
+        if self.test_views:
+            probs["student_views"] = torch.sigmoid(
+                mean_over_views(self, batch["image"], self.test_views).float()
+            )
         if "teacher" in batch:
             probs["teacher"] = torch.sigmoid(batch["teacher"].float())
         for who, p in probs.items():
@@ -301,13 +345,15 @@ class DistillModule(pl.LightningModule):
             return
         self.chosen_threshold = report["chosen_threshold"]["student"]
         self.teacher_threshold = report["chosen_threshold"].get("teacher")
+        self.views_threshold = report["chosen_threshold"].get("student_views")
         self._log_report(report)
 
     def on_test_epoch_end(self) -> None:
-        if self.chosen_threshold is None:
+        if self.chosen_threshold is None or (self.test_views and self.views_threshold is None):
             raise ConfigError(
-                "test needs the threshold chosen on validation: load a checkpoint written after validation "
-                "(checkpoint['distill']['chosen_threshold'] is None)"
+                "test needs the thresholds chosen on validation: load a checkpoint written after validation "
+                "with the same model.test_views, or validate first (checkpoint['distill']['chosen_threshold'] "
+                "or ['views_threshold'] is None)"
             )
         self._log_report(self._summarise("test"))
 
@@ -320,7 +366,11 @@ class DistillModule(pl.LightningModule):
             "at_chosen": {},
             "per_image_dice": {},
         }
-        frozen = {"student": self.chosen_threshold, "teacher": self.teacher_threshold}
+        frozen = {
+            "student": self.chosen_threshold,
+            "student_views": self.views_threshold,
+            "teacher": self.teacher_threshold,
+        }
         for who in WHO:
             curves_metric, per_image_metric = self.curves[f"{stage}_{who}"], self.per_image[f"{stage}_{who}"]
             if curves_metric.update_count == 0:
@@ -348,6 +398,10 @@ class DistillModule(pl.LightningModule):
             dice = per_image[:, index] if len(per_image) else per_image.new_zeros(0)
             report["per_image_dice"][who] = [round(float(d), 6) for d in dice]
             report["n_images"] = len(per_image)
+        if self.test_views:
+            report["test_views"] = list(self.test_views)
+        if stage == "val" and kd_margin(report) is not None:
+            report["kd_margin"] = kd_margin(report)
         datamodule = self.trainer.datamodule
         ids = getattr(datamodule, f"{stage}_ids", None)
         if ids is not None and len(ids) == report.get("n_images"):
@@ -394,6 +448,8 @@ class DistillModule(pl.LightningModule):
             "student": dict(self.student.config),
             "chosen_threshold": self.chosen_threshold,
             "teacher_threshold": self.teacher_threshold,
+            "test_views": list(self.test_views),
+            "views_threshold": self.views_threshold,
             "threshold_rule": self.threshold_rule,
             "thresholds": list(self.thresholds),
             "student_params": count_parameters(self.student),
@@ -403,3 +459,6 @@ class DistillModule(pl.LightningModule):
         info = checkpoint.get("distill", {})
         self.chosen_threshold = info.get("chosen_threshold")
         self.teacher_threshold = info.get("teacher_threshold")
+        # A threshold chosen over other views (or none) is no threshold for these: validate first.
+        same_views = info.get("test_views", []) == list(self.test_views)
+        self.views_threshold = info.get("views_threshold") if same_views else None

@@ -3,7 +3,8 @@
 For each image it writes `<out>/masks/<name>.png` (0/255 at the model's chosen threshold, or
 `--threshold`) and `<out>/probs/<name>.png` (probability x 255). The threshold comes from the
 checkpoint or the ONNX metadata: the one chosen on validation, so the masks are the ones the
-evaluation measured.
+evaluation measured. `--views d4` averages the model's logits over test-time views (for a checkpoint,
+with the threshold `fit` chose over the same `model.test_views`).
 """
 
 from __future__ import annotations
@@ -18,54 +19,71 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from distill.cli import views_flag
 from distill.data.images import read_image
 from distill.errors import ConfigError, DistillError
+from distill.students import chosen_threshold, load_student
+from distill.views import mean_over_views
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 def load_predictor(
-    model: Path, device: str = "auto"
+    model: Path, device: str = "auto", views: list[str] | None = None
 ) -> tuple[Callable[[np.ndarray], np.ndarray], float | None]:
-    """A function HxWx3 uint8 -> HxW float32 probabilities, and the model's chosen threshold."""
+    """A function HxWx3 uint8 -> HxW float32 probabilities, and the threshold chosen for it.
+
+    `views`: average the logits over these test-time views. Refused for an ONNX model that has views
+    folded in already (`export --views`).
+    """
+    views = list(views or [])
     if model.suffix == ".onnx":
         import onnxruntime as ort
 
         from distill.export import read_metadata
 
+        metadata = read_metadata(model)
+        if views and metadata.get("views"):
+            raise ConfigError(f"{model}: has the views {metadata['views']} folded in already; drop --views")
         session = ort.InferenceSession(str(model), providers=ort.get_available_providers())
 
-        def run_onnx(image: np.ndarray) -> np.ndarray:
-            logits = session.run(["logits"], {"image": image.transpose(2, 0, 1)[None].copy()})[0][0, 0]
-            return 1.0 / (1.0 + np.exp(-logits))
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(["logits"], {"image": images.contiguous().numpy()})[0])
 
-        return run_onnx, read_metadata(model).get("chosen_threshold")
+        threshold = chosen_threshold({"chosen_threshold": metadata.get("chosen_threshold")}, views)
+    else:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        student, info = load_student(model, map_location=device)
+        student = student.to(device)
+        threshold = chosen_threshold(info, views)
 
-    from distill.students import load_student
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    student, info = load_student(model, map_location=device)
-    student = student.to(device)
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+                return student(images.to(device)).float()
 
     @torch.no_grad()
-    def run_torch(image: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
-            logits = student(batch)
-        return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    def predict(image: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(image).permute(2, 0, 1)[None]
+        logits = mean_over_views(forward, images, views) if views else forward(images)
+        return torch.sigmoid(logits)[0, 0].cpu().numpy()
 
-    return run_torch, info.get("chosen_threshold")
+    return predict, threshold
 
 
 def predict_folder(
-    model: Path, images: Path, out: Path, threshold: float | None = None, device: str = "auto"
+    model: Path,
+    images: Path,
+    out: Path,
+    threshold: float | None = None,
+    device: str = "auto",
+    views: list[str] | None = None,
 ) -> int:
     """Write masks and probability maps for every image under `images`; returns how many."""
     paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ConfigError(f"{images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    predict, chosen = load_predictor(model, device)
+    predict, chosen = load_predictor(model, device, views)
     threshold = threshold if threshold is not None else chosen
     if threshold is None:
         raise ConfigError(f"{model}: carries no chosen threshold; pass --threshold")
@@ -97,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threshold", type=float, default=None, help="override the model's chosen threshold")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (checkpoints only)")
+    parser.add_argument(
+        "--views", type=views_flag, default=None, help="average over these test-time views (d4 = all 8)"
+    )
     args = parser.parse_args(argv)
     try:
-        n = predict_folder(args.model, args.images, args.out, args.threshold, args.device)
+        n = predict_folder(args.model, args.images, args.out, args.threshold, args.device, args.views)
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

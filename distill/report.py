@@ -1,4 +1,8 @@
-"""metrics.json (the contract in DESIGN.md) and the side-by-side threshold table printed after fit/evaluate."""
+"""metrics.json (the contract in DESIGN.md) and the side-by-side threshold table printed after fit/evaluate.
+
+A report scores up to three sides at every threshold: the teacher (its cached logits), the student, and
+the student averaged over test-time views (`student_views`, with `model.test_views` or `--views`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+WHO = ("teacher", "student", "student_views")  # the sides a report scores, in table order
+LABELS = {"teacher": "teacher", "student": "student", "student_views": "student+views"}
+KD_MARGIN_WARNING = 0.01  # a teacher less than 1 Dice point better than its student: KD rarely pays
 
 CONTRACT_KEYS = (
     "split",
@@ -40,28 +48,53 @@ def write_metrics(
     return path
 
 
+def kd_margin(report: dict[str, Any]) -> float | None:
+    """Teacher minus student Dice, each at its own chosen threshold (None without a teacher).
+
+    On validation this is the room KD has: a teacher barely better than its student has little to teach.
+    """
+    at = report["at_chosen"]
+    if "teacher" not in at or "student" not in at:
+        return None
+    return round(at["teacher"]["dice"] - at["student"]["dice"], 6)
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """Threshold | teacher Dice, recall | student Dice, recall; `*` marks each side's chosen threshold."""
+    """Threshold | Dice, recall of teacher, student (and student+views); `*` marks each side's choice.
+
+    Ends with each side at its chosen threshold, the KD margin and, on validation, a warning when the
+    teacher is less than KD_MARGIN_WARNING better than the student.
+    """
     chosen = report["chosen_threshold"]
-    has_teacher = "teacher" in report
-    header = f"{'threshold':>9}  " + (f"{'teacher dice':>12} {'recall':>7}  " if has_teacher else "")
-    header += f"{'student dice':>12} {'recall':>7}"
+    sides = [who for who in WHO if who in report]
+    header = f"{'threshold':>9}  " + "  ".join(f"{LABELS[who]} dice {'recall':>7}" for who in sides)
     lines = [
         f"{report['split']} ({report['n_images']} images, rule {chosen['rule']}; * = chosen threshold)",
         header,
     ]
     for i, t in enumerate(report["thresholds"]):
         row = f"{t:>9.2f}  "
-        for who in ("teacher", "student") if has_teacher else ("student",):
+        for who in sides:
             mark = "*" if math.isclose(chosen.get(who, -1), t) else " "
-            row += f"{report[who]['dice'][i]:>11.4f}{mark} {report[who]['recall'][i]:>7.4f}  "
+            width = len(f"{LABELS[who]} dice") - 1
+            row += f"{report[who]['dice'][i]:>{width}.4f}{mark} {report[who]['recall'][i]:>7.4f}  "
         lines.append(row.rstrip())
-    for who in ("teacher", "student") if has_teacher else ("student",):
+    for who in sides:
         at = report["at_chosen"][who]
         lines.append(
-            f"{who:>8} @ {chosen[who]:.2f}: dice {at['dice']:.4f}  recall {at['recall']:.4f}  precision {at['precision']:.4f}"
+            f"{LABELS[who]:>13} @ {chosen[who]:.2f}: dice {at['dice']:.4f}  recall {at['recall']:.4f}  "
+            f"precision {at['precision']:.4f}"
         )
-    if has_teacher:
-        gap = report["at_chosen"]["student"]["dice"] - report["at_chosen"]["teacher"]["dice"]
-        lines.append(f"student - teacher dice at their own chosen thresholds: {gap:+.4f}")
+    if "student_views" in report:
+        gain = report["at_chosen"]["student_views"]["dice"] - report["at_chosen"]["student"]["dice"]
+        lines.append(f"views ({','.join(report.get('test_views', []))}) add {gain:+.4f} Dice to the student")
+    margin = kd_margin(report)
+    if margin is not None:
+        lines.append(f"KD margin (teacher - student Dice at their own chosen thresholds): {margin:+.4f}")
+        if report["split"] == "val" and margin < KD_MARGIN_WARNING:
+            lines.append(
+                f"warning: the teacher is less than {100 * KD_MARGIN_WARNING:.0f} Dice point better than the "
+                "student on val: KD is unlikely to help. Make the teacher better first (an ensemble of "
+                "checkpoints with views: scripts/train_ensemble.sh)."
+            )
     return "\n".join(lines)

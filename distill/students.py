@@ -13,7 +13,7 @@ and checkpoints hold only what runs, and DDP (which needs a gradient for every p
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,25 @@ def load_encoder_weights(net: nn.Module, path: str | Path, dropped: tuple[str, .
 def count_parameters(module: nn.Module) -> int:
     """Parameters of `module`; for a Student, all of them take part in the forward pass (see above)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def chosen_threshold(info: dict[str, Any], views: Sequence[str] = ()) -> float | None:
+    """The threshold `fit` chose on validation for a checkpoint's student alone, or averaged over `views`.
+
+    `info` is `load_student`'s. When the run chose none over these views (its model.test_views differ),
+    this warns and gives the plain student's: `python -m distill.evaluate --views ... --split val`
+    measures the right one.
+    """
+    if not views:
+        return info.get("chosen_threshold")
+    if list(views) == info.get("test_views") and info.get("views_threshold") is not None:
+        return info["views_threshold"]
+    warnings.warn(
+        f"the run chose no threshold over the views {list(views)} (its model.test_views: "
+        f"{info.get('test_views') or 'none'}); using the student's own, {info.get('chosen_threshold')}",
+        stacklevel=2,
+    )
+    return info.get("chosen_threshold")
 
 
 def load_student(

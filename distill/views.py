@@ -3,7 +3,11 @@
 A teacher is run on `apply_view(image, v)`; `invert_view(logits, v)` maps its output back to the
 original orientation, which is how the cache stores every view. Training can then average the
 views, or take view `v` when augmentation sampled the same flip/rotation. All act on axes (0, 1),
-so HxW maps and HxWxC images are treated alike.
+so HxW maps and HxWxC images are treated alike. `d4` names all 8 views (`expand_views`).
+
+Students and checkpoint teachers are scored over views in torch (`mean_over_views`, `ViewMean`):
+`TENSOR_VIEWS` are the same moves on the last two axes of a tensor, made of flips and transposes
+so that an ONNX export folds them into the graph.
 
 `VIEWS` defines each view in numpy; OpenCV does the same moves 5-15x faster on the arrays it can hold
 (a strided numpy copy of a 512x512x3 rotation takes ~1.1 ms, ~0.1 ms in OpenCV), which matters in
@@ -12,10 +16,11 @@ DataLoader workers that apply a view to every sample. The tests check both give 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
+from torch import Tensor, nn
 
 VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": lambda a: a,
@@ -29,6 +34,18 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 # Every view is its own inverse except the two quarter turns.
 _INVERSE = {name: name for name in VIEWS} | {"rot90": "rot270", "rot270": "rot90"}
+VIEW_GROUPS = {"d4": tuple(VIEWS)}  # names that stand for several views
+
+TENSOR_VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda t: t,
+    "hflip": lambda t: t.flip(-1),
+    "vflip": lambda t: t.flip(-2),
+    "rot90": lambda t: t.transpose(-2, -1).flip(-2),
+    "rot180": lambda t: t.flip(-2, -1),
+    "rot270": lambda t: t.transpose(-2, -1).flip(-1),
+    "transpose": lambda t: t.transpose(-2, -1),
+    "antitranspose": lambda t: t.transpose(-2, -1).flip(-2, -1),
+}
 
 _OPENCV: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "hflip": lambda a: cv2.flip(a, 1),
@@ -53,6 +70,42 @@ def check_views(names: list[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"views repeat: {names}")
     return names
+
+
+def expand_views(names: str | Sequence[str]) -> list[str]:
+    """View names from a flag or config (`"d4"`, `"identity,hflip"`, `["hflip", "vflip"]`) -> checked names.
+
+    `d4` stands for all 8 views. Raises ValueError for an unknown or repeated name.
+    """
+    parts = names.split(",") if isinstance(names, str) else list(names)
+    expanded = [view for part in parts for view in VIEW_GROUPS.get(part.strip(), [part.strip()])]
+    return check_views([view for view in expanded if view])
+
+
+def mean_over_views(forward: Callable[[Tensor], Tensor], images: Tensor, views: Sequence[str]) -> Tensor:
+    """Logit-space mean of `forward` over `views` of `images` [N, C, H, W], each output mapped back.
+
+    Returns what `forward` returns for the images themselves ([N, K, H, W]); H != W is fine.
+    """
+    total = None
+    for view in views:
+        logits = TENSOR_VIEWS[_INVERSE[view]](forward(TENSOR_VIEWS[view](images)))
+        total = logits if total is None else total + logits
+    if total is None:
+        raise ValueError("mean_over_views needs at least one view")
+    return total / len(views)
+
+
+class ViewMean(nn.Module):
+    """`model` averaged over test-time views in logit space: what `export --views` puts in the ONNX graph."""
+
+    def __init__(self, model: nn.Module, views: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.views = tuple(check_views(list(views)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return mean_over_views(self.model, images, self.views)
 
 
 def apply_view(array: np.ndarray, name: str) -> np.ndarray:

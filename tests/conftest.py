@@ -61,3 +61,15 @@ def tiny_run(tiny_data_and_cache, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     main(tiny_fit_args(data, cache, runs, "--run_name=tiny", "--trainer.max_epochs=1"))
     return runs / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_views_run(tiny_data_and_cache, tmp_path_factory):
+    """A finished two-epoch KD run scored over the 8 D4 views, with an EMA of weights, in bf16."""
+    from distill.fit import main
+
+    data, cache = tiny_data_and_cache
+    runs = tmp_path_factory.mktemp("runs")
+    options = ["--model.test_views=d4", "--model.ema_decay=0.9", "--trainer.precision=bf16-mixed"]
+    main(tiny_fit_args(data, cache, runs, "--run_name=views", "--trainer.max_epochs=2", *options))
+    return runs / "views"

@@ -13,6 +13,7 @@ from distill.errors import ConfigError
 from distill.evaluate import evaluate
 from distill.fit import main
 from distill.students import load_student
+from distill.views import VIEWS
 from tests.conftest import tiny_fit_args
 
 
@@ -126,3 +127,24 @@ def test_fit_on_a_cache_with_no_mask_ids_scores_them_as_empty_teacher_prediction
     position = val["per_image_ids"].index(val_ids[0])
     assert val["per_image_dice"]["teacher"][position] == 0.0  # an empty prediction of an image with vessels
     assert all(d > 0 for i, d in enumerate(val["per_image_dice"]["teacher"]) if i != position)
+
+
+def test_fit_scores_the_student_with_and_without_views_each_at_its_own_val_threshold(tiny_views_run):
+    val, test = (json.loads((tiny_views_run / f"metrics_{s}.json").read_text()) for s in ("val", "test"))
+    for metrics in (val, test):
+        assert metrics["test_views"] == list(VIEWS)  # d4
+        assert set(metrics["at_chosen"]) == {"teacher", "student", "student_views"}
+        assert len(metrics["student_views"]["dice"]) == len(metrics["thresholds"])
+        assert len(metrics["per_image_dice"]["student_views"]) == metrics["n_images"]
+    assert test["chosen_threshold"] == val["chosen_threshold"]  # every side frozen on validation
+    assert val["kd_margin"] == pytest.approx(
+        val["at_chosen"]["teacher"]["dice"] - val["at_chosen"]["student"]["dice"], abs=1e-6
+    )
+    checkpoint = torch.load(tiny_views_run / "checkpoints/best.ckpt", weights_only=True)
+    info = checkpoint["distill"]
+    assert info["test_views"] == list(VIEWS)
+    assert info["views_threshold"] == val["chosen_threshold"]["student_views"]
+    # model.ema_decay: the checkpoint holds the averaged weights, the live ones only for resuming
+    live, averaged = checkpoint["current_model_state"], checkpoint["state_dict"]
+    assert live.keys() == averaged.keys()
+    assert any(not torch.equal(live[k], averaged[k]) for k in averaged if k.startswith("student."))

@@ -6,8 +6,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from distill.errors import ConfigError
 from distill.losses import KDConfig
 from distill.module import DistillModule, PerImageDice
 from distill.students import StudentConfig
@@ -160,3 +162,36 @@ def test_a_one_threshold_grid_and_a_one_image_split_still_give_lists(tmp_path):
     for who in ("student", "teacher"):
         assert all(len(report[who][name]) == 1 for name in ("dice", "recall", "precision", "iou"))
         assert len(report["per_image_dice"][who]) == 1
+
+
+def test_ema_weights_are_what_validation_scores_and_checkpoints_hold(tmp_path):
+    decay = 0.5
+    module = DistillModule(student=TINY, thresholds=[0.25, 0.5, 0.75], ema_decay=decay)
+    live = []  # the trained weights (and BatchNorm statistics) after every optimizer step
+
+    class RecordLive(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            state = pl_module.student.state_dict()
+            live.append({k: v.clone() for k, v in state.items() if v.is_floating_point()})
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run = trainer(tmp_path, enable_checkpointing=True, callbacks=[RecordLive(), checkpoints])
+    run.fit(module, identity_loader(fake_batches()), identity_loader(fake_batches(2, seed=1)))
+    expected = live[0]
+    for weights in live[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    saved = torch.load(checkpoints.last_model_path, weights_only=True)
+    for key, value in expected.items():
+        torch.testing.assert_close(saved["state_dict"][f"student.{key}"], value)
+        torch.testing.assert_close(saved["current_model_state"][f"student.{key}"], live[-1][key])
+    # Validation during fit scored the averaged weights: a module loaded with them scores the same.
+    averaged = DistillModule.load_from_checkpoint(checkpoints.last_model_path)
+    trainer(tmp_path).validate(averaged, identity_loader(fake_batches(2, seed=1)), verbose=False)
+    assert averaged.results["val"]["student"] == module.results["val"]["student"]
+
+
+def test_bad_ema_decay_and_views_name_the_setting():
+    with pytest.raises(ConfigError, match="model.ema_decay"):
+        DistillModule(student=TINY, ema_decay=1.0)
+    with pytest.raises(ConfigError, match="model.test_views.*spin"):
+        DistillModule(student=TINY, test_views="d4,spin")

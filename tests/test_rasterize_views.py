@@ -1,9 +1,18 @@
 import numpy as np
 import pytest
+import torch
 from skimage.draw import polygon as sk_polygon
 
 from distill.data.rasterize import as_vertices, rasterize_polygons
-from distill.views import VIEWS, apply_view, check_views, invert_view
+from distill.views import (
+    TENSOR_VIEWS,
+    VIEWS,
+    apply_view,
+    check_views,
+    expand_views,
+    invert_view,
+    mean_over_views,
+)
 
 
 def reference_fill(points: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -83,3 +92,45 @@ def test_check_views_rejects_unknown_and_repeated():
         check_views(["identity", "spin"])
     with pytest.raises(ValueError, match="repeat"):
         check_views(["hflip", "hflip"])
+
+
+@pytest.mark.parametrize("view", sorted(VIEWS))
+def test_tensor_views_match_the_numpy_views_on_the_last_two_axes(view):
+    array = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    expected = np.stack([np.stack([VIEWS[view](plane) for plane in image]) for image in array])
+    np.testing.assert_array_equal(TENSOR_VIEWS[view](torch.from_numpy(array)).numpy(), expected)
+
+
+def test_mean_over_views_maps_each_output_back_before_the_mean():
+    images = torch.rand(2, 3, 4, 6)
+
+    def forward(x):  # not equivariant: depends on position along the last axis
+        return x.cumsum(-1)[:, :1] * torch.arange(x.shape[-1])
+
+    views = ["identity", "rot90", "antitranspose"]
+    expected = np.mean(
+        [
+            np.stack(
+                [
+                    invert_view(
+                        forward(torch.from_numpy(apply_view(im, v)).permute(2, 0, 1)[None])[0, 0].numpy(), v
+                    )
+                    for im in images.permute(0, 2, 3, 1).numpy()
+                ]
+            )
+            for v in views
+        ],
+        axis=0,
+    )
+    got = mean_over_views(forward, images, views)
+    assert got.shape == (2, 1, 4, 6)
+    np.testing.assert_allclose(got[:, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_expand_views_reads_d4_commas_and_lists_and_refuses_unknown_names():
+    assert expand_views("d4") == list(VIEWS)
+    assert expand_views("identity, hflip") == ["identity", "hflip"] == expand_views(["identity", "hflip"])
+    with pytest.raises(ValueError, match="unknown"):
+        expand_views("d4,spin")
+    with pytest.raises(ValueError, match="repeat"):
+        expand_views("d4,hflip")

@@ -4,13 +4,17 @@ import csv
 import json
 
 import numpy as np
+import onnx
 import pytest
+import torch
 from PIL import Image
 
 from distill.errors import ConfigError
 from distill.evaluate import main as evaluate_main
 from distill.export import TOLERANCE, export_onnx, read_metadata
 from distill.predict import main as predict_main
+from distill.students import load_student
+from distill.views import VIEWS, ViewMean
 
 
 def test_evaluate_writes_contract_report_with_the_frozen_threshold(tiny_run, tmp_path):
@@ -96,3 +100,85 @@ def test_predict_refuses_an_empty_folder(tiny_run, tmp_path):
         from distill.predict import predict_folder
 
         predict_folder(tiny_run / "checkpoints" / "best.ckpt", tmp_path, tmp_path / "out")
+
+
+def test_evaluate_gives_fits_numbers_at_the_runs_precision_and_views(tiny_views_run, tmp_path):
+    """The run trained in bf16 with model.test_views=d4: evaluate's defaults reproduce its test report."""
+    ckpt = tiny_views_run / "checkpoints" / "best.ckpt"
+    assert evaluate_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "eval"), "--accelerator", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    fit_test = json.loads((tiny_views_run / "metrics_test.json").read_text())
+    assert metrics["chosen_threshold"] == fit_test["chosen_threshold"]
+    for who in ("student", "student_views", "teacher"):
+        for name in ("dice", "recall", "precision"):
+            assert metrics[who][name] == pytest.approx(fit_test[who][name], abs=1e-6), (who, name)
+    with open(tmp_path / "eval" / "per_image.csv") as f:
+        assert set(next(csv.DictReader(f))) == {"id", "student_dice", "student_views_dice", "teacher_dice"}
+    # The precision is what made them equal: fp32 scores this bf16-trained student differently.
+    fp32 = tmp_path / "fp32"
+    assert evaluate_main(["--ckpt", str(ckpt), "--out", str(fp32), "--precision", "32-true"]) == 0
+    assert json.loads((fp32 / "metrics.json").read_text())["student"] != metrics["student"]
+
+
+def test_evaluate_views_on_a_run_without_them_chooses_their_threshold_on_val(tiny_run, tmp_path, capsys):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    out = tmp_path / "eval"
+    assert evaluate_main(["--ckpt", str(ckpt), "--views", "identity,hflip", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    fit_val = json.loads((tiny_run / "metrics_val.json").read_text())
+    assert metrics["test_views"] == ["identity", "hflip"]
+    assert metrics["chosen_threshold"]["student"] == fit_val["chosen_threshold"]["student"]
+    assert metrics["chosen_threshold"]["student_views"] in metrics["thresholds"]
+    assert "student+views" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_unknown_views(tiny_run, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--views", "d4,spin"])
+    assert "unknown view(s) ['spin']" in capsys.readouterr().err
+
+
+def test_onnx_export_folds_the_views_into_the_graph(tiny_views_run, tmp_path):
+    ckpt = tiny_views_run / "checkpoints" / "best.ckpt"
+    result = export_onnx(ckpt, tmp_path / "views.onnx", views=list(VIEWS))
+    assert result["max_abs_error"] <= TOLERANCE  # onnxruntime vs PyTorch's ViewMean, non-square images
+    meta = read_metadata(tmp_path / "views.onnx")
+    fit_val = json.loads((tiny_views_run / "metrics_val.json").read_text())
+    assert meta["views"] == list(VIEWS)
+    assert meta["chosen_threshold"] == fit_val["chosen_threshold"]["student_views"]
+    student, _ = load_student(ckpt)
+    images = torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8)
+    with torch.no_grad():
+        assert not torch.allclose(ViewMean(student, list(VIEWS))(images), student(images))
+
+
+def test_onnx_holds_only_the_weights_that_run_and_the_checkpoint_is_as_small(tiny_run, tmp_path):
+    """The demo-style student (resnet18, encoder_depth 3) used to carry layer3 and layer4: 11.3M, not 0.8M."""
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    params = json.loads((tiny_run / "metrics_test.json").read_text())["student_params"]
+    assert params < 1_000_000
+    export_onnx(ckpt, tmp_path / "student.onnx")
+    graph = onnx.load(str(tmp_path / "student.onnx")).graph
+    weights = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    assert weights <= params * 1.01  # BatchNorm may be folded into convolutions, never more
+    # weights + AdamW's two moments in float32, plus a little bookkeeping
+    assert ckpt.stat().st_size < 3 * 4 * params + 2_000_000
+
+
+def test_predict_with_views_from_a_checkpoint_and_from_a_views_onnx_agree(
+    tiny_views_run, tiny_data_and_cache, tmp_path
+):
+    data, _ = tiny_data_and_cache
+    ckpt = tiny_views_run / "checkpoints" / "best.ckpt"
+    export_onnx(ckpt, tmp_path / "views.onnx", views=list(VIEWS))
+    images = ["--images", str(data / "images")]
+    assert predict_main(["--model", str(ckpt), *images, "--views", "d4", "--out", str(tmp_path / "a")]) == 0
+    assert predict_main(["--model", str(tmp_path / "views.onnx"), *images, "--out", str(tmp_path / "b")]) == 0
+    for path in sorted((tmp_path / "a" / "probs").glob("*.png")):
+        a = np.asarray(Image.open(path)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "b" / "probs" / path.name)).astype(int)
+        assert np.abs(a - b).max() <= 1  # float32 vs onnxruntime, rounded to 1/255
+    with pytest.raises(ConfigError, match="folded in already"):
+        from distill.predict import load_predictor
+
+        load_predictor(tmp_path / "views.onnx", views=["hflip"])

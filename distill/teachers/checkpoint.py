@@ -17,7 +17,7 @@ import torch
 
 from distill.errors import ConfigError
 from distill.teachers.base import Teacher, register_teacher
-from distill.views import apply_view, check_views, invert_view
+from distill.views import expand_views, mean_over_views
 
 
 def file_sha256(path: str | Path) -> str:
@@ -33,8 +33,8 @@ def file_sha256(path: str | Path) -> str:
 class CheckpointTeacher(Teacher):
     """Mean logits of one or more `distill.fit` checkpoints over test-time views.
 
-    checkpoints: a path or a list of paths. tta: view names (distill.views) whose outputs are mapped
-    back and averaged. devices: GPU ids (the first is used); default: cuda:0 when present, else CPU.
+    checkpoints: a path or a list of paths. tta: view names (distill.views; `d4` = all 8) whose outputs
+    are mapped back and averaged. devices: GPU ids (the first is used); default: cuda:0 when present, else CPU.
     On CUDA the forward runs under bf16 autocast with channels_last memory.
     """
 
@@ -43,7 +43,7 @@ class CheckpointTeacher(Teacher):
     def __init__(
         self,
         checkpoints: str | Sequence[str],
-        tta: Sequence[str] = ("identity",),
+        tta: str | Sequence[str] = ("identity",),
         batch_size: int = 8,
         devices: Sequence[int] | None = None,
     ):
@@ -57,7 +57,7 @@ class CheckpointTeacher(Teacher):
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise ConfigError(f"teacher option checkpoints: no such file(s) {missing}")
-        self.tta = check_views(list(tta))
+        self.tta = expand_views(tta)
         self.batch_size = int(batch_size)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", devices[0] if devices else 0)
@@ -76,34 +76,33 @@ class CheckpointTeacher(Teacher):
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 [B,H,W,3] -> float32 [B,H,W] mean logits of the ensemble."""
-        images = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).contiguous()
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        """uint8 [B,H,W,3] -> float32 [B,H,W] mean logits of the ensemble over the views."""
+        images = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         total = None
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
             for model in self.models:
-                logits = model(images).float()
+                # float before the mean: bf16 sums of 8 views would lose what averaging gains
+                forward = lambda x, model=model: model(x.contiguous(memory_format=memory_format)).float()  # noqa: E731
+                logits = mean_over_views(forward, images, self.tta)
                 total = logits if total is None else total + logits
         return (total / len(self.models))[:, 0].cpu().numpy()
 
     def predict_logits(
         self, images: Sequence[np.ndarray], texts: Sequence[str | None] | None = None
     ) -> list[np.ndarray]:
-        """Batches images of equal shape together (views may swap H and W, so per view)."""
-        out = [np.zeros(image.shape[:2], np.float32) for image in images]
-        for view in self.tta:
-            viewed = [apply_view(image, view) for image in images]
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for i, image in enumerate(viewed):
-                by_shape.setdefault(image.shape, []).append(i)
-            for indices in by_shape.values():
-                for start in range(0, len(indices), self.batch_size):
-                    chunk = indices[start : start + self.batch_size]
-                    logits = self._forward(np.stack([viewed[i] for i in chunk]))
-                    for i, logit in zip(chunk, logits, strict=True):
-                        out[i] += invert_view(logit, view)
-        return [o / np.float32(len(self.tta)) for o in out]
+        """Batches images of equal shape together."""
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                logits = self._forward(np.stack([images[i] for i in chunk]))
+                for i, logit in zip(chunk, logits, strict=True):
+                    out[i] = logit
+        return out
 
     def fingerprint(self) -> dict[str, Any]:
         return {
