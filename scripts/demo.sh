@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: synthetic vessels -> Frangi teacher cache -> a small UNet student distilled from it on CPU,
 # then the side-by-side table and pictures in students/demo/. Each step is skipped when its output is sound.
-#   bash scripts/demo.sh .venv/bin/python
+#   bash scripts/demo.sh .venv/bin/python [data]     # `data`: only the data and the Frangi cache
 set -euo pipefail
 PY="${1:-.venv/bin/python}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT="${WANDB_SILENT:-true}"
@@ -15,5 +15,8 @@ if ! "$PY" -m distill.cache_teacher --verify "$CACHE" >/dev/null 2>&1; then
     # Missing, or made for other data: a cache is only a cache, rebuild it.
     rm -rf "$CACHE"
     "$PY" -m distill.cache_teacher --config configs/teacher/frangi_synthetic.yaml
+fi
+if [ "${2:-}" = data ]; then
+    exit 0
 fi
 "$PY" -m distill.fit --config configs/fit/demo.yaml

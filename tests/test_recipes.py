@@ -1,0 +1,64 @@
+"""The shipped small-student recipe and its KD sweep run end to end on the tiny demo data (a few steps)."""
+
+import csv
+import json
+
+import torch
+
+from distill.fit import main as fit_main
+from distill.sweep import main as sweep_main
+
+# The GPU recipe on the 2-core CPU: 6 optimizer steps (3 epochs of 2 batches), a validation every 3.
+ON_CPU = [
+    "--trainer.accelerator=cpu",
+    "--trainer.precision=32-true",
+    "--trainer.max_steps=6",
+    "--trainer.val_check_interval=3",
+    "--data.num_workers=0",
+    "--data.batch_size=4",
+    "--wandb=false",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def test_small_student_recipe_trains_under_5m_parameters_by_steps(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    fit_main(
+        [
+            "--config=configs/fit/small_student_kd.yaml",
+            f"--data.data_root={data}",
+            f"--data.cache_dir={cache}",
+            f"--runs_dir={tmp_path}",
+            "--run_name=small",
+            *ON_CPU,
+        ]
+    )
+    run = tmp_path / "small"
+    metrics = json.loads((run / "metrics_val.json").read_text())
+    assert metrics["student_params"] <= 5_000_000
+    assert "student_views" in metrics and "kd_margin" in metrics  # scored with and without the D4 views
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+    with open(run / "logs/metrics.csv") as f:
+        validations = [row for row in csv.DictReader(f) if row.get("val/student/dice@best")]
+    assert len(validations) == 2 + 1  # after steps 3 and 6 (not once per epoch), then the best checkpoint
+
+
+def test_kd_margin_sweep_runs_a_trial_of_the_recipe(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    out = tmp_path / "sweep"
+    data_args = [f"--data.data_root={data}", f"--data.cache_dir={cache}"]
+    assert (
+        sweep_main(
+            ["configs/sweeps/kd_margin.yaml", "--trials", "1", "--out", str(out), "--", *data_args, *ON_CPU]
+        )
+        == 0
+    )
+    with open(out / "results.csv") as f:
+        (trial,) = list(csv.DictReader(f))
+    assert trial["state"] == "complete", (out / "trials").glob("*/log.txt").__next__().read_text()[-3000:]
+    assert {
+        "model.kd.alpha",
+        "model.kd.temperature",
+        "model.kd.soft_dice_weight",
+        "model.kd.trust_gt",
+    } <= set(trial)
