@@ -1,0 +1,307 @@
+"""The on-disk format of the teacher cache: layout, manifest and index-record schema, fingerprint comparison.
+
+Layout of a cache directory (one per teacher x dataset x views)::
+
+    <root>/manifest.json       format_version, teacher + dataset fingerprints, dtype, views, created, writers, counts
+    <root>/<writer_id>.f16     raw little-endian float16 rows, appended; read through np.memmap
+    <root>/<writer_id>.index   JSON lines, one per finished row: {"id", "view", "status": "ok", "offset",
+                               "shape": [h, w], "nbytes", "encoding": "f16", "crc32"}, or a status record
+                               {"id", "view": null|view, "status": "no_mask"} (no map stored)
+
+A row is one (id, view) map at the image's own H x W, in the original orientation (`invert_view`
+already applied). "encoding" is per row so that compressed or native-resolution rows can be added
+later behind the same reader; today only "f16" exists.
+
+Why append-only JSON lines (and not a rewritten index file): a writer appends the row bytes, and
+every `commit_every` rows or `commit_seconds` it fsyncs the data file *first*, then appends the rows'
+records to the index and fsyncs that. An index record is therefore never ahead of its bytes. A
+SIGKILL at any moment leaves at worst (a) data bytes past the last indexed row, which the next
+writer with that id truncates away, and (b) a torn last index line (no newline / bad JSON), which
+every reader ignores and the writer cuts off. Rows written after the last commit are simply
+computed again. Appending costs O(rows) per commit, where rewriting the index with temp +
+os.replace would cost O(all rows) per commit and grow quadratic on 100k-image caches.
+
+Writers: one per process, named by the caller ("w-rank0", "shard-3-of-8"). Several processes or
+nodes write disjoint `<writer_id>.*` files in the same root with no shared locks (each writer only
+holds an flock on its own index, to refuse a second process with the same id). The manifest is
+created atomically (temp file + os.link, which never overwrites); a second creator with the same
+fingerprint accepts it, a different fingerprint is refused. The manifest's "writers" and "counts"
+are a summary rewritten on close (last closer wins): readers never trust it and scan `*.index`.
+Caches written on different nodes are joined with `merge_cache`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from distill import __version__
+from distill.errors import CacheError
+from distill.views import check_views
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATA_SUFFIX = ".f16"
+INDEX_SUFFIX = ".index"
+STATUSES = ("ok", "no_mask")
+# Fields that must agree between two writers/caches for their rows to be interchangeable.
+FINGERPRINT_KEYS = ("format_version", "dtype", "views", "teacher", "dataset")
+F16 = np.dtype("<f2")
+F16_MAX = float(np.finfo(np.float16).max)
+WRITER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
+_EXAMPLES = 5
+
+
+class Row(NamedTuple):
+    """Where one (id, view) map lives: writer number, byte offset, shape, encoding, checksum."""
+
+    writer: int
+    offset: int
+    height: int
+    width: int
+    nbytes: int
+    encoding: str
+    crc32: int
+
+
+def _decode_f16(buffer: np.ndarray, height: int, width: int) -> np.ndarray:
+    return buffer.view(F16).reshape(height, width)
+
+
+# encoding name -> decoder(uint8 buffer, h, w) -> float16 HxW. Future: "f16_zstd", "f16_native".
+DECODERS = {"f16": _decode_f16}
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def rebuild_hint(root: Path) -> str:
+    return f"rebuild with `python -m distill.cache_teacher ... --out NEW_DIR` (or delete {root})"
+
+
+def examples(items: Iterable[Any]) -> str:
+    items = sorted(items, key=str)
+    shown = ", ".join(str(x) for x in items[:_EXAMPLES])
+    return shown + (", ..." if len(items) > _EXAMPLES else "")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def plain(value: Any) -> Any:
+    """JSON round trip, so that tuples/lists and numpy scalars compare as they are stored."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def teacher_differences(cached: dict, given: dict) -> list[str]:
+    """'field: cache value vs given value' for every teacher fingerprint field that differs."""
+    a, b = _flatten(plain(cached)), _flatten(plain(given))
+    return [
+        f"{key}: cache {_short(a.get(key, '<absent>'))} vs given {_short(b.get(key, '<absent>'))}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key, "<absent>") != b.get(key, "<absent>")
+    ]
+
+
+def dataset_differences(cached: dict, given: dict) -> list[str]:
+    """Counts and examples of ids new in the dataset, gone from it, or with changed content."""
+    old, new = dataset_items(cached, "cache manifest"), dataset_items(given, "given dataset")
+    added = set(new) - set(old)
+    removed = set(old) - set(new)
+    changed = {i for i in set(old) & set(new) if old[i] != new[i]}
+    lines = []
+    if added:
+        lines.append(f"{len(added)} id(s) new in the dataset, not in the cache (e.g. {examples(added)})")
+    if removed:
+        lines.append(
+            f"{len(removed)} id(s) in the cache but no longer in the dataset (e.g. {examples(removed)})"
+        )
+    if changed:
+        lines.append(f"{len(changed)} id(s) with changed content (e.g. {examples(changed)})")
+    return lines
+
+
+def dataset_items(fingerprint: dict, what: str) -> dict[str, str]:
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("items"), dict):
+        raise CacheError(f"{what}: dataset fingerprint has no 'items' {{id: content_hash}} dict")
+    return fingerprint["items"]
+
+
+def manifest_differences(cached: dict, given: dict) -> list[str]:
+    """Human lines for every fingerprint field of two manifests that differs (empty: compatible)."""
+    lines = []
+    for key in ("format_version", "dtype", "views"):
+        if plain(cached.get(key)) != plain(given.get(key)):
+            lines.append(f"{key}: cache {_short(cached.get(key))} vs given {_short(given.get(key))}")
+    lines += [f"teacher {line}" for line in teacher_differences(cached["teacher"], given["teacher"])]
+    lines += [f"dataset: {line}" for line in dataset_differences(cached["dataset"], given["dataset"])]
+    return lines
+
+
+def write_json_atomic(path: Path, data: dict, *, overwrite: bool) -> bool:
+    """Write `data` to `path` via a unique temp file; without `overwrite`, False if `path` exists."""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic and never clobbers: two racing creators cannot overwrite each other
+        except FileExistsError:
+            return False
+        except OSError as e:  # a filesystem without hard links
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of the cache at `root`, or CacheError saying how to build one."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise CacheError(
+            f"{path}: no teacher cache here (manifest.json missing); build one with "
+            f"`python -m distill.cache_teacher ... --out {Path(root)}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path}: manifest is not valid JSON ({e}); {rebuild_hint(Path(root))}") from e
+    missing = [k for k in FINGERPRINT_KEYS if k not in manifest]
+    if missing:
+        raise CacheError(f"{path}: manifest lacks {missing}; {rebuild_hint(Path(root))}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise CacheError(
+            f"{path}: cache format {manifest['format_version']} is newer than this distill "
+            f"({__version__}, format {FORMAT_VERSION}); upgrade vessel-distill"
+        )
+    return manifest
+
+
+def _complete_manifest(manifest: dict) -> dict:
+    """Validate the caller's manifest (teacher, dataset, views[, dtype, command]) and add creation info."""
+    for key in ("teacher", "dataset", "views"):
+        if key not in manifest:
+            raise CacheError(f"CacheWriter manifest needs '{key}' (got keys {sorted(manifest)})")
+    if not isinstance(manifest["teacher"], dict):
+        raise CacheError("CacheWriter manifest: 'teacher' must be the teacher's fingerprint dict")
+    dataset_items(manifest["dataset"], "CacheWriter manifest")
+    try:
+        views = check_views(list(manifest["views"]))
+    except ValueError as e:
+        raise CacheError(f"CacheWriter manifest: {e}") from e
+    if manifest.get("dtype", "float16") != "float16":
+        raise CacheError(f"CacheWriter manifest: dtype {manifest['dtype']!r} unsupported; only 'float16'")
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": "float16",
+        "views": views,
+        "teacher": plain(manifest["teacher"]),
+        "dataset": plain(manifest["dataset"]),
+        "created": {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+            "distill_version": __version__,
+            "command": manifest.get("command") or " ".join(sys.argv),
+        },
+        "writers": [],
+        "counts": {},
+    }
+
+
+def create_or_check_manifest(root: str | Path, manifest: dict) -> dict:
+    """Create the cache's manifest, or accept an existing one with the same fingerprint; returns it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = _complete_manifest(manifest)
+    if write_json_atomic(root / MANIFEST, wanted, overwrite=False):
+        return wanted
+    existing = read_manifest(root)
+    differences = manifest_differences(existing, wanted)
+    if differences:
+        raise CacheError(
+            f"{root / MANIFEST}: this cache was made by a different teacher/dataset/views:\n  "
+            + "\n  ".join(differences)
+            + f"\nUse a new --out directory, or delete {root} to rebuild it."
+        )
+    return existing
+
+
+# ---------------------------------------------------------------- index files
+
+
+class IndexFile(NamedTuple):
+    records: list[dict]
+    good_bytes: int  # length of the prefix made of complete, valid lines
+    torn_tail: bool  # a partial/garbled last line was ignored
+    errors: list[str]  # garbled lines *before* the last one (real corruption)
+
+
+def parse_index(path: Path) -> IndexFile:
+    """Parse a writer's JSON-lines index; a torn last line (killed writer) is ignored, not an error."""
+    raw = path.read_bytes() if path.exists() else b""
+    complete = raw[: raw.rfind(b"\n") + 1]  # a last line without its newline never finished committing
+    records, errors = [], []
+    for number, line in enumerate(complete.split(b"\n")[:-1]):
+        try:
+            record = json.loads(line)
+            _check_record(record)
+        except (ValueError, KeyError, TypeError) as e:
+            errors.append(f"{path}:{number + 1}: unreadable index record ({e})")
+            continue
+        records.append(record)
+    return IndexFile(records, len(complete), len(raw) > len(complete), errors)
+
+
+def _check_record(record: dict) -> None:
+    if record["status"] not in STATUSES or not isinstance(record["id"], str):
+        raise ValueError(f"bad status/id in {record}")
+    if record["status"] == "ok":
+        h, w = record["shape"]
+        if not (record["offset"] >= 0 and h > 0 and w > 0 and record["nbytes"] > 0 and record["encoding"]):
+            raise ValueError(f"bad row geometry in {record}")
+
+
+def writer_ids(root: Path) -> list[str]:
+    """Writers present in a cache directory (from their index files)."""
+    return sorted(p.name[: -len(INDEX_SUFFIX)] for p in root.glob(f"*{INDEX_SUFFIX}"))
+
+
+def row_key(record: dict) -> tuple[str, str | None]:
+    return record["id"], record["view"]
+
+
+def same_content(a: dict, b: dict) -> bool:
+    fields = ("status", "shape", "encoding", "crc32", "nbytes")
+    return all(a.get(f) == b.get(f) for f in fields)
