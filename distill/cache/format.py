@@ -1,16 +1,21 @@
 """The on-disk format of the teacher cache: layout, manifest and index-record schema, fingerprint comparison.
 
-Layout of a cache directory (one per teacher x dataset x views)::
+Layout of a cache directory (one per teacher x views; it grows with its dataset)::
 
-    <root>/manifest.json       format_version, teacher + dataset fingerprints, dtype, views, created, writers, counts
+    <root>/manifest.json       format_version, teacher fingerprint, views, dtype, dataset (as first
+                               cached, with its source; informational), created, writers, counts
     <root>/<writer_id>.f16     raw little-endian float16 rows, appended; read through np.memmap
     <root>/<writer_id>.index   JSON lines, one per finished row: {"id", "view", "status": "ok", "offset",
-                               "shape": [h, w], "nbytes", "encoding": "f16", "crc32"}, or a status record
-                               {"id", "view": null|view, "status": "no_mask"} (no map stored)
+                               "shape": [h, w], "nbytes", "encoding": "f16", "crc32", "hash"}, or a status
+                               record {"id", "view": null|view, "status": "no_mask", "hash"} (no map stored)
 
 A row is one (id, view) map at the image's own H x W, in the original orientation (`invert_view`
 already applied). "encoding" is per row so that compressed or native-resolution rows can be added
-later behind the same reader; today only "f16" exists.
+later behind the same reader; today only "f16" exists. "hash" is the content hash of the item the
+row was computed from (`VesselDataset.content_hash`): the dataset is compared per id, so a rerun on
+a grown dataset computes only the new ids, training accepts any cache holding its ids with their
+current hashes, and an id whose content changed is refused by id. Version-1 records have no "hash";
+theirs is the manifest's `dataset.items[id]` (version-1 writers were bound to that dataset).
 
 Why append-only JSON lines (and not a rewritten index file): a writer appends the row bytes, and
 every `commit_every` rows or `commit_seconds` it fsyncs the data file *first*, then appends the rows'
@@ -25,9 +30,9 @@ Writers: one per process, named by the caller ("w-rank0", "shard-3-of-8"). Sever
 nodes write disjoint `<writer_id>.*` files in the same root with no shared locks (each writer only
 holds an flock on its own index, to refuse a second process with the same id). The manifest is
 created atomically (temp file + os.link, which never overwrites); a second creator with the same
-fingerprint accepts it, a different fingerprint is refused. The manifest's "writers" and "counts"
-are a summary rewritten on close (last closer wins): readers never trust it and scan `*.index`.
-Caches written on different nodes are joined with `merge_cache`.
+teacher, views and dtype accepts it, a different one is refused. The manifest's "writers" and
+"counts" are a summary rewritten on close (last closer wins): readers never trust it and scan
+`*.index`. Caches written on different nodes are joined with `merge_cache`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,13 +54,17 @@ from distill import __version__
 from distill.errors import CacheError
 from distill.views import check_views
 
-FORMAT_VERSION = 1
+# 2: each index record carries the content hash of the item it was computed from ("hash"), so a cache
+# grows with its dataset; version-1 records take theirs from the manifest's dataset items.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATA_SUFFIX = ".f16"
 INDEX_SUFFIX = ".index"
 STATUSES = ("ok", "no_mask")
-# Fields that must agree between two writers/caches for their rows to be interchangeable.
-FINGERPRINT_KEYS = ("format_version", "dtype", "views", "teacher", "dataset")
+MANIFEST_KEYS = ("format_version", "dtype", "views", "teacher", "dataset")
+# What must agree between two writers/caches for their rows to be interchangeable (the dataset is
+# compared per id, through the rows' item hashes).
+COMPARED_KEYS = ("dtype", "views")
 F16 = np.dtype("<f2")
 F16_MAX = float(np.finfo(np.float16).max)
 WRITER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
@@ -124,39 +133,45 @@ def teacher_differences(cached: dict, given: dict) -> list[str]:
     ]
 
 
-def dataset_differences(cached: dict, given: dict) -> list[str]:
-    """Counts and examples of ids new in the dataset, gone from it, or with changed content."""
-    old, new = dataset_items(cached, "cache manifest"), dataset_items(given, "given dataset")
-    added = set(new) - set(old)
-    removed = set(old) - set(new)
-    changed = {i for i in set(old) & set(new) if old[i] != new[i]}
-    lines = []
-    if added:
-        lines.append(f"{len(added)} id(s) new in the dataset, not in the cache (e.g. {examples(added)})")
-    if removed:
-        lines.append(
-            f"{len(removed)} id(s) in the cache but no longer in the dataset (e.g. {examples(removed)})"
-        )
-    if changed:
-        lines.append(f"{len(changed)} id(s) with changed content (e.g. {examples(changed)})")
-    return lines
-
-
 def dataset_items(fingerprint: dict, what: str) -> dict[str, str]:
+    """The {id: content hash} of a dataset fingerprint (`VesselDataset.fingerprint()`), or CacheError."""
     if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("items"), dict):
         raise CacheError(f"{what}: dataset fingerprint has no 'items' {{id: content_hash}} dict")
     return fingerprint["items"]
 
 
 def manifest_differences(cached: dict, given: dict) -> list[str]:
-    """Human lines for every fingerprint field of two manifests that differs (empty: compatible)."""
+    """Human lines for every field of two manifests whose rows could not be mixed (empty: compatible).
+
+    The teacher, views and dtype are compared; the dataset is not (rows carry their items' hashes)."""
     lines = []
-    for key in ("format_version", "dtype", "views"):
+    for key in COMPARED_KEYS:
         if plain(cached.get(key)) != plain(given.get(key)):
             lines.append(f"{key}: cache {_short(cached.get(key))} vs given {_short(given.get(key))}")
     lines += [f"teacher {line}" for line in teacher_differences(cached["teacher"], given["teacher"])]
-    lines += [f"dataset: {line}" for line in dataset_differences(cached["dataset"], given["dataset"])]
     return lines
+
+
+def check_same_teacher(root: Path, cached: dict, given: dict) -> None:
+    """CacheError naming every difference when `given` (a manifest) may not add rows to the cache at `root`."""
+    differences = manifest_differences(cached, given)
+    if differences:
+        raise CacheError(
+            f"{root / MANIFEST}: this cache was made by a different teacher/views:\n  "
+            + "\n  ".join(differences)
+            + f"\nUse a new --out directory, or delete {root} to rebuild it."
+        )
+
+
+def changed_content(root: Path, changed: list[str]) -> str:
+    """The refusal for ids whose cached rows were computed from other content than the dataset's now."""
+    return (
+        f"{root}: teacher cache does not match the dataset: {len(changed)} id(s) with changed content since "
+        f"they were cached (e.g. {examples(changed)}): "
+        "their image, mask, annotation or text differs from what the teacher's rows were computed from. "
+        f"Fix: restore those items, or give the edited items new ids (ids already cached are kept, "
+        f"new ids are computed by a rerun), or {rebuild_hint(root)}"
+    )
 
 
 def write_json_atomic(path: Path, data: dict, *, overwrite: bool) -> bool:
@@ -198,7 +213,7 @@ def read_manifest(root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CacheError(f"{path}: manifest is not valid JSON ({e}); {rebuild_hint(Path(root))}") from e
-    missing = [k for k in FINGERPRINT_KEYS if k not in manifest]
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise CacheError(f"{path}: manifest lacks {missing}; {rebuild_hint(Path(root))}")
     if manifest["format_version"] > FORMAT_VERSION:
@@ -209,7 +224,7 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def _complete_manifest(manifest: dict) -> dict:
+def complete_manifest(manifest: dict) -> dict:
     """Validate the caller's manifest (teacher, dataset, views[, dtype, command]) and add creation info."""
     for key in ("teacher", "dataset", "views"):
         if key not in manifest:
@@ -244,17 +259,11 @@ def create_or_check_manifest(root: str | Path, manifest: dict) -> dict:
     """Create the cache's manifest, or accept an existing one with the same fingerprint; returns it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    wanted = _complete_manifest(manifest)
+    wanted = complete_manifest(manifest)
     if write_json_atomic(root / MANIFEST, wanted, overwrite=False):
         return wanted
     existing = read_manifest(root)
-    differences = manifest_differences(existing, wanted)
-    if differences:
-        raise CacheError(
-            f"{root / MANIFEST}: this cache was made by a different teacher/dataset/views:\n  "
-            + "\n  ".join(differences)
-            + f"\nUse a new --out directory, or delete {root} to rebuild it."
-        )
+    check_same_teacher(root, existing, wanted)
     return existing
 
 
@@ -268,8 +277,11 @@ class IndexFile(NamedTuple):
     errors: list[str]  # garbled lines *before* the last one (real corruption)
 
 
-def parse_index(path: Path) -> IndexFile:
-    """Parse a writer's JSON-lines index; a torn last line (killed writer) is ignored, not an error."""
+def parse_index(path: Path, hashes: Mapping[str, str]) -> IndexFile:
+    """Parse a writer's JSON-lines index; a torn last line (killed writer) is ignored, not an error.
+
+    Every record comes back with its "hash"; a version-1 record has none and takes its id's from
+    `hashes` (the manifest's dataset items, which version-1 writers were bound to)."""
     raw = path.read_bytes() if path.exists() else b""
     complete = raw[: raw.rfind(b"\n") + 1]  # a last line without its newline never finished committing
     records, errors = [], []
@@ -277,6 +289,9 @@ def parse_index(path: Path) -> IndexFile:
         try:
             record = json.loads(line)
             _check_record(record)
+            record.setdefault("hash", hashes.get(record["id"]))
+            if not isinstance(record["hash"], str):
+                raise ValueError(f"no item hash for id {record['id']!r}")
         except (ValueError, KeyError, TypeError) as e:
             errors.append(f"{path}:{number + 1}: unreadable index record ({e})")
             continue
@@ -298,10 +313,16 @@ def writer_ids(root: Path) -> list[str]:
     return sorted(p.name[: -len(INDEX_SUFFIX)] for p in root.glob(f"*{INDEX_SUFFIX}"))
 
 
+def manifest_hashes(manifest: dict) -> dict[str, str]:
+    """The item hashes version-1 records stand for: the items of the dataset the cache was created from."""
+    items = manifest["dataset"].get("items") if isinstance(manifest["dataset"], dict) else None
+    return items if isinstance(items, dict) else {}
+
+
 def row_key(record: dict) -> tuple[str, str | None]:
     return record["id"], record["view"]
 
 
 def same_content(a: dict, b: dict) -> bool:
-    fields = ("status", "shape", "encoding", "crc32", "nbytes")
+    fields = ("status", "shape", "encoding", "crc32", "nbytes", "hash")
     return all(a.get(f) == b.get(f) for f in fields)

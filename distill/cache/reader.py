@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,8 +15,10 @@ from distill.cache.format import (
     DECODERS,
     INDEX_SUFFIX,
     Row,
-    dataset_differences,
+    changed_content,
+    dataset_items,
     examples,
+    manifest_hashes,
     parse_index,
     read_manifest,
     rebuild_hint,
@@ -33,9 +35,20 @@ class Index(NamedTuple):
     writers: list[str]
     rows: dict[tuple[str, str], Row]
     no_mask: dict[str, set[str | None]]  # id -> views marked no_mask (None: every view)
+    hashes: dict[str, str]  # id -> content hash of the item its rows were computed from
     conflicts: list[str]
     problems: list[str]  # garbled lines (torn tails are not problems)
     torn: list[str]
+
+    @property
+    def ids(self) -> list[str]:
+        """Every id with at least one record (a map or no_mask), sorted."""
+        return sorted(self.hashes)
+
+    def done(self, id: str, view: str) -> bool:
+        """True when (id, view) has a map or a no_mask status."""
+        marked = self.no_mask.get(id, ())
+        return (id, view) in self.rows or view in marked or None in marked
 
     def status(self, id: str, views: list[str]) -> str | None:
         """The id's state: "no_mask" if any of `views` (or the whole id) is marked so, "ok" if all have maps, else None."""
@@ -48,15 +61,22 @@ class Index(NamedTuple):
         """Ids that are neither complete for every view nor no_mask."""
         return [i for i in ids if self.status(i, views) is None]
 
+    def changed(self, items: Mapping[str, str]) -> list[str]:
+        """Ids of `items` ({id: content hash}) whose rows were computed from other content, sorted."""
+        return sorted(i for i, h in items.items() if self.hashes.get(i, h) != h)
 
-def load_index(root: Path, views: list[str]) -> Index:
+
+def load_index(root: Path, manifest: dict) -> Index:
+    """Parse and join every writer's index under `root` (the cache whose manifest is `manifest`)."""
+    views, fallback = manifest["views"], manifest_hashes(manifest)
     writers = writer_ids(root)
     rows: dict[tuple[str, str], Row] = {}
     seen: dict[tuple[str, str | None], tuple[str, dict]] = {}
     no_mask: dict[str, set[str | None]] = {}
+    hashes: dict[str, str] = {}
     conflicts, problems, torn = [], [], []
     for number, writer in enumerate(writers):
-        parsed = parse_index(root / f"{writer}{INDEX_SUFFIX}")
+        parsed = parse_index(root / f"{writer}{INDEX_SUFFIX}", fallback)
         problems += parsed.errors
         if parsed.torn_tail:
             torn.append(writer)
@@ -68,6 +88,8 @@ def load_index(root: Path, views: list[str]) -> Index:
                     conflicts.append(f"{key} ({first_writer} vs {writer})")
                 continue
             seen[key] = writer, record
+            if hashes.setdefault(record["id"], record["hash"]) != record["hash"]:
+                conflicts.append(f"{key} ({writer}): computed from other content than the id's other rows")
             if record["status"] == "no_mask":
                 no_mask.setdefault(record["id"], set()).add(record["view"])
             else:
@@ -79,7 +101,7 @@ def load_index(root: Path, views: list[str]) -> Index:
         clash = [v for v in views if (id_, v) in rows and (None in marked or v in marked)]
         if clash:
             conflicts.append(f"({id_!r}, {clash[0]!r}) has a map and status no_mask")
-    return Index(writers, rows, no_mask, conflicts, problems, torn)
+    return Index(writers, rows, no_mask, hashes, conflicts, problems, torn)
 
 
 class TeacherCache:
@@ -94,7 +116,6 @@ class TeacherCache:
         self.root = Path(root)
         self.manifest: dict = read_manifest(self.root)
         self.views: list[str] = list(self.manifest["views"])
-        self.ids: list[str] = sorted(self.manifest["dataset"]["items"])  # the ids this cache is for
         self._index: Index | None = None
         self._maps: dict[int, np.memmap] = {}
         self._pid = os.getpid()
@@ -105,7 +126,7 @@ class TeacherCache:
     @property
     def index(self) -> Index:
         if self._index is None:
-            index = load_index(self.root, self.views)
+            index = load_index(self.root, self.manifest)
             if index.conflicts:
                 raise CacheError(
                     f"{self.root}: {len(index.conflicts)} (id, view) rows written twice with different "
@@ -113,6 +134,11 @@ class TeacherCache:
                 )
             self._index = index
         return self._index
+
+    @property
+    def ids(self) -> list[str]:
+        """Every id the cache holds a result for (a map for some view, or no_mask), sorted."""
+        return self.index.ids
 
     def has(self, id: str, view: str = "identity") -> bool:
         """True when (id, view) has a stored map."""
@@ -122,9 +148,9 @@ class TeacherCache:
         """The teacher's result for `id` (for one `view`, or over all): "ok", "no_mask" (no map given), None (not cached)."""
         return self.index.status(id, self.views if view is None else [view])
 
-    def missing(self) -> list[str]:
-        """Ids of the manifest's dataset that are neither complete nor no_mask (a resumed run fills them)."""
-        return self.index.missing(self.ids, self.views)
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        """Those of `ids` that are neither complete for every view nor no_mask (a rerun computes them)."""
+        return self.index.missing(ids, self.views)
 
     def _buffer(self, row: Row) -> np.ndarray:
         if self._pid != os.getpid():
@@ -165,18 +191,17 @@ class TeacherCache:
         return np.stack(maps)
 
     def check_dataset(self, fingerprint: dict) -> None:
-        """Raise CacheError unless the cache was built for exactly this dataset and holds every id."""
-        differences = dataset_differences(self.manifest["dataset"], fingerprint)
-        if differences:
-            raise CacheError(
-                f"{self.root}: teacher cache does not match the dataset:\n  "
-                + "\n  ".join(differences)
-                + f"\nFix: {rebuild_hint(self.root)}."
-            )
-        missing = self.missing()
+        """Raise CacheError unless every id of the dataset (`VesselDataset.fingerprint()`) is cached from
+        its current content. Ids the cache holds beyond the dataset's are fine (a shrunk dataset, or
+        a cache shared by several subsets)."""
+        items = dataset_items(fingerprint, "check_dataset")
+        changed = self.index.changed(items)
+        if changed:
+            raise CacheError(changed_content(self.root, changed))
+        missing = self.missing(items)
         if missing:
             raise CacheError(
-                f"{self.root}: teacher cache is incomplete: {len(missing)} of {len(self.ids)} id(s) missing "
+                f"{self.root}: teacher cache is incomplete: {len(missing)} of {len(items)} id(s) missing "
                 f"(e.g. {examples(missing)}). Fix: run `python -m distill.cache_teacher` again with the same "
                 f"--out {self.root} to add the missing ids."
             )

@@ -18,25 +18,35 @@ from distill.cache.format import (
     F16,
     F16_MAX,
     INDEX_SUFFIX,
+    MANIFEST,
     WRITER_ID,
+    changed_content,
+    check_same_teacher,
+    complete_manifest,
     create_or_check_manifest,
+    dataset_items,
     examples,
+    manifest_hashes,
     parse_index,
+    read_manifest,
     rebuild_hint,
     row_key,
 )
-from distill.cache.reader import load_index
+from distill.cache.reader import Index, load_index
 from distill.cache.tools import refresh_manifest
 from distill.errors import CacheError
 
 
 class CacheWriter:
-    """Appends one process's rows to `<root>/<writer_id>.{f16,index}`; see the module docstring.
+    """Appends one process's rows to `<root>/<writer_id>.{f16,index}`; see `distill.cache.format`.
 
     `manifest` needs "teacher" (fingerprint dict), "dataset" (the dataset's fingerprint dict, with
-    "items"), "views" (list of view names), optionally "dtype" ("float16") and "command".
-    Re-opening a writer id after a crash recovers its files; `done()` also sees every other
-    writer's committed rows, so a rerun (even with another sharding) computes only what is missing.
+    "items" {id: content hash}: the ids this writer may write, and the hash each row records),
+    "views" (list of view names), optionally "dtype" ("float16") and "command". Refused with
+    CacheError: a cache of another teacher, views or dtype, or one holding rows of these ids computed
+    from other content. Re-opening a writer id after a crash recovers its files; `done()` also sees
+    every other writer's committed rows, so a rerun (even with another sharding, or on a grown
+    dataset) computes only what is missing.
     """
 
     def __init__(
@@ -56,7 +66,7 @@ class CacheWriter:
         self.writer_id = writer_id
         self.manifest = create_or_check_manifest(self.root, manifest)
         self.views: list[str] = list(self.manifest["views"])
-        self._dataset_ids = set(self.manifest["dataset"]["items"])
+        self._items: dict[str, str] = dataset_items(manifest["dataset"], "CacheWriter manifest")
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
         self.data_path = self.root / f"{writer_id}{DATA_SUFFIX}"
@@ -76,7 +86,13 @@ class CacheWriter:
         self._offset = self._recover()
         # Unbuffered: row bytes reach the kernel at once, so what a kill leaves on disk is what recovery handles.
         self._data = open(self.data_path, "ab", buffering=0)  # noqa: SIM115 (held until close())
-        index = load_index(self.root, self.views)
+        index = load_index(self.root, self.manifest)
+        try:
+            _refuse_changed(self.root, index, self._items)
+        except CacheError:
+            self._data.close()
+            self._index.close()
+            raise
         self._done: set[tuple[str, str | None]] = set(index.rows)
         self._done |= {(i, v) for i, views in index.no_mask.items() for v in views}
         self._pending: list[dict] = []
@@ -85,7 +101,7 @@ class CacheWriter:
 
     def _recover(self) -> int:
         """Cut a torn index tail and un-indexed data bytes; drop rows whose bytes are gone. Returns the data end."""
-        parsed = parse_index(self.index_path)
+        parsed = parse_index(self.index_path, manifest_hashes(self.manifest))
         if parsed.errors:
             raise CacheError(
                 f"{self.index_path}: corrupt index ({parsed.errors[0]}); delete {self.index_path.name} and "
@@ -118,15 +134,13 @@ class CacheWriter:
         return (id, view) in self._done or (id, None) in self._done
 
     def todo(self, ids: Iterable[str] | None = None) -> list[str]:
-        """Ids (default: every id of the manifest's dataset) with at least one view not done yet."""
-        ids = sorted(self._dataset_ids) if ids is None else ids
+        """Ids (default: every id of the dataset given to this writer) with at least one view not done yet."""
+        ids = sorted(self._items) if ids is None else ids
         return [i for i in ids if not all(self.done(i, v) for v in self.views)]
 
     def _check_key(self, id: str, view: str | None) -> None:
-        if id not in self._dataset_ids:
-            raise CacheError(
-                f"{self.root}: id {id!r} is not in the dataset fingerprint this cache was made for"
-            )
+        if id not in self._items:
+            raise CacheError(f"{self.root}: id {id!r} is not in the dataset fingerprint given to this writer")
         if view is not None and view not in self.views:
             raise CacheError(f"{self.root}: view {view!r} is not one of the cache's views {self.views}")
         if any(self.done(id, v) for v in ([view] if view is not None else self.views)):
@@ -158,6 +172,7 @@ class CacheWriter:
                 "nbytes": row.nbytes,
                 "encoding": "f16",
                 "crc32": zlib.crc32(buffer),
+                "hash": self._items[id],
             }
         )
         self._offset += row.nbytes
@@ -169,7 +184,7 @@ class CacheWriter:
                 f"write_status: status {status!r} unknown; 'no_mask' is the only one (maps use write())"
             )
         self._check_key(id, view)
-        self._add({"id": id, "view": view, "status": status})
+        self._add({"id": id, "view": view, "status": status, "hash": self._items[id]})
 
     def _add(self, record: dict) -> None:
         self._pending.append(record)
@@ -205,3 +220,28 @@ class CacheWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pending_rows(root: str | Path, manifest: dict, ids: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """(id, views not cached yet) for each of `ids` that still needs rows, without creating anything.
+
+    Checked as `CacheWriter(root, ..., manifest)` would check it (CacheError for a cache of another
+    teacher, views or dtype, or with rows of `manifest`'s dataset items computed from other content),
+    so a caller learns that nothing is left to do before it loads or fits a teacher.
+    """
+    root = Path(root)
+    views = list(manifest["views"])
+    if not (root / MANIFEST).is_file():
+        return [(i, views) for i in ids]
+    cached = read_manifest(root)
+    check_same_teacher(root, cached, complete_manifest(manifest))
+    index = load_index(root, cached)
+    _refuse_changed(root, index, dataset_items(manifest["dataset"], "pending_rows manifest"))
+    todo = ((i, [v for v in views if not index.done(i, v)]) for i in ids)
+    return [(i, left) for i, left in todo if left]
+
+
+def _refuse_changed(root: Path, index: Index, items: dict[str, str]) -> None:
+    changed = index.changed(items)
+    if changed:
+        raise CacheError(changed_content(root, changed))
