@@ -49,15 +49,18 @@ examples:
   python -m distill.cache_teacher --config C.yaml --shard-index $SLURM_ARRAY_TASK_ID --num-shards 8
   python -m distill.cache_teacher --merge teacher_cache/all teacher_cache/node0 teacher_cache/node1
 
-  # inspect and check a cache (exit 0 only when it is complete and sound)
+  # inspect and check a cache (exit 0 only when it is complete and sound), also against grown data
   python -m distill.cache_teacher --info teacher_cache/frangi_synthetic
   python -m distill.cache_teacher --verify teacher_cache/frangi_synthetic
+  python -m distill.cache_teacher --verify teacher_cache/frangi_synthetic --data-format merged --data-root data/x
 
   # your own teacher: a module whose import calls @register_teacher("mine") (plugin mechanism)
   python -m distill.cache_teacher --import mypackage.my_teacher --teacher mine ...
 
-A rerun on the same --out computes only the (id, view) pairs that are missing; a cache made by a
-different teacher or from different data is refused with a message saying what differs.
+A rerun on the same --out computes only the (id, view) pairs that are missing (after the dataset
+grew: only the new ids; nothing missing: it exits at once, without running the teacher). A cache
+made by another teacher or views is refused saying what differs, and ids whose image, mask or text
+changed since they were cached are refused by id.
 """
 
 
