@@ -202,8 +202,9 @@ def make_job(args: argparse.Namespace) -> CacheJob:
     for bad values."""
     options = dict(args.teacher_options)
     options.update({k: getattr(args, k) for k in _SA2VA_FLAGS if getattr(args, k) is not None})
-    if args.workers != "auto" and not args.workers.isdigit():
-        raise ConfigError(f"--workers {args.workers}: give auto or a number")
+    workers = str(args.workers)  # a --config file may give a number
+    if workers != "auto" and not workers.isdigit():
+        raise ConfigError(f"--workers {workers}: give auto or a number")
     return CacheJob(
         teacher=args.teacher,
         data_format=args.data_format,
@@ -219,7 +220,7 @@ def make_job(args: argparse.Namespace) -> CacheJob:
         skip_bad=args.skip_bad,
         imports=args.imports,
         gpus_per_model=args.gpus_per_model,
-        workers=None if args.workers == "auto" else int(args.workers),
+        workers=None if workers == "auto" else int(workers),
         shard_index=args.shard_index,
         num_shards=args.num_shards,
         command=shlex.join([sys.executable, "-m", "distill.cache_teacher", *sys.argv[1:]]),
