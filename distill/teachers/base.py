@@ -52,6 +52,12 @@ class Teacher(ABC):
         """True when `fit` must run on ground truth before `predict_logits` is meaningful."""
         return False
 
+    def restore_fit(self, fingerprint: dict[str, Any]) -> bool:
+        """Take back what `fit` learned from a `fingerprint()` of this teacher that a cache recorded, so
+        that resuming or growing that cache goes on with the same fitted teacher without fitting again
+        (a grown train split would fit another one). False (the default): nothing to take back."""
+        return False
+
     def stats(self) -> dict[str, Any]:
         """Run statistics worth a line in the caching summary (default: none; sa2va: self-check agreement)."""
         return {}
@@ -71,10 +77,15 @@ def list_teachers() -> list[str]:
     return sorted(set(_REGISTRY) | set(_TEACHER_MODULES))
 
 
-def create_teacher(name: str, **options: Any) -> Teacher:
-    """Build a teacher by registered name with its own options."""
+def teacher_factory(name: str) -> Callable[..., Teacher]:
+    """The factory registered as `name` (importing a built-in teacher's module on first use)."""
     if name not in _REGISTRY and name in _TEACHER_MODULES:
         importlib.import_module(_TEACHER_MODULES[name])
     if name not in _REGISTRY:
         raise ValueError(f"unknown teacher {name!r}; choose from {list_teachers()}")
-    return _REGISTRY[name](**options)
+    return _REGISTRY[name]
+
+
+def create_teacher(name: str, **options: Any) -> Teacher:
+    """Build a teacher by registered name with its own options."""
+    return teacher_factory(name)(**options)
