@@ -75,7 +75,11 @@ def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):
 
 
 def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_and_cache, tmp_path):
-    """Two gloo processes on val/test splits of 3 images (not divisible by 2: a padded sampler would repeat one)."""
+    """Two gloo processes on val/test splits of 3 images (not divisible by 2: a padded sampler would repeat one).
+
+    Two epochs, so that DDP's second step would fail on any parameter the first left without a gradient
+    (smp's unused deep encoder stages did), with an EMA of the weights kept on every rank.
+    """
     data, cache = tiny_data_and_cache
     odd = tmp_path / "data"
     shutil.copytree(data, odd)
@@ -84,7 +88,8 @@ def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_
     (odd / "splits.json").write_text(
         json.dumps({"seed": 0, "fractions": [0.5, 0.25, 0.25], "splits": splits})
     )
-    args = tiny_fit_args(odd, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=1", "--wandb=false")
+    args = tiny_fit_args(odd, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=2", "--wandb=false")
+    args += ["--model.ema_decay=0.5"]
     args += ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=2"]
     subprocess.run([sys.executable, "-m", "distill.fit", *args], check=True, timeout=300)
     run = tmp_path / "ddp"
