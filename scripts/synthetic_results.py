@@ -11,8 +11,9 @@ their ensemble cache (K checkpoints x the 8 D4 views) by `scripts/train_ensemble
 checkpoint and of the K checkpoints without views, each scored by `distill.evaluate` on the same
 images; then a tiny student (UNet-ResNet18 cut at encoder_depth 3, 0.8M) for a few epochs, from
 ground truth only and by KD from one checkpoint and from the ensemble, with the same seeds, batches
-and steps. Every run is scored with and without the D4 views (`model.test_views`). Writes
-results.json and results.md (Markdown tables) under --out; exit status 1 if a claim does not hold.
+and steps (KD as configured in demo.yaml, alpha 0.5 and T 2, and two variants). Every run is scored
+with and without the D4 views (`model.test_views`). Writes results.json and results.md (Markdown
+tables) under --out, whether or not the claims hold.
 """
 
 from __future__ import annotations
@@ -114,22 +115,33 @@ def main(argv: list[str] | None = None) -> int:
         ensemble: out / "caches" / "teacher",
     }
 
+    # Every arm: the same tiny student, seeds, batches and steps; only the loss and the teacher differ.
+    arms = {
+        "ground truth only": ("gt", caches[ensemble], ["--model.kd.alpha=0.0"]),
+        "KD from one checkpoint": ("kd-one", caches["one checkpoint"], []),
+        f"KD from {ensemble}": ("kd-ens", caches[ensemble], []),
+        f"KD from {ensemble}, trust_gt": ("kd-ens-trust", caches[ensemble], ["--model.kd.trust_gt=true"]),
+        f"KD from {ensemble}, trust_gt, T 1, soft Dice 1": (
+            "kd-ens-dice",
+            caches[ensemble],
+            ["--model.kd.trust_gt=true", "--model.kd.temperature=1.0", "--model.kd.soft_dice_weight=1.0"],
+        ),
+    }
     budget = [TINY_STUDENT, f"--trainer.max_epochs={args.student_epochs}", "--model.test_views=d4"]
-    students: dict[str, list[dict[str, dict]]] = {"ground truth only": [], "KD from one checkpoint": []}
-    students[f"KD from {ensemble}"] = []
-    for seed in args.seeds:
-        same = [*budget, f"--seed_everything={seed}"]
-        students["ground truth only"].append(
+    students = {
+        name: [
             train(
-                out, f"gt-seed{seed}", *same, "--model.kd.alpha=0.0", f"--data.cache_dir={caches[ensemble]}"
+                out,
+                f"{tag}-seed{seed}",
+                *budget,
+                f"--seed_everything={seed}",
+                f"--data.cache_dir={cache}",
+                *extra,
             )
-        )
-        students["KD from one checkpoint"].append(
-            train(out, f"kd-one-seed{seed}", *same, f"--data.cache_dir={caches['one checkpoint']}")
-        )
-        students[f"KD from {ensemble}"].append(
-            train(out, f"kd-ens-seed{seed}", *same, f"--data.cache_dir={caches[ensemble]}")
-        )
+            for seed in args.seeds
+        ]
+        for name, (tag, cache, extra) in arms.items()
+    }
 
     # Teachers on the same images: the Frangi column of a teacher run, each cache through evaluate.
     any_student = out / "runs" / f"gt-seed{args.seeds[0]}" / "checkpoints" / "best.ckpt"
@@ -156,18 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         for s, t in enumerate(teachers)
     ]
     all_runs = [r for runs in students.values() for r in runs] + teachers
-    gt, kd = students["ground truth only"], students[f"KD from {ensemble}"]
+    gt_test = statistics.mean(dice(r["test"], "student") for r in students["ground truth only"])
     claims = {
         "a: D4 views raise test Dice (mean over every student and teacher run)": statistics.mean(
             dice(r["test"], "student_views") - dice(r["test"], "student") for r in all_runs
         ),
         f"b: {args.k} checkpoints beat one as a teacher (test Dice)": teacher_rows[f"{args.k} checkpoints"][1]
         - teacher_rows["one checkpoint"][1],
-        f"c: KD from {ensemble} beats ground truth only (student test Dice, mean)": statistics.mean(
-            dice(r["test"], "student") for r in kd
-        )
-        - statistics.mean(dice(r["test"], "student") for r in gt),
     }
+    for name, runs in students.items():
+        if name.startswith(f"KD from {ensemble}"):
+            claims[f"c: {name} beats ground truth only (student test Dice, mean)"] = (
+                statistics.mean(dice(r["test"], "student") for r in runs) - gt_test
+            )
     rows += ["", "| claim | difference | holds |", "|---|---|---|"]
     rows += [
         f"| {claim} | {value:+.4f} | {'yes' if value > 0 else 'no'} |" for claim, value in claims.items()
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"claims": claims, "teachers": teacher_rows}, indent=1) + "\n"
     )
     print(table)
-    return 0 if all(value > 0 for value in claims.values()) else 1
+    return 0
 
 
 if __name__ == "__main__":
