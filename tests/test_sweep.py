@@ -1,6 +1,7 @@
 """The W&B-sweep-YAML -> optuna mapping, the local runner (resume, workers) and the refusals."""
 
 import json
+import subprocess
 import math
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ import pytest
 import yaml
 
 from distill.errors import ConfigError
-from distill.sweep import LocalSweep, main, results_rows
-from distill.sweep_spec import expand_command, load_sweep, make_pruner, make_sampler
+from distill.sweep.runner import LocalSweep, main, results_rows
+from distill.sweep.spec import expand_command, load_sweep, make_pruner, make_sampler
 
 FAKE_TRIAL = Path(__file__).parent / "_fake_trial.py"
 
@@ -97,8 +98,7 @@ def test_grid_enumerates_every_combination(tmp_path):
     path = write_sweep(
         tmp_path, {"a": {"values": [1, 2, 3]}, "b": {"values": ["x", "y"]}, "c": {"value": 0}}, "grid"
     )
-    spec = load_sweep(path)
-    assert spec.grid_size() == 6
+    assert math.prod(len(v) for v in load_sweep(path).grid().values()) == 6
     draws = sample(path, n=6)
     assert {(d["a"], d["b"]) for d in draws} == {(a, b) for a in (1, 2, 3) for b in ("x", "y")}
 
@@ -245,3 +245,13 @@ def test_resumed_random_sweep_does_not_replay_earlier_draws(tmp_path):
     assert main([str(path), "--trials", "4", "--out", str(out)]) == 0
     xs = [t.params["x"] for t in LocalSweep(load_sweep(path), out).study.get_trials()]
     assert len(xs) == 4 and len(set(xs)) == 4
+
+
+def test_python_dash_m_distill_sweep_runs_the_runner(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.sweep", str(tmp_path / "missing.yaml"), "--trials", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "missing.yaml: no such sweep file" in done.stderr

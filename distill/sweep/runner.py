@@ -7,7 +7,8 @@ sweep. optuna keeps the study in a journal file, so several workers (threads her
 is the total wanted, so running again with a larger N adds the difference.
 
 Each validation epoch the trial's metric reaches the study through `TrialReporter`, run by the
-Lightning callback `distill.sweep_callback.SweepReporter` that the trial gets via `--trainer.callbacks+=`, which also feeds the pruner (`early_terminate`).
+Lightning callback `distill.sweep.callback.SweepReporter` that the trial gets via
+`--trainer.callbacks+=`, which also feeds the pruner (`early_terminate`).
 A trial's value is the best value of the metric over its epochs (the epoch of its best checkpoint).
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
-from distill.sweep_spec import SweepSpec, expand_command, load_sweep, make_pruner, make_sampler
+from distill.sweep.spec import SweepSpec, expand_command, load_sweep, make_pruner, make_sampler
 
 ENV_STORAGE = "DISTILL_SWEEP_STORAGE"
 ENV_STUDY = "DISTILL_SWEEP_STUDY"
@@ -145,7 +146,7 @@ class LocalSweep:
         argv += [
             f"--run_name={run_name}",
             f"--runs_dir={self.out_dir / 'runs'}",
-            "--trainer.callbacks+=distill.sweep_callback.SweepReporter",
+            "--trainer.callbacks+=distill.sweep.callback.SweepReporter",
             *self.extra_args,
         ]
         env = dict(os.environ)
@@ -335,7 +336,3 @@ early_terminate: {type: hyperband} -> HyperbandPruner on the metric reported eac
         print(line)
     print(f"\n{len(rows)} trial(s) in {out_dir} (results.csv, results.md, metric_vs_params.png)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -125,9 +125,6 @@ class SweepSpec:
                 )
         return space
 
-    def grid_size(self) -> int:
-        return math.prod(len(v) for v in self.grid().values())
-
 
 def _parse_param(path: Path, name: str, block: Any) -> Param:
     where = f"{path}: parameter {name!r}"
