@@ -15,60 +15,21 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from distill.errors import ConfigError
 from distill.losses import DistillLoss, FiniteCheck, GTLossConfig, KDConfig, ThinConfig
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
+    PerImageDice,
     ThresholdCurves,
     choose_threshold,
     curves_at,
     curves_to_json,
+    per_image_means,
 )
 from distill.students import CHECKPOINT_FORMAT_VERSION, StudentConfig, count_parameters, create_student
 
 WHO = ("student", "teacher")
-
-
-class PerImageDice(Metric):
-    """Dice of every image at every threshold ([N, n_thresholds]) in split order, gathered over DDP ranks.
-
-    `index` is each image's position in its split (the batch's "index"): ranks see interleaved shares
-    of a split, and compute() puts the gathered rows back in split order by it.
-    """
-
-    full_state_update = False
-
-    def __init__(self, thresholds: tuple[float, ...], **kwargs: Any):
-        super().__init__(**kwargs)
-        self.register_buffer("_boundaries", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
-        self.add_state("dice", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-
-    def update(self, probs: Tensor, target: Tensor, roi: Tensor, index: Tensor | None = None) -> None:
-        n_images, n = probs.shape[0], len(self._boundaries)
-        if index is None:  # arrival order
-            seen = sum(len(i) for i in self.index)
-            index = torch.arange(seen, seen + n_images, device=probs.device)
-        bins = 2 * (n + 1) + 1  # per image: negatives by thresholds reached, positives likewise, ignored
-        code = torch.bucketize(probs.float(), self._boundaries, right=True) + (n + 1) * (target > 0.5).long()
-        code = torch.where(roi > 0, code, 2 * (n + 1))
-        code = code + bins * torch.arange(n_images, device=code.device).view(-1, *([1] * (code.dim() - 1)))
-        histogram = torch.bincount(code.flatten(), minlength=n_images * bins).view(n_images, bins)
-        negatives, positives = histogram[:, : n + 1], histogram[:, n + 1 : 2 * (n + 1)]
-        tp = positives.flip(1).cumsum(1).flip(1)[:, 1:].double()
-        fp = negatives.flip(1).cumsum(1).flip(1)[:, 1:].double()
-        fn = positives.sum(1, keepdim=True) - tp
-        denominator = 2 * tp + fp + fn
-        self.dice.append(torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), 1.0).float())
-        self.index.append(index.to(device=probs.device, dtype=torch.int64).flatten())
-
-    def compute(self) -> Tensor:
-        if isinstance(self.dice, list) and not self.dice:  # after a DDP sync the state is one tensor
-            return torch.zeros(0, len(self._boundaries), device=self._boundaries.device)
-        return dim_zero_cat(self.dice)[dim_zero_cat(self.index).argsort()]
 
 
 class EpochLossMeans:
@@ -160,7 +121,12 @@ class DistillModule(pl.LightningModule):
             {f"{stage}_{who}": ThresholdCurves(self.thresholds) for stage in ("val", "test") for who in WHO}
         )
         self.per_image = nn.ModuleDict(
-            {f"{stage}_{who}": PerImageDice(self.thresholds) for stage in ("val", "test") for who in WHO}
+            {
+                # the inputs were checked by ThresholdCurves already
+                f"{stage}_{who}": PerImageDice(self.thresholds, validate_args=False)
+                for stage in ("val", "test")
+                for who in WHO
+            }
         )
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
@@ -319,6 +285,7 @@ class DistillModule(pl.LightningModule):
             "chosen_threshold": {"rule": self.threshold_rule},
             "at_chosen": {},
             "per_image_dice": {},
+            "per_image_dice_mean": {},
         }
         frozen = {"student": self.chosen_threshold, "teacher": self.teacher_threshold}
         for who in WHO:
@@ -327,7 +294,7 @@ class DistillModule(pl.LightningModule):
                 continue
             # torchmetrics squeezes one-element results (one threshold, or one image at one threshold).
             curves = {name: values.reshape(-1) for name, values in curves_metric.compute().items()}
-            per_image = per_image_metric.compute().reshape(-1, len(self.thresholds))
+            per_image = per_image_metric.compute()
             curves_metric.reset(), per_image_metric.reset()
             if stage == "val" or frozen[who] is None:
                 choice = choose_threshold(curves, self.threshold_rule, self.recall_target)
@@ -345,9 +312,13 @@ class DistillModule(pl.LightningModule):
             report[who] = {k: v for k, v in curves_to_json(curves).items() if k != "thresholds"}
             report["chosen_threshold"][who] = float(threshold)
             report["at_chosen"][who] = curves_at(curves, index)
-            dice = per_image[:, index] if len(per_image) else per_image.new_zeros(0)
-            report["per_image_dice"][who] = [round(float(d), 6) for d in dice]
-            report["n_images"] = len(per_image)
+            per_image_dice = per_image["dice"].reshape(-1, len(self.thresholds))
+            dice = [round(float(d), 6) for d in per_image_dice[:, index]]
+            has_vessels = [bool(v) for v in per_image["has_vessels"].reshape(-1)]
+            report["per_image_dice"][who] = dice
+            report["per_image_dice_mean"][who] = per_image_means(dice, has_vessels)
+            report["per_image_has_vessels"] = has_vessels
+            report["n_images"] = len(dice)
         datamodule = self.trainer.datamodule
         ids = getattr(datamodule, f"{stage}_ids", None)
         if ids is not None and len(ids) == report.get("n_images"):
@@ -378,8 +349,10 @@ class DistillModule(pl.LightningModule):
             values[f"{stage}/{who}/recall@best"] = at["recall"]
             values[f"{stage}/{who}/precision@best"] = at["precision"]
             values[f"{stage}/{who}/threshold"] = report["chosen_threshold"][who]
-            per_image = report["per_image_dice"][who]
-            values[f"{stage}/{who}/dice_per_image@best"] = sum(per_image) / max(1, len(per_image))
+            means = report["per_image_dice_mean"][who]
+            for name, key in (("dice_per_image", "with_vessels"), ("dice_per_image_all", "all")):
+                if means[key] is not None:
+                    values[f"{stage}/{who}/{name}@best"] = means[key]
             for i, t in enumerate(report["thresholds"]):
                 for name in ("dice", "recall", "precision"):
                     values[f"{stage}/{who}/{name}@{t:.2f}"] = report[who][name][i]

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.losses import KDConfig
-from distill.module import DistillModule, PerImageDice
+from distill.metrics import PerImageDice
+from distill.module import DistillModule
 from distill.students import StudentConfig
 
 TINY = StudentConfig(
@@ -67,6 +68,25 @@ def test_training_step_logs_every_term_and_validation_scores_both(tmp_path):
     assert report["at_chosen"]["teacher"]["dice"] > 0.5
 
 
+def test_per_image_dice_is_logged_over_images_with_vessels_beside_the_mean_over_all(tmp_path):
+    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5), thresholds=[0.25, 0.5, 0.75])
+    val = fake_batches(2, seed=1)
+    val[0]["mask"][0] = 0  # an image without vessels
+    run = trainer(tmp_path, max_steps=1)
+    run.fit(module, identity_loader(fake_batches(1)), identity_loader(val))
+    report = module.results["val"]
+    assert report["per_image_has_vessels"] == [False, True, True, True]
+    for who in ("student", "teacher"):
+        dice = report["per_image_dice"][who]
+        means = report["per_image_dice_mean"][who]
+        assert means["with_vessels"] == pytest.approx(sum(dice[1:]) / 3, abs=1e-6)
+        assert means["all"] == pytest.approx(sum(dice) / 4, abs=1e-6)
+        assert means["n_with_vessels"] == 3
+        logged = run.logged_metrics
+        assert logged[f"val/{who}/dice_per_image@best"].item() == pytest.approx(means["with_vessels"])
+        assert logged[f"val/{who}/dice_per_image_all@best"].item() == pytest.approx(means["all"])
+
+
 def test_step_losses_logged_at_log_steps_and_epoch_losses_are_the_batch_weighted_mean(tmp_path):
     module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5))
     seen = []  # every step's terms, as the loss returned them
@@ -112,7 +132,7 @@ def test_per_image_dice_matches_direct_count():
     metric = PerImageDice((0.5,))
     metric.update(probs, target, torch.ones_like(target))
     # image 0: tp=1 (0.9), fp=1 (0.6), fn=1 (0.2) -> 2/4; image 1 empty and predicted empty -> 1
-    torch.testing.assert_close(metric.compute(), torch.tensor([[0.5], [1.0]]))
+    torch.testing.assert_close(metric.compute()["dice"], torch.tensor([[0.5], [1.0]]))
 
 
 def test_per_image_dice_is_returned_in_split_order_whatever_the_arrival_order():
@@ -122,7 +142,7 @@ def test_per_image_dice_is_returned_in_split_order_whatever_the_arrival_order():
     metric.update(probs[:2], target[:2], torch.ones_like(target[:2]), index=torch.tensor([2, 0]))
     metric.update(probs[2:], target[2:], torch.ones_like(target[2:]), index=torch.tensor([1]))
     # arrival: index 2 -> hit (1), index 0 -> miss (0), index 1 -> hit (1)
-    torch.testing.assert_close(metric.compute(), torch.tensor([[0.0], [1.0], [1.0]]))
+    torch.testing.assert_close(metric.compute()["dice"], torch.tensor([[0.0], [1.0], [1.0]]))
 
 
 def test_recall_target_reports_whether_it_fell_back(tmp_path):

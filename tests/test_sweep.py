@@ -1,8 +1,8 @@
 """The W&B-sweep-YAML -> optuna mapping, the local runner (resume, workers) and the refusals."""
 
 import json
-import subprocess
 import math
+import subprocess
 import sys
 from pathlib import Path
 
