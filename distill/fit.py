@@ -1,6 +1,9 @@
-"""`python -m distill.fit --config configs/fit/X.yaml [--model.kd.alpha=0.5 ...]`: train, then report honestly.
+"""`python -m distill.fit --config configs/fit/X.yaml [--loss.kd_alpha=0.5 ...]`: train, then report honestly.
 
-A LightningCLI without subcommands (overrides come exactly as a W&B agent passes them). The flow:
+A LightningCLI without subcommands (overrides come exactly as a W&B agent passes them). The loss is
+its own top-level section, `loss:`, built from the loss-term registry: `--loss.<term>.weight`,
+`--loss.<term>.<option>` for every registered term, and the mixing settings (`--loss.kd_alpha`).
+The flow:
 fit -> reload the best checkpoint (by the student's validation Dice at its chosen threshold) ->
 validate (metrics_val.json) -> test at the threshold frozen on validation (metrics_test.json) ->
 curves_val.png, overlays_val.png -> a side-by-side table of teacher and student at every threshold.
@@ -16,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from distill.data.datamodule import VesselDataModule
 from distill.errors import ConfigError
+from distill.losses import LossSettings, loss_terms
 from distill.module import WHO, DistillModule
 from distill.report import format_table, write_metrics
 from distill.students import count_parameters
@@ -44,14 +49,38 @@ def _wandb_offline() -> bool:
         return True
 
 
+def add_loss_arguments(parser: LightningArgumentParser) -> None:
+    """The `loss` section: LossSettings, then `loss.<term>.weight` and each registered term's options.
+
+    Built from the registry when the parser is, so a term registered before `main()` runs (a test,
+    a launcher script) is configurable, trained and logged like the built-in ones. Linked into
+    `model.loss` as a plain dict (what the checkpoint's hyperparameters hold).
+    """
+    parser.add_class_arguments(LossSettings, "loss", instantiate=False)
+    for name, term in loss_terms().items():
+        parser.add_argument(
+            f"--loss.{name}.weight",
+            type=float | None,
+            default=term.default_weight,
+            help=f"weight of {name} (null: off; 0: logged without gradient)",
+        )
+        parser.add_class_arguments(term, f"loss.{name}", instantiate=False, sub_configs=False)
+    parser.link_arguments("loss", "model.loss", compute_fn=_as_dict)
+
+
+def _as_dict(section: Namespace) -> dict:
+    return section.as_dict()
+
+
 class DistillCLI(LightningCLI):
-    """LightningCLI that owns the run directory, the best-checkpoint callback and the logger."""
+    """LightningCLI that owns the run directory, the loss section, the best-checkpoint callback and the logger."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None, help="default: a timestamp")
         parser.add_argument("--runs_dir", type=str, default="students", help="runs land in runs_dir/run_name")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from it")
         parser.add_argument("--wandb", type=bool, default=True, help="log to W&B when wandb is installed")
+        add_loss_arguments(parser)
 
     @property
     def run_dir(self) -> Path:
@@ -138,11 +167,15 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     run_dir = Path(trainer.default_root_dir)
-    if model.loss.kd.alpha > 0 and not data.has_teacher:
+    needing = model.loss.terms_needing("teacher_logits")
+    if needing and not data.has_teacher:
         raise ConfigError(
-            f"model.kd.alpha={model.loss.kd.alpha} needs a teacher cache: set data.cache_dir, "
-            "or --model.kd.alpha=0 for a ground-truth-only baseline"
+            f"loss terms {needing} need a teacher cache (loss.kd_alpha={model.loss.settings.kd_alpha}): "
+            "set data.cache_dir, or --loss.kd_alpha=0 for a ground-truth-only baseline"
         )
+    needing = model.loss.terms_needing("skeleton")
+    if needing and not data.skeletons:
+        raise ConfigError(f"loss terms {needing} need ground-truth skeletons: set data.skeletons=true")
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         cli.parser.save(cli.config, run_dir / "config.yaml", overwrite=True, multifile=False)

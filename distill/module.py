@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.losses import DistillLoss, FiniteCheck, GTLossConfig, KDConfig, ThinConfig
+from distill.losses import DistillLoss, FiniteCheck
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
     PerImageDice,
@@ -65,16 +65,16 @@ class EpochLossMeans:
 class DistillModule(pl.LightningModule):
     """Student + DistillLoss + threshold-sweep metrics for student and teacher.
 
-    `thresholds` is the grid swept on every validation/test pass; `threshold_rule` picks one on
-    validation ("max_dice", or "recall_target": the highest threshold whose recall >= recall_target).
+    `loss` is the loss config (`distill.losses.resolve_loss_config`; `distill.fit` fills it from the
+    config's top-level `loss:` section). `thresholds` is the grid swept on every validation/test
+    pass; `threshold_rule` picks one on validation ("max_dice", or "recall_target": the highest
+    threshold whose recall >= recall_target).
     """
 
     def __init__(
         self,
         student: StudentConfig = StudentConfig(),
-        gt: GTLossConfig = GTLossConfig(),
-        kd: KDConfig = KDConfig(),
-        thin: ThinConfig = ThinConfig(),
+        loss: dict[str, Any] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         warmup_fraction: float = 0.05,
@@ -88,18 +88,14 @@ class DistillModule(pl.LightningModule):
         super().__init__()
         # Lightning's load_from_checkpoint passes the saved plain dicts back: accept both.
         student = student if isinstance(student, StudentConfig) else StudentConfig(**student)
-        gt = gt if isinstance(gt, GTLossConfig) else GTLossConfig(**gt)
-        kd = kd if isinstance(kd, KDConfig) else KDConfig(**kd)
-        thin = thin if isinstance(thin, ThinConfig) else ThinConfig(**thin)
         if not 0 <= warmup_fraction < 1:
             raise ConfigError(f"model.warmup_fraction={warmup_fraction}: must be in [0, 1)")
+        self.loss = DistillLoss(loss)
         # Plain types only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
                 "student": asdict(student),
-                "gt": asdict(gt),
-                "kd": asdict(kd),
-                "thin": asdict(thin),
+                "loss": self.loss.config,
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "warmup_fraction": warmup_fraction,
@@ -112,7 +108,6 @@ class DistillModule(pl.LightningModule):
             }
         )
         self.student = create_student(**student.kwargs())
-        self.loss = DistillLoss(gt=gt, kd=kd, thin=thin)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.threshold_rule = threshold_rule
         self.recall_target = recall_target

@@ -114,9 +114,9 @@ def test_hyperband_maps_to_optuna_pruner(tmp_path):
 
 
 def test_command_expands_like_a_wandb_agent(tmp_path):
-    spec = load_sweep(write_sweep(tmp_path, {"model.kd.alpha": {"values": [0.5]}}))
-    argv = expand_command(spec, {"model.kd.alpha": 0.5, "model.student.name": "unet"})
-    assert argv == [sys.executable, str(FAKE_TRIAL), "--model.kd.alpha=0.5", "--model.student.name=unet"]
+    spec = load_sweep(write_sweep(tmp_path, {"loss.kd_alpha": {"values": [0.5]}}))
+    argv = expand_command(spec, {"loss.kd_alpha": 0.5, "model.student.name": "unet"})
+    assert argv == [sys.executable, str(FAKE_TRIAL), "--loss.kd_alpha=0.5", "--model.student.name=unet"]
 
 
 @pytest.mark.parametrize(
@@ -225,10 +225,25 @@ def test_mapping_values_travel_through_optuna_as_json(tmp_path):
     assert argv[-1] == "--model.student={'name': 'unet', 'encoder': 'resnet18'}"
 
 
-def test_shipped_sweeps_parse(tmp_path):
-    for path in sorted(Path("configs/sweeps").glob("*.yaml")):
-        spec = load_sweep(path)
-        assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
+@pytest.mark.parametrize("path", sorted(Path("configs/sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_set_what_fit_reads(path, capsys):
+    """Each swept name reaches the resolved fit config with the value the agent passes (a renamed
+    setting would otherwise fail every trial, or worse, be ignored)."""
+    from distill.fit import main as fit_main
+
+    spec = load_sweep(path)
+    assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
+    values = {p.name: p.values[0] if p.values else p.high for p in spec.params}
+    argv = expand_command(spec, values)
+    with pytest.raises(SystemExit) as done:
+        fit_main([*argv[argv.index("distill.fit") + 1 :], "--print_config"])
+    assert done.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for name, value in values.items():
+        found = resolved
+        for key in name.split("."):
+            found = found[key]
+        assert found == value or (isinstance(value, dict) and value.items() <= found.items()), name
 
 
 def test_arguments_after_a_bare_double_dash_reach_every_trial(tmp_path):

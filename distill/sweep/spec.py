@@ -132,7 +132,7 @@ def _parse_param(path: Path, name: str, block: Any) -> Param:
         raise ConfigError(f"{where} must be a mapping such as {{values: [...]}} or {{min: 0, max: 1}}")
     if "parameters" in block:
         raise ConfigError(
-            f"{where} nests `parameters`; write the dotted name instead (e.g. model.kd.alpha), "
+            f"{where} nests `parameters`; write the dotted name instead (e.g. loss.kd_alpha), "
             "which is how LightningCLI takes overrides"
         )
     if "value" in block:
