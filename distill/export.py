@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from distill import __version__
+from distill.cli import reports_user_errors
 from distill.errors import DistillError
 from distill.students import load_student
 
@@ -112,6 +113,7 @@ def max_abs_error(student: torch.nn.Module, onnx_path: Path, sizes: tuple[int, .
     return worst
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distill.export",
@@ -129,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     args = parser.parse_args(argv)
     out = args.out or args.ckpt.parent.parent / "student.onnx"
-    try:
-        result = export_onnx(args.ckpt, out, opset=args.opset)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = export_onnx(args.ckpt, out, opset=args.opset)
     print(
         f"wrote {out} ({result['params']:,} parameters, chosen threshold {result['chosen_threshold']}); "
         f"max |onnx - torch| = {result['max_abs_error']:.2e}"

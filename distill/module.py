@@ -125,9 +125,11 @@ class DistillModule(pl.LightningModule):
         )
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
+        self.freeze_thresholds = False  # True: validation too scores at the thresholds set, choosing none
         self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)
-        # A few images of the last val or test pass, with both predictions (for overlay pictures).
-        self.overlay_samples: dict[str, Tensor] = {}
+        # The first n_overlays images of the last val or test pass, with both predictions and their
+        # ids (for overlay pictures).
+        self.overlay_samples: dict[str, Any] = {}
         self._compiled: nn.Module | None = None
         self._unchecked: tuple[int, int, int, FiniteCheck] | None = None  # see training_step
         self._epoch_losses = EpochLossMeans()
@@ -243,6 +245,8 @@ class DistillModule(pl.LightningModule):
                 self.overlay_samples[key] = (
                     torch.cat([self.overlay_samples[key], value]) if key in self.overlay_samples else value
                 )
+            if "id" in batch:  # so that each overlay row can name its image
+                self.overlay_samples["id"] = [*self.overlay_samples.get("id", []), *batch["id"][take]]
 
     def on_validation_epoch_start(self) -> None:
         self.overlay_samples = {}
@@ -291,7 +295,7 @@ class DistillModule(pl.LightningModule):
             curves = {name: values.reshape(-1) for name, values in curves_metric.compute().items()}
             per_image = per_image_metric.compute()
             curves_metric.reset(), per_image_metric.reset()
-            if stage == "val" or frozen[who] is None:
+            if (stage == "val" and not self.freeze_thresholds) or frozen[who] is None:
                 choice = choose_threshold(curves, self.threshold_rule, self.recall_target)
                 index, threshold = choice
                 if self.threshold_rule == "recall_target":

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from distill.cli import reports_user_errors
 from distill.data.images import read_image
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -79,6 +80,7 @@ def predict_folder(
     return len(paths)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distill.predict",
@@ -98,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=None, help="override the model's chosen threshold")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (checkpoints only)")
     args = parser.parse_args(argv)
-    try:
-        n = predict_folder(args.model, args.images, args.out, args.threshold, args.device)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    n = predict_folder(args.model, args.images, args.out, args.threshold, args.device)
     print(f"wrote {n} masks and probability maps to {args.out}/masks and {args.out}/probs")
     return 0
 

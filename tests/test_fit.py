@@ -13,6 +13,7 @@ import yaml
 from distill.cache import CacheWriter, TeacherCache
 from distill.errors import ConfigError
 from distill.evaluate import evaluate
+from distill.fit import _command_line as _fit_command_line
 from distill.fit import main
 from distill.losses import DistillLoss
 from distill.students import load_student
@@ -86,6 +87,32 @@ def test_a_loss_term_registered_outside_distill_is_trained_and_logged_by_fit(tin
     hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["loss"][term] == {"weight": 0.25, "power": 2.0}
     assert yaml.safe_load((run / "config.yaml").read_text())["loss"][term] == {"weight": 0.25, "power": 2.0}
+
+
+def test_a_run_directory_of_another_run_is_refused_unless_resumed_or_overwritten(tiny_run, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "tiny")
+    before = {p: p.stat().st_mtime_ns for p in (runs / "tiny").rglob("*")}
+    config = str(tiny_run / "config.yaml")  # the same config, pointed at other data: still another run
+    args = [f"--config={config}", f"--runs_dir={runs}", "--data.data_root=elsewhere", "--wandb=false"]
+    with pytest.raises(
+        ConfigError, match=r"already holds a run .*--ckpt_path .*last\.ckpt.*--run_name.*--overwrite"
+    ):
+        main(args)
+    assert {p: p.stat().st_mtime_ns for p in (runs / "tiny").rglob("*")} == before  # nothing written
+    assert _fit_command_line(args) == 2 and "already holds a run" in capsys.readouterr().err
+
+    (runs / "tiny" / "student.onnx").write_bytes(b"from the old run")
+    resumed = [*args[:2], f"--ckpt_path={runs / 'tiny' / 'checkpoints' / 'last.ckpt'}", "--wandb=false"]
+    main(resumed)  # resuming a finished run: allowed, it continues in its own directory
+    assert (runs / "tiny" / "student.onnx").is_file()
+    with pytest.raises(ConfigError, match="--overwrite would delete"):
+        main([*resumed, "--overwrite=true"])
+
+    main([*args[:2], "--overwrite=true", "--wandb=false"])
+    assert not (runs / "tiny" / "student.onnx").exists()  # cleared, then written afresh
+    assert (runs / "tiny" / "metrics_test.json").is_file()
+    assert "overwrite: false" in (runs / "tiny" / "config.yaml").read_text()
 
 
 def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):

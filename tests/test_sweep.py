@@ -165,6 +165,11 @@ def test_local_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     assert main([str(path), "--trials", "3", "--out", str(out)]) == 0
     rows = list((out / "results.csv").read_text().splitlines())
     assert len(rows) == 1 + 3
+    assert not (out / "param_importance.png").exists()  # 3 finished trials are too few to rank anything
+    assert (
+        "needs 5 finished trials with a varying parameter, and 3 finished so far"
+        in (out / "results.md").read_text()
+    )
     assert main([str(path), "--trials", "5", "--out", str(out), "--workers", "2"]) == 0
     spec = load_sweep(path)
     study = LocalSweep(spec, out).study
@@ -179,6 +184,7 @@ def test_local_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     assert values == sorted(values, reverse=True)
     assert (out / "results.md").read_text().count("](runs/") == 5
     assert (out / "metric_vs_params.png").exists() and (out / "param_importance.png").exists()
+    assert "![parameter importance](param_importance.png)" in (out / "results.md").read_text()
 
 
 def test_interrupted_trial_is_requeued_with_its_parameters(tmp_path):

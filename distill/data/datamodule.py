@@ -47,9 +47,9 @@ from distill.cache import TeacherCache
 from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment
 from distill.data.sampling import EndlessBatches, EpochStream, EvalShard
+from distill.data.splits import SPLITS
 from distill.errors import CacheError, ConfigError, DistillError
 
-SPLITS = ("train", "val", "test")
 NO_MAP_LOGIT = -20.0  # the teacher logit of an id without a map: probability 2e-9, below any threshold
 WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_worker)
 
