@@ -147,14 +147,21 @@ def _options(term: type[LossTerm]) -> list[inspect.Parameter]:
     return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def _unknown_and_off(key: str, value: Any) -> bool:
+    off = isinstance(value, Mapping) and "weight" in value and value["weight"] is None
+    return off and key not in SETTINGS and key not in _REGISTRY
+
+
 def resolve_loss_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The whole loss config, plain types: every setting and every registered term's weight and
     options, the given values over the defaults.
 
-    Raises ConfigError naming `loss.<key>` for a key that is neither a setting nor a registered term,
-    an option a term does not take, or a term given as something other than a mapping.
+    Raises ConfigError naming `loss.<key>` for a key that is neither a setting nor a registered term
+    (unless its weight is null: off), an option a term does not take, or a term given as something
+    other than a mapping.
     """
-    config = dict(config or {})
+    # A term switched off may be unknown here: a checkpoint lists every term registered where it was trained.
+    config = {key: value for key, value in (config or {}).items() if not _unknown_and_off(key, value)}
     unknown = [key for key in config if key not in SETTINGS and key not in _REGISTRY]
     if unknown:
         raise ConfigError(

@@ -351,6 +351,14 @@ def test_a_registered_term_is_configured_composed_and_returned_by_name():
     assert resolve_loss_config()["test_mean_probability"] == {"weight": None, "power": 1.0}
 
 
+def test_an_unknown_term_that_is_off_is_ignored_and_one_that_is_on_is_refused():
+    """A checkpoint lists every term registered where it was trained; one that was off must not stop
+    it from loading where that term's module is not imported."""
+    assert "gone" not in DistillLoss({"gone": {"weight": None, "x": 1}}).config
+    with pytest.raises(ConfigError, match="loss.gone: no such loss setting or term"):
+        DistillLoss({"gone": {"weight": 0.0}})
+
+
 def test_registering_a_term_checks_its_name_and_options():
     with pytest.raises(ValueError, match="registered twice"):
         register_loss_term("kd_bce")(MeanProbability)

@@ -5,7 +5,7 @@ Sa2VA's `predict_forward` returns binary masks. The logits live one step earlier
 `predict_forward` resizes bilinearly (align_corners=False) to the image size, takes channel 0 of
 and thresholds at `sigmoid > 0.5`. We wrap that method on the *instance* (it is not a `forward`, so
 hooks would not fire), keep a copy of its output, resize it the same way and check that our
-threshold reproduces Sa2VA's masks. Facts relied on: /work/shared/SA2VA.md.
+threshold reproduces Sa2VA's masks. The facts relied on: docs/DESIGN.md, "Sa2VA".
 
 Options (all keywords of `create_teacher("sa2va", ...)`):
 - model_path: local Sa2VA checkpoint directory (config.json with auto_map + remote code). Hub ids
