@@ -1,13 +1,16 @@
 """Command-line pieces shared by every `python -m distill.*` tool, so that the same thing is spelled
-and parsed the same way everywhere: `--reader-option K=V`, `--teacher-option K=V`, comma lists, and
-what a user's mistake looks like (`error: ...`, exit status 2)."""
+and parsed the same way everywhere: `--reader-option K=V`, `--teacher-option K=V`, comma lists,
+deprecated aliases, the `None` a W&B agent writes for null, and what a user's mistake looks like
+(`error: ...`, exit status 2)."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec
 
 import yaml
@@ -46,18 +49,67 @@ def key_value(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({err})") from err
 
 
-def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
-    """Accept `old` (hidden from --help) as the former spelling of the option `new`, for one release:
-    it sets the same value and prints a warning naming `new`."""
-
-    class Alias(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None):
-            print(f"warning: {old} is deprecated and goes in the next release; use {new}", file=sys.stderr)
-            setattr(namespace, self.dest, values)
-
-    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=Alias, help=argparse.SUPPRESS)
-
-
 def comma_list(text: str) -> list[str]:
     """`a, b,c` -> ["a", "b", "c"] (empty parts dropped)."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, alias: str, target: argparse.Action) -> None:
+    """Accept `alias`, an old spelling of the option `target`, for one more release.
+
+    The alias is hidden from --help, does exactly what `target` does, and prints a one-line note on
+    stderr naming the new spelling. `target` must not be `required` (argparse would not count the
+    alias as giving it); check for a missing value after parsing instead.
+    """
+    new = target.option_strings[0]
+
+    class Alias(argparse.Action):
+        def __call__(
+            self,
+            parser: argparse.ArgumentParser,
+            namespace: argparse.Namespace,
+            values: Any,
+            option_string: str | None = None,
+        ) -> None:
+            note = f"note: {option_string} is deprecated, use {new} (the old name goes in the next release)"
+            print(note, file=sys.stderr)
+            target(parser, namespace, values, new)
+
+    parser.add_argument(
+        alias, action=Alias, dest=target.dest, type=target.type, choices=target.choices,
+        metavar=target.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+    )  # fmt: skip
+
+
+def none_as_null(argv: Sequence[str]) -> list[str]:
+    """`--key=None` -> `--key=null` (also `--key None`, and a None inside a Python mapping or list).
+
+    A W&B agent (and `distill.sweep`, which builds trials the same way) writes each swept value with
+    Python's str(), so a null arrives as `--data.crop_size=None`, and a mapping holding one as
+    `--model.student={'name': 'unet', 'encoder_weights': None}`. jsonargparse reads values as YAML,
+    where `None` is the string "None": a type error for an int, a folder named "None" for a path.
+    Every other argument is left as it is; a quoted 'None' stays a string.
+    """
+    out = []
+    for position, arg in enumerate(argv):
+        key, sep, value = arg.partition("=")
+        after_flag = position > 0 and argv[position - 1].startswith("--") and "=" not in argv[position - 1]
+        if arg.startswith("--") and sep:
+            out.append(f"{key}={_python_none_as_null(value)}")
+        elif after_flag and arg == "None":
+            out.append("null")
+        else:
+            out.append(arg)
+    return out
+
+
+def _python_none_as_null(value: str) -> str:
+    if value.strip() == "None":
+        return "null"
+    if "None" not in value:
+        return value
+    try:
+        parsed = ast.literal_eval(value)
+        return json.dumps(parsed) if isinstance(parsed, (dict, list, tuple)) else value
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return value  # not a Python literal: YAML reads it as it is

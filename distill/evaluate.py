@@ -252,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         help="dataset reader option, value read as YAML (repeatable; merged over the run's own, which "
         "are dropped when --data-format names another format)",
     )  # fmt: skip
-    parser.add_argument(
+    cache_dir = parser.add_argument(
         "--cache-dir", default=None, help="teacher cache directory (default: the run's config)"
     )
-    add_deprecated_alias(parser, "--cache", "--cache-dir")
+    add_deprecated_alias(parser, "--cache", cache_dir)
     parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 The ONNX graph takes raw uint8 RGB `image [N, 3, H, W]` (any N, H, W) and returns vessel logits
 `[N, 1, H, W]`: normalisation and padding are inside the student, so a deployment needs no
 preprocessing code. The threshold chosen on validation travels in the model's metadata
-(`chosen_threshold`), next to the student's config, so `sigmoid(logits) > chosen_threshold` is the
+(`chosen_threshold`), next to the student's config, so `sigmoid(logits) >= chosen_threshold` is the
 mask the evaluation reported. Every export is checked against PyTorch with onnxruntime on random
 images of two sizes before it is declared done.
 """
@@ -57,7 +57,7 @@ def export_onnx(
         "student": info["student"],
         "params": info["params"],
         "input": "image: uint8 RGB [N, 3, H, W], any size; normalisation is inside the model",
-        "output": "logits: float32 [N, 1, H, W]; mask = sigmoid(logits) > chosen_threshold",
+        "output": "logits: float32 [N, 1, H, W]; mask = sigmoid(logits) >= chosen_threshold",
         "source_checkpoint": str(ckpt),
         "distill_version": __version__,
     }

@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from distill.cli import reports_user_errors
+from distill.cli import none_as_null, reports_user_errors
 from distill.data.datamodule import VesselDataModule
 from distill.errors import ConfigError
 from distill.losses import LossSettings, loss_terms
@@ -183,14 +183,17 @@ def _log_pictures_and_tables(
 
 
 def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the whole flow; returns {"val": report, "test": report} (the metrics.json bodies)."""
+    """Run the whole flow; returns {"val": report, "test": report} (the metrics.json bodies).
+
+    `args` (default: the command line) may spell null as Python's `None`, as a W&B agent does.
+    """
     cli = DistillCLI(
         DistillModule,
         VesselDataModule,
         run=False,
         seed_everything_default=0,
         save_config_callback=None,
-        args=args,
+        args=none_as_null(sys.argv[1:] if args is None else args),
         parser_kwargs={"description": __doc__.split("\n")[0]},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule

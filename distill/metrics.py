@@ -100,11 +100,8 @@ def _check_inputs(probs: Tensor, target: Tensor, roi: Tensor | None) -> None:
         raise ValueError(f"target must be 0/1 (got values {target.unique()[:8].tolist()})")
 
 
-class ThresholdCurves(Metric):
-    """tp/fp/fn at every threshold as summed int64 counts, pooled over all images.
-
-    The states are sums, so DDP ranks are merged exactly (dist_reduce_fx="sum").
-    """
+class _ThresholdGridMetric(Metric):
+    """A metric over a grid of thresholds (strictly increasing, in [0, 1]), kept as bucket boundaries."""
 
     is_differentiable = False
     higher_is_better = True
@@ -114,12 +111,26 @@ class ThresholdCurves(Metric):
         self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, validate_args: bool = True, **kwargs
     ):
         super().__init__(**kwargs)
-        self.thresholds = thresholds = _check_thresholds(thresholds)
-        self.validate_args = validate_args
-        self.register_buffer("_boundaries", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
+        self.thresholds = _check_thresholds(thresholds)
+        self.validate_args = validate_args  # False where the caller has checked the same inputs
+        self.register_buffer(
+            "_boundaries", torch.tensor(self.thresholds, dtype=torch.float32), persistent=False
+        )
+
+
+class ThresholdCurves(_ThresholdGridMetric):
+    """tp/fp/fn at every threshold as summed int64 counts, pooled over all images.
+
+    The states are sums, so DDP ranks are merged exactly (dist_reduce_fx="sum").
+    """
+
+    def __init__(
+        self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, validate_args: bool = True, **kwargs
+    ):
+        super().__init__(thresholds, validate_args, **kwargs)
         for name in ("tp", "fp", "fn"):
             self.add_state(
-                name, default=torch.zeros(len(thresholds), dtype=torch.int64), dist_reduce_fx="sum"
+                name, default=torch.zeros(len(self.thresholds), dtype=torch.int64), dist_reduce_fx="sum"
             )
 
     def update(self, probs: Tensor, target: Tensor, roi: Tensor | None = None) -> None:
@@ -137,7 +148,7 @@ class ThresholdCurves(Metric):
         return {"thresholds": thresholds, **_scores(self.tp, self.fp, self.fn)}
 
 
-class PerImageDice(Metric):
+class PerImageDice(_ThresholdGridMetric):
     """Dice of every image at every threshold ([N, n_thresholds]) in split order, gathered over DDP ranks.
 
     `index` is each image's position in its split (the batch's "index"): ranks see interleaved shares
@@ -145,19 +156,10 @@ class PerImageDice(Metric):
     images have vessel pixels inside their ROI (see the module docstring for images that have none).
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
     def __init__(
         self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, validate_args: bool = True, **kwargs
     ):
-        super().__init__(**kwargs)
-        self.thresholds = _check_thresholds(thresholds)
-        self.validate_args = validate_args
-        self.register_buffer(
-            "_boundaries", torch.tensor(self.thresholds, dtype=torch.float32), persistent=False
-        )
+        super().__init__(thresholds, validate_args, **kwargs)
         self.add_state("dice", default=[], dist_reduce_fx="cat")
         self.add_state("has_vessels", default=[], dist_reduce_fx="cat")
         self.add_state("index", default=[], dist_reduce_fx="cat")

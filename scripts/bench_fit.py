@@ -61,7 +61,9 @@ TINY_MODELS = {
 def make_data(root: Path, n_images: int, n_unique: int, size: int) -> tuple[Path, Path]:
     """Synthetic merged dataset (n_unique generated images repeated under new ids) and a logit cache for it."""
     data, cache = root / "data", root / "cache"
-    if (cache / "manifest.json").is_file() and len(TeacherCache(cache).missing()) == 0:
+    if (cache / "manifest.json").is_file() and not TeacherCache(cache).missing(
+        open_dataset("merged", data).ids
+    ):
         return data, cache  # made by an earlier run with the same --work
     unique = [
         generate_sample(seed, size, "fundus")

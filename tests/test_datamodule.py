@@ -144,6 +144,22 @@ def test_stale_cache_is_refused(data):
         module(data, cache_dir=data["stale"])
 
 
+def test_a_cache_serves_a_smaller_dataset_and_refuses_a_changed_image_by_id(data, tmp_path):
+    smaller = tmp_path / "smaller"
+    shutil.copytree(data["root"], smaller)
+    gone, edited = data["dataset"].ids[1], data["dataset"].ids[4]
+    for path in smaller.glob(f"*/{gone}.*"):
+        path.unlink()
+    dm = module({**data, "root": str(smaller)}, cache_dir=data["cache"])  # extra cached ids are fine
+    assert gone not in dm.dataset.ids and len(dm.dataset.ids) == 11
+    image = next(smaller.glob(f"images/{edited}.*"))
+    image.write_bytes(image.read_bytes() + b"\0")  # same pixels for a decoder, different content hash
+    with pytest.raises(
+        CacheError, match=rf"1 id\(s\) with changed content since they were cached \(e.g. {edited}\)"
+    ):
+        module({**data, "root": str(smaller)}, cache_dir=data["cache"])
+
+
 def test_match_mode_uses_the_sampled_view_among_the_cached_ones(data):
     dm = module(data, cache_dir=data["cache"], teacher_views="match", augment="light", batch_size=1)
     views_seen = set()

@@ -93,7 +93,7 @@ def test_evaluate_takes_the_cache_dir_and_its_old_alias(tiny_run, tmp_path, caps
     assert evaluate_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), flag, str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err
-    assert ("--cache is deprecated" in err and "use --cache-dir" in err) == (flag == "--cache")
+    assert ("--cache is deprecated, use --cache-dir" in err) == (flag == "--cache")
 
 
 def test_evaluate_refuses_a_foreign_checkpoint(tmp_path, capsys):
@@ -120,6 +120,7 @@ def test_onnx_export_matches_pytorch_and_carries_the_threshold(tiny_run, tmp_pat
     fit_val = json.loads((tiny_run / "metrics_val.json").read_text())
     assert meta["chosen_threshold"] == fit_val["chosen_threshold"]["student"]
     assert meta["student"]["name"] == "unet"
+    assert meta["output"].endswith("mask = sigmoid(logits) >= chosen_threshold")  # the metrics' rule
 
 
 def test_predict_folder_with_checkpoint_and_onnx_agree(tiny_run, tiny_data_and_cache, tmp_path):
@@ -146,3 +147,28 @@ def test_predict_refuses_an_empty_folder(tiny_run, tmp_path):
         from distill.predict import predict_folder
 
         predict_folder(tiny_run / "checkpoints" / "best.ckpt", tmp_path, tmp_path / "out")
+
+
+def test_predict_takes_the_readers_images_upright_and_marks_prob_equal_to_the_threshold(
+    tmp_path, monkeypatch
+):
+    """One suffix list (the readers', .gif and .webp too), one decoding (EXIF applied) and one rule
+    (prob >= t, as the metrics and overlays) for checkpoints and ONNX alike."""
+    import distill.predict as predict
+
+    images = tmp_path / "new"
+    images.mkdir()
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(images / "a.gif")
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(images / "b.webp")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 8 wide x 6 high, shown 6 wide x 8 high
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(images / "c.jpg", exif=exif)
+
+    def at_threshold(image: np.ndarray) -> np.ndarray:
+        return np.full(image.shape[:2], 0.5, np.float32)
+
+    monkeypatch.setattr(predict, "load_predictor", lambda model, device: (at_threshold, 0.5))
+    assert predict.predict_folder(tmp_path / "student.onnx", images, tmp_path / "out") == 3
+    for name, shape in (("a", (6, 8)), ("b", (6, 8)), ("c", (8, 6))):
+        mask = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png"))
+        assert mask.shape == shape and (mask == 255).all(), name

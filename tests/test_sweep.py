@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from distill.errors import ConfigError
+from distill.fit import main as fit_main
 from distill.sweep.runner import LocalSweep, main, results_rows
 from distill.sweep.spec import expand_command, load_sweep, make_pruner, make_sampler
 
@@ -135,6 +136,18 @@ def test_command_expands_like_a_wandb_agent(tmp_path):
         ({"early_terminate": {"type": "median"}}, "only type: hyperband"),
         ({"command": ["python", "x.py", "${args_json}"]}, "no \\$\\{args\\}|not supported"),
         ({"metric": {"name": "x", "goal": "up"}}, "maximize or minimize"),
+        (  # values where exponents belong: would sample learning rates near e^0 = 1
+            {"parameters": {"a": {"distribution": "log_uniform", "min": 1e-5, "max": 1e-2}}},
+            "log_uniform takes natural-log exponents.*`distribution: log_uniform_values`",
+        ),
+        (  # exp(1000) overflows
+            {"parameters": {"a": {"distribution": "q_log_uniform", "min": 1, "max": 1000}}},
+            "not exponents.*beyond float range.*`distribution: q_log_uniform_values`",
+        ),
+        (
+            {"parameters": {"a": {"distribution": "inv_log_uniform", "min": 0.001, "max": 0.1}}},
+            "`distribution: inv_log_uniform_values`",
+        ),
     ],
 )
 def test_refusals_name_the_file_and_the_fix(tmp_path, change, message):
@@ -150,6 +163,25 @@ def test_refusals_name_the_file_and_the_fix(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_sweep(path)
     assert str(path) in str(err.value)
+
+
+def test_a_null_in_a_sweep_reaches_fit_as_none(tmp_path, capsys):
+    """The local runner writes values as a W&B agent does (str(None) = "None"); fit reads them as null."""
+    student = {"name": "unet", "encoder": "resnet18", "encoder_weights": None}
+    parameters = {
+        "data.crop_size": {"values": [None]},
+        "data.cache_dir": {"value": None},
+        "model.student": {"values": [student]},
+    }
+    spec = load_sweep(write_sweep(tmp_path, parameters))
+    (drawn,) = sample(write_sweep(tmp_path, parameters), n=1)
+    argv = expand_command(spec, drawn)[2:]
+    assert "--data.crop_size=None" in argv and "--data.cache_dir=None" in argv
+    with pytest.raises(SystemExit):
+        fit_main(["--config=configs/fit/demo.yaml", *argv, "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["data"]["crop_size"] is None and config["data"]["cache_dir"] is None
+    assert config["model"]["student"]["encoder_weights"] is None
 
 
 def test_grid_refuses_continuous_parameters(tmp_path):
@@ -235,8 +267,6 @@ def test_mapping_values_travel_through_optuna_as_json(tmp_path):
 def test_shipped_sweeps_set_what_fit_reads(path, capsys):
     """Each swept name reaches the resolved fit config with the value the agent passes (a renamed
     setting would otherwise fail every trial, or worse, be ignored)."""
-    from distill.fit import main as fit_main
-
     spec = load_sweep(path)
     assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
     values = {p.name: p.values[0] if p.values else p.high for p in spec.params}
