@@ -87,9 +87,8 @@ def plot_overlays(samples: dict[str, Any], report: dict[str, Any], path: str | P
     columns = ["image", "ground truth"] + [who for who in ("teacher", "student") if who in samples]
     n = samples["image"].shape[0]
     ids = samples.get("id") or [f"#{row}" for row in range(n)]
-    fig, axes = plt.subplots(
-        n, len(columns), figsize=(2.6 * len(columns), 2.6 * n + 0.6), dpi=100, squeeze=False
-    )
+    height = 2.6 * n + 0.6  # inches: the rows, and room for the title above and the key below
+    fig, axes = plt.subplots(n, len(columns), figsize=(2.6 * len(columns), height), dpi=100, squeeze=False)
     for row in range(n):
         roi = samples["roi"][row, 0].numpy() > 0
         mask = samples["mask"][row, 0].numpy()
@@ -113,7 +112,7 @@ def plot_overlays(samples: dict[str, Any], report: dict[str, Any], path: str | P
         Patch(facecolor=FP_COLOUR, label="false alarm (FP)"),
     ]
     fig.legend(handles=key, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.35 / (2.6 * n + 0.6), 1, 1))
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.25 / height))
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
