@@ -330,7 +330,7 @@ def steer_answer(
                 model, [prepare_inputs(model, Image.fromarray(image), prompt)], answer_ids
             )
             hidden.append(states[0].float())
-        hidden = torch.cat(hidden)  # [n_images * k, C]
+        hidden = torch.cat(hidden).cpu()  # [n_images * k, C] (CUDA's lstsq takes no wide systems)
         tokens = sorted(set(answer_ids))
         targets = torch.zeros(len(hidden), len(tokens))
         for row, token in enumerate(answer_ids * len(calibration_images())):
@@ -338,7 +338,7 @@ def steer_answer(
         rows = torch.linalg.lstsq(hidden, targets).solution.T  # [len(tokens), C]
         head = model.language_model.get_output_embeddings()
         weight = torch.zeros_like(head.weight, dtype=torch.float32)
-        weight[tokens] = rows
+        weight[tokens] = rows.to(weight.device)
         head.weight.copy_(weight.to(head.weight.dtype))
 
 

@@ -325,13 +325,15 @@ def test_sam2_views_share_the_llm_pass_and_stay_close_to_the_full_model_per_view
 # -- through the caching CLI
 
 
-def test_cache_teacher_reruns_without_loading_and_accepts_a_moved_model(standin, tmp_path, monkeypatch):
+def test_cache_teacher_reruns_without_loading_and_accepts_a_moved_model(standin, tmp_path, monkeypatch, capsys):
     data = make_dataset(tmp_path / "data", count=4, size=48, style="fundus", seed=5)
     out = tmp_path / "cache"
     flags = ["--teacher", "sa2va", "--model-path", str(standin), "--trust-remote-code", "--data-format", "merged",
              "--data-root", str(data), "--out", str(out), "--teacher-option", "path=teacher_forced",
              "--teacher-option", "sam2_views=true", "--views", "identity,hflip"]  # fmt: skip
     assert cache_teacher(flags) == 0
+    printed = capsys.readouterr().out
+    assert "teacher-forced: 3 image(s) forced, 0 fell back" in printed, printed
     assert cache_teacher(["--verify", str(out)]) == 0
 
     def no_loading(self):
@@ -341,3 +343,4 @@ def test_cache_teacher_reruns_without_loading_and_accepts_a_moved_model(standin,
     moved = shutil.copytree(standin, tmp_path / "other_node" / "sa2va")
     flags[flags.index(str(standin))] = str(moved)
     assert cache_teacher(flags) == 0
+    assert "nothing to do, all 4 id(s) already cached; the teacher was not run" in capsys.readouterr().out

@@ -233,7 +233,8 @@ class Sa2VATeacher(Teacher):
         path: "generate" or "teacher_forced" (see the module docstring).
         answer: teacher_forced: the exact expected answer including its end token, e.g.
             "It is [SEG].<|im_end|>"; None = the answer the model generates on the first image with a [SEG].
-        check_first, check_every: teacher_forced: images also run through `predict_forward` and compared.
+        check_first, check_every: teacher_forced: the first `check_first` forced images and every
+            `check_every`-th (0: none) also run through `predict_forward` and are compared.
         check_agreement: teacher_forced: least pixel agreement with `predict_forward` on a sampled image.
         sam2_views: teacher_forced: run the LLM once per image and only SAM2 on each view.
     """
@@ -281,10 +282,10 @@ class Sa2VATeacher(Teacher):
             raise ConfigError(f"--teacher-option path={path!r}: choose one of {list(PATHS)}")
         if path != "teacher_forced" and (answer is not None or sam2_views):
             raise ConfigError("--teacher-option answer / sam2_views need path=teacher_forced")
-        if not 0.0 < check_agreement <= 1.0 or check_first < 0 or check_every < 1:
+        if not 0.0 < check_agreement <= 1.0 or check_first < 0 or check_every < 0:
             raise ConfigError(
-                f"check_agreement={check_agreement} must be in (0, 1], check_first={check_first} >= 0, "
-                f"check_every={check_every} >= 1"
+                f"check_agreement={check_agreement} must be in (0, 1], check_first={check_first} and "
+                f"check_every={check_every} >= 0"
             )
         quantization_kwargs(quantize)  # validates the name
         if quantize != "none" and importlib.util.find_spec("bitsandbytes") is None:

@@ -270,9 +270,10 @@ class TeacherForcing:
         return logits.amax(0).float().cpu().numpy()  # several [SEG]: the union of their masks
 
     def _sample_check(self, image: np.ndarray, prompt: str, forced: Map) -> None:
-        """On the first `check_first` and every `check_every`-th forced image, compare with predict_forward."""
+        """On the first `check_first` and every `check_every`-th forced image (0: none), compare with
+        predict_forward."""
         n = self.counts["forced"] - 1
-        if not (n < self.check_first or n % self.check_every == 0):
+        if not (n < self.check_first or (self.check_every and n % self.check_every == 0)):
             return
         agreement = mask_agreement(forced, self.generate_one(image, prompt), image.shape[:2])
         pixels = image.shape[0] * image.shape[1]
