@@ -92,12 +92,18 @@ def test_construction_is_cheap_and_the_fingerprint_needs_no_model(standin):
     lazy.close()  # closing a teacher that never loaded is fine
 
 
-def test_no_seg_gives_none_and_is_counted(tmp_path):
+def test_no_seg_gives_none_and_is_counted(tmp_path, capsys):
     sorry = write_standin(tmp_path / "sorry", answer=SORRY)
     teacher = create_teacher("sa2va", model_path=str(sorry), trust_remote_code=True)
     assert teacher.predict_logits([vessel_image(), vessel_image(40, 52)]) == [None, None]
     stats = teacher.stats()
     assert stats["no_mask"] == 2 and stats["agreement"] is None and stats["pixels_checked"] == 0
+    # Through the CLI: an all-no_mask run used to crash at the summary (agreement None).
+    data = make_dataset(tmp_path / "data", count=2, size=48, style="fundus", seed=1)
+    code = cache_teacher(["--teacher", "sa2va", "--model-path", str(sorry), "--trust-remote-code", "--data-format",
+                          "merged", "--data-root", str(data), "--out", str(tmp_path / "cache")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and "2 no_mask" in printed and "self-check: not checked (0 pixels)" in printed
 
 
 def test_dataset_text_prompts(standin):
@@ -157,6 +163,16 @@ def test_device_map_sizing_runs_constructors_that_call_item(standin):
         model_class = get_class_from_dynamic_module(config.auto_map["AutoModel"], str(standin))
     sizes = empty_module_sizes(lambda: model_class(config), torch.bfloat16)
     assert sizes["grounding_encoder"] > 0 and "language_model.model.layers.1" in sizes
+    # The adapter's own sizing path for one model over two GPUs (no GPU needed to plan the map).
+    sharded = create_teacher(
+        "sa2va", model_path=str(standin), trust_remote_code=True, devices=[0, 1], max_memory="2GiB",
+        first_gpu_reserve="0GiB",
+    )  # fmt: skip
+    with flash_attn_optional():
+        kwargs = sharded._load_kwargs(model_class, config, torch.bfloat16)
+    placement = kwargs["device_map"]
+    assert placement["grounding_encoder"] == 0 and placement["language_model.model.layers.1"] == 0
+    assert placement["language_model.model.layers.0"] == 1, "the other layers go to the second GPU"
 
 
 def test_load_failures_name_their_cause_and_mention_versions_only_when_they_are_the_cause(tmp_path):
@@ -325,7 +341,9 @@ def test_sam2_views_share_the_llm_pass_and_stay_close_to_the_full_model_per_view
 # -- through the caching CLI
 
 
-def test_cache_teacher_reruns_without_loading_and_accepts_a_moved_model(standin, tmp_path, monkeypatch, capsys):
+def test_cache_teacher_reruns_without_loading_and_accepts_a_moved_model(
+    standin, tmp_path, monkeypatch, capsys
+):
     data = make_dataset(tmp_path / "data", count=4, size=48, style="fundus", seed=5)
     out = tmp_path / "cache"
     flags = ["--teacher", "sa2va", "--model-path", str(standin), "--trust-remote-code", "--data-format", "merged",
