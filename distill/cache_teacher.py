@@ -20,10 +20,10 @@ import yaml
 
 from distill.cache import TeacherCache, cache_info, merge_cache, verify_cache
 from distill.caching import CacheJob, run_job
-from distill.cli import comma_list, key_value
+from distill.cli import comma_list, key_value, reports_user_errors
 from distill.data import open_dataset
 from distill.data.splits import SPLITS
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError
 
 EPILOG = """\
 examples:
@@ -321,24 +321,21 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.verify:
-            return verify(args)
-        if args.info:
-            print(json.dumps(cache_info(args.info), indent=2, default=str))
-            return 0
-        if args.merge:
-            if len(args.merge) < 2:
-                raise ConfigError("--merge needs DST and at least one SRC")
-            merge_cache(args.merge[0], *args.merge[1:])
-            print(f"merged {len(args.merge) - 1} cache(s) into {args.merge[0]}")
-            return 0
-        summary = run_job(args.job)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.verify:
+        return verify(args)
+    if args.info:
+        print(json.dumps(cache_info(args.info), indent=2, default=str))
+        return 0
+    if args.merge:
+        if len(args.merge) < 2:
+            raise ConfigError("--merge needs DST and at least one SRC")
+        merge_cache(args.merge[0], *args.merge[1:])
+        print(f"merged {len(args.merge) - 1} cache(s) into {args.merge[0]}")
+        return 0
+    summary = run_job(args.job)
     print_summary(summary, args.out)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
