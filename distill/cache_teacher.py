@@ -20,10 +20,10 @@ import yaml
 
 from distill.cache import TeacherCache, cache_info, merge_cache, verify_cache
 from distill.caching import CacheJob, run_job
-from distill.cli import comma_list, key_value
+from distill.cli import comma_list, key_value, reports_user_errors
 from distill.data import open_dataset
 from distill.data.splits import SPLITS
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError
 from distill.views import expand_views
 
 EPILOG = """\
@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sa2va: use each image's dataset text as the prompt")  # fmt: skip
     teacher.add_argument("--max-memory", help="sa2va: memory cap per GPU, e.g. 22GiB for 24 GB cards")
     teacher.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="sa2va: weights and inputs (default bfloat16)",
+    )
+    teacher.add_argument(
         "--quantize", choices=["none", "8bit", "4bit"], help="sa2va: bitsandbytes quantization"
     )
 
@@ -146,7 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Keys of a --config file that are not plain `dest`s of the parser.
-_SA2VA_FLAGS = ("model_path", "trust_remote_code", "prompt", "use_dataset_text", "max_memory", "quantize")
+_SA2VA_FLAGS = (
+    "model_path",
+    "trust_remote_code",
+    "prompt",
+    "use_dataset_text",
+    "max_memory",
+    "quantize",
+    "dtype",
+)
 _NOT_IN_CONFIG = ("config", "verify", "info", "merge")
 
 
@@ -253,6 +266,11 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     for device, gib in summary.get("peak_memory_gib", {}).items():
         lines.append(f"  peak memory {device}: {gib:.2f} GiB")
     lines += [self_check_line(stats) for stats in summary["teacher_stats"] if "agreement" in stats]
+    lines += [
+        forced_line(stats["teacher_forced"])
+        for stats in summary["teacher_stats"]
+        if "teacher_forced" in stats
+    ]
     if summary["failures"]:
         lines.append("  failed (left out with --skip-bad):")
         lines += [f"    {f}" for f in summary["failures"]]
@@ -268,6 +286,20 @@ def self_check_line(stats: dict[str, Any]) -> str:
         f"{100 * stats['agreement']:.4f}% of {stats['pixels_checked']:,} pixels "
         f"(worst image {100 * stats['worst_image_mismatch']:.4f}% off)"
     )
+
+
+def forced_line(forced: dict[str, Any]) -> str:
+    """The summary line of sa2va's teacher-forced path: how many images it served and its sample check."""
+    line = (
+        f"  teacher-forced: {forced['forced']} image(s) forced, {forced['fallback']} fell back to generate "
+        f"(greedy answer differed), {forced['sampled']} sampled against predict_forward"
+    )
+    if forced["sample_agreement"] is not None:
+        line += (
+            f": masks agree on {100 * forced['sample_agreement']:.4f}% of pixels "
+            f"(worst image {100 * forced['worst_sample_agreement']:.4f}%)"
+        )
+    return line
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -297,24 +329,21 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.verify:
-            return verify(args)
-        if args.info:
-            print(json.dumps(cache_info(args.info), indent=2, default=str))
-            return 0
-        if args.merge:
-            if len(args.merge) < 2:
-                raise ConfigError("--merge needs DST and at least one SRC")
-            merge_cache(args.merge[0], *args.merge[1:])
-            print(f"merged {len(args.merge) - 1} cache(s) into {args.merge[0]}")
-            return 0
-        summary = run_job(args.job)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.verify:
+        return verify(args)
+    if args.info:
+        print(json.dumps(cache_info(args.info), indent=2, default=str))
+        return 0
+    if args.merge:
+        if len(args.merge) < 2:
+            raise ConfigError("--merge needs DST and at least one SRC")
+        merge_cache(args.merge[0], *args.merge[1:])
+        print(f"merged {len(args.merge) - 1} cache(s) into {args.merge[0]}")
+        return 0
+    summary = run_job(args.job)
     print_summary(summary, args.out)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))

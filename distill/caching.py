@@ -176,12 +176,13 @@ def dataset_source(job: CacheJob) -> dict[str, Any]:
 
 @dataclass
 class Item:
-    """One teacher input: the image of `id` seen through `view`."""
+    """One teacher input: the image of `id` seen through `view` (`source`: the image unviewed)."""
 
     id: str
     view: str
     image: np.ndarray
     text: str | None
+    source: np.ndarray
 
 
 @dataclass
@@ -217,7 +218,7 @@ def read_items(
                 raise
             tally.fail(item_id, str(err))
             continue
-        batch += [Item(item_id, v, apply_view(record.image, v), record.text) for v in views]
+        batch += [Item(item_id, v, apply_view(record.image, v), record.text, record.image) for v in views]
         while len(batch) >= batch_size:
             put(batch[:batch_size])
             batch = batch[batch_size:]
@@ -226,9 +227,12 @@ def read_items(
 
 
 def forward(teacher: Teacher, name: str, items: list[Item], tally: Tally) -> list[np.ndarray | None]:
-    """Stage 2, teacher forward: one `predict_logits` call, its outputs checked (count, shape, finite)."""
+    """Stage 2, teacher forward: one teacher call, its outputs checked (count, shape, finite)."""
     start = time.perf_counter()
-    outputs = teacher.predict_logits([it.image for it in items], [it.text for it in items])
+    if teacher.views_in_one_pass:
+        outputs = forward_by_image(teacher, items)
+    else:
+        outputs = teacher.predict_logits([it.image for it in items], [it.text for it in items])
     tally.forward_s += time.perf_counter() - start
     if len(outputs) != len(items):
         raise RuntimeError(f"teacher {name!r} returned {len(outputs)} maps for {len(items)} images")
@@ -236,6 +240,20 @@ def forward(teacher: Teacher, name: str, items: list[Item], tally: Tally) -> lis
         if logits is not None:
             check_logits(item, logits, name)
     return outputs
+
+
+def forward_by_image(teacher: Teacher, items: list[Item]) -> list[np.ndarray | None]:
+    """`predict_views` on each id's unviewed image with the views its items need; outputs in item order."""
+    by_id = {item.id: item for item in items}  # the items of one id share its source image and text
+    ids = list(by_id)
+    views = [[item.view for item in items if item.id == i] for i in ids]
+    per_id = teacher.predict_views([by_id[i].source for i in ids], views, [by_id[i].text for i in ids])
+    maps = {
+        (i, view): logits
+        for i, vs, out in zip(ids, views, per_id, strict=True)
+        for view, logits in zip(vs, out, strict=True)
+    }
+    return [maps[item.id, item.view] for item in items]
 
 
 def check_logits(item: Item, logits: Any, teacher: str) -> None:

@@ -1,17 +1,40 @@
 """Command-line pieces shared by every `python -m distill.*` tool, so that the same thing is spelled
 and parsed the same way everywhere: `--reader-option K=V`, `--teacher-option K=V`, comma lists, views,
-deprecated aliases, and the `None` a W&B agent writes for null."""
+deprecated aliases, the `None` a W&B agent writes for null, and what a user's mistake looks like
+(`error: ...`, exit status 2)."""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec
 
 import yaml
+
+from distill.errors import DistillError
+
+_P = ParamSpec("_P")
+USER_ERROR_EXIT = 2  # what argparse exits with for a bad command line, too
+
+
+def reports_user_errors(main: Callable[_P, int]) -> Callable[_P, int]:
+    """Decorate a CLI's `main`: a DistillError (bad input or config, the user's to fix; its message
+    names the file or setting and the fix) prints `error: <message>` on stderr and returns exit
+    status 2 instead of a traceback. Any other exception is a bug and keeps its traceback."""
+
+    @functools.wraps(main)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except DistillError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return USER_ERROR_EXIT
+
+    return run
 
 
 def key_value(text: str) -> tuple[str, Any]:

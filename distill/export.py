@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distill import __version__
-from distill.cli import views_flag
+from distill.cli import reports_user_errors, views_flag
 from distill.errors import DistillError
 from distill.students import chosen_threshold, load_student
 from distill.views import ViewMean
@@ -129,6 +129,7 @@ def max_abs_error(student: torch.nn.Module, onnx_path: Path, sizes: tuple[int, .
     return worst
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distill.export",
@@ -152,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     out = args.out or args.ckpt.parent.parent / "student.onnx"
-    try:
-        result = export_onnx(args.ckpt, out, opset=args.opset, views=args.views)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = export_onnx(args.ckpt, out, opset=args.opset, views=args.views)
     print(
         f"wrote {out} ({result['params']:,} parameters, views {result['views'] or 'none'}, "
         f"chosen threshold {result['chosen_threshold']}); "

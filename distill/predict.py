@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from distill.cli import views_flag
+from distill.cli import reports_user_errors, views_flag
 from distill.data.images import IMAGE_SUFFIXES, check_bit_depth, read_image
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError
 from distill.students import chosen_threshold, load_student
 from distill.views import mean_over_views
 
@@ -103,6 +103,7 @@ def predict_folder(
     return len(paths)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distill.predict",
@@ -132,13 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "--views", type=views_flag, default=None, help="average over these test-time views (d4 = all 8)"
     )
     args = parser.parse_args(argv)
-    try:
-        n = predict_folder(
-            args.model, args.images, args.out, args.threshold, args.device, args.views, args.bit_depth
-        )
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    n = predict_folder(
+        args.model, args.images, args.out, args.threshold, args.device, args.views, args.bit_depth
+    )
     print(f"wrote {n} masks and probability maps to {args.out}/masks and {args.out}/probs")
     return 0
 

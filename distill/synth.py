@@ -17,7 +17,7 @@ Same seed, same bytes: every random draw comes from one `numpy.random.Generator`
 caller; `make_dataset` derives per-image seeds from (seed, index), so a dataset of N images is a
 prefix of the one with more images and the same seed.
 
-    python -m distill.synth --out data/synthetic --count 64 --size 512 --style fundus --seed 0 --preview sheet.png
+    python -m distill.synth --out data/synthetic --count 96 --size 192 --style fundus --seed 0   # make demo's
 """
 
 from __future__ import annotations
@@ -548,8 +548,12 @@ examples:
   python -m distill.synth --out data/s --count 8 --size 128 --seed 1 --preview data/s_preview.png
   python -m distill.data check --data-format merged --data-root data/s
 
-  # the embedded default: 512 px, like the real data
-  python -m distill.synth --out data/synthetic --count 400 --size 512 --style fundus --seed 0
+  # the embedded default, as `make demo` (scripts/demo.sh) makes it: 96 fundus images at 192 px
+  python -m distill.synth --out data/synthetic --count 96 --size 192 --style fundus --seed 0 \
+      --preview data/synthetic/preview.png
+
+  # closer to the real data: 512 px
+  python -m distill.synth --out data/synthetic512 --count 400 --size 512 --style fundus --seed 0
 
   # angiograms as a folder of PNG images and 0/255 masks
   python -m distill.synth --out data/angio --count 64 --size 256 --style angiogram --format mask_folder

@@ -41,7 +41,6 @@ from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.datamodule import VesselDataModule  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
-from distill.losses import KDConfig  # noqa: E402
 from distill.module import DistillModule  # noqa: E402
 from distill.students import StudentConfig, count_parameters  # noqa: E402
 from distill.synth import generate_sample  # noqa: E402
@@ -108,7 +107,7 @@ def autocast(device: torch.device, precision: str):
 
 def training_module(student: StudentConfig, args: argparse.Namespace) -> DistillModule:
     """The module all three training figures use: KD on, torch.compile with --compile."""
-    return DistillModule(student=student, kd=KDConfig(alpha=0.5), compile=args.compile)
+    return DistillModule(student=student, loss={"kd_alpha": 0.5}, compile=args.compile)
 
 
 def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: torch.device) -> dict:

@@ -66,9 +66,9 @@ def score_teacher(out: Path, name: str, cache: Path, ckpt: Path) -> tuple[float,
 
 def train(out: Path, name: str, *args: str) -> dict[str, dict]:
     run_dir = out / "runs" / name
-    if not (run_dir / "metrics_test.json").is_file():
+    if not (run_dir / "metrics_test.json").is_file():  # unfinished runs are cleared and trained again
         run(sys.executable, "-m", "distill.fit", "--config", "configs/fit/demo.yaml", *args,
-            f"--runs_dir={out / 'runs'}", f"--run_name={name}", "--wandb=false",
+            f"--runs_dir={out / 'runs'}", f"--run_name={name}", "--wandb=false", "--overwrite=true",
             "--trainer.enable_progress_bar=false")  # fmt: skip
     return metrics(run_dir)
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     run("bash", "scripts/demo.sh", sys.executable, "data")
     env = {"PY": sys.executable, "RUNS": str(out / "runs"), "CACHES": str(out / "caches"), "VIEWS": "d4"}
     teacher_args = [
-        "--model.kd.alpha=0.0",
+        "--loss.kd_alpha=0.0",
         f"--trainer.max_epochs={args.teacher_epochs}",
         "--trainer.check_val_every_n_epoch=2",
         "--model.test_views=d4",
@@ -117,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every arm: the same tiny student, seeds, batches and steps; only the loss and the teacher differ.
     arms = {
-        "ground truth only": ("gt", caches[ensemble], ["--model.kd.alpha=0.0"]),
+        "ground truth only": ("gt", caches[ensemble], ["--loss.kd_alpha=0.0"]),
         "KD from one checkpoint": ("kd-one", caches["one checkpoint"], []),
         f"KD from {ensemble}": ("kd-ens", caches[ensemble], []),
-        f"KD from {ensemble}, trust_gt": ("kd-ens-trust", caches[ensemble], ["--model.kd.trust_gt=true"]),
+        f"KD from {ensemble}, trust_gt": ("kd-ens-trust", caches[ensemble], ["--loss.kd_trust_gt=true"]),
         f"KD from {ensemble}, trust_gt, T 1, soft Dice 1": (
             "kd-ens-dice",
             caches[ensemble],
-            ["--model.kd.trust_gt=true", "--model.kd.temperature=1.0", "--model.kd.soft_dice_weight=1.0"],
+            ["--loss.kd_trust_gt=true", "--loss.kd_bce.temperature=1.0", "--loss.kd_dice.weight=1.0"],
         ),
     }
     budget = [TINY_STUDENT, f"--trainer.max_epochs={args.student_epochs}", "--model.test_views=d4"]

@@ -21,7 +21,9 @@ checkpoints=()
 for ((seed = 0; seed < K; seed++)); do
     run="$NAME-seed$seed"
     if [ ! -f "$RUNS/$run/metrics_test.json" ]; then
-        "$PY" -m distill.fit --config "$CONFIG" --seed_everything="$seed" --run_name="$run" --runs_dir="$RUNS" "$@"
+        # an unfinished run is cleared and trained again (fit refuses a run directory that holds files)
+        "$PY" -m distill.fit --config "$CONFIG" --seed_everything="$seed" --run_name="$run" --runs_dir="$RUNS" \
+            --overwrite=true "$@"
     fi
     checkpoints+=("$RUNS/$run/checkpoints/best.ckpt")
 done

@@ -57,8 +57,8 @@ def test_kd_margin_sweep_runs_a_trial_of_the_recipe(tiny_data_and_cache, tmp_pat
         (trial,) = list(csv.DictReader(f))
     assert trial["state"] == "complete", (out / "trials").glob("*/log.txt").__next__().read_text()[-3000:]
     assert {
-        "model.kd.alpha",
-        "model.kd.temperature",
-        "model.kd.soft_dice_weight",
-        "model.kd.trust_gt",
+        "loss.kd_alpha",
+        "loss.kd_bce.temperature",
+        "loss.kd_dice.weight",
+        "loss.kd_trust_gt",
     } <= set(trial)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import onnx
@@ -17,12 +18,16 @@ from distill.students import load_student
 from distill.views import VIEWS, ViewMean
 
 
-def test_evaluate_writes_contract_report_with_the_frozen_threshold(tiny_run, tmp_path):
+def test_evaluate_writes_contract_report_with_the_frozen_threshold(tiny_run, tmp_path, capsys):
     ckpt = tiny_run / "checkpoints" / "best.ckpt"
     out = tmp_path / "eval"
     assert (
         evaluate_main(["--ckpt", str(ckpt), "--split", "test", "--out", str(out), "--accelerator", "cpu"])
         == 0
+    )
+    assert (
+        f"wrote {out}/: metrics.json, per_image.csv, curves.png, overlays.png, report.md"
+        in capsys.readouterr().out
     )
     metrics = json.loads((out / "metrics.json").read_text())
     fit_test = json.loads((tiny_run / "metrics_test.json").read_text())
@@ -34,7 +39,13 @@ def test_evaluate_writes_contract_report_with_the_frozen_threshold(tiny_run, tmp
     assert all(len(metrics[who]["dice"]) == n for who in ("student", "teacher"))
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == metrics["n_images"] and set(rows[0]) == {"id", "student_dice", "teacher_dice"}
+    assert len(rows) == metrics["n_images"] and list(rows[0]) == [
+        "id",
+        "has_vessels",
+        "student_dice",
+        "teacher_dice",
+    ]
+    assert [r["id"] for r in rows] == metrics["per_image_ids"]
     for name in ("curves.png", "overlays.png", "report.md"):
         assert (out / name).is_file(), name
     assert "![threshold curves](curves.png)" in (out / "report.md").read_text()
@@ -51,6 +62,44 @@ def test_evaluate_with_a_fixed_threshold_adds_it_to_the_grid(tiny_run, tmp_path)
     assert 0.42 in metrics["thresholds"] and metrics["chosen_threshold"]["student"] == 0.42
 
 
+def test_evaluate_val_at_a_fixed_threshold_scores_the_val_split(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    out = tmp_path / "fixed_val"
+    assert (
+        evaluate_main(["--ckpt", str(ckpt), "--split", "val", "--threshold", "0.42", "--out", str(out)]) == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    fit_val = json.loads((tiny_run / "metrics_val.json").read_text())
+    assert metrics["split"] == "val" and metrics["per_image_ids"] == fit_val["per_image_ids"]
+    assert metrics["chosen_threshold"] == {"rule": "fixed 0.42", "student": 0.42, "teacher": 0.42}
+
+
+def test_evaluate_speaks_the_cache_teacher_vocabulary(tiny_run, tiny_data_and_cache, tmp_path, capsys):
+    data, _ = tiny_data_and_cache
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    ids = sorted(json.loads((data / "splits.json").read_text())["splits"])
+    split_file = tmp_path / "splits.json"
+    split_file.write_text(
+        json.dumps({i: "train" if n == 0 else "val" if n == 1 else "test" for n, i in enumerate(ids)})
+    )
+    out = tmp_path / "resplit"
+    args = ["--ckpt", ckpt, "--out", str(out), "--data-format", "merged", "--data-root", str(data)]
+    assert evaluate_main([*args, "--reader-option", f"split_file={split_file}"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["per_image_ids"] == ids[2:]
+    capsys.readouterr()
+    assert evaluate_main([*args, "--reader-option", "bogus=[1, 2]"]) == 2
+    assert "unknown option(s) ['bogus'] for format 'merged'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--cache-dir", "--cache"])
+def test_evaluate_takes_the_cache_dir_and_its_old_alias(tiny_run, tmp_path, capsys, flag):
+    missing = tmp_path / "no_cache_here"
+    assert evaluate_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), flag, str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err
+    assert ("--cache is deprecated, use --cache-dir" in err) == (flag == "--cache")
+
+
 def test_evaluate_refuses_a_foreign_checkpoint(tmp_path, capsys):
     import torch
 
@@ -65,6 +114,7 @@ def test_compare_prints_student_and_teacher_per_run(tiny_run, tmp_path, capsys):
     assert evaluate_main(["compare", str(tiny_run), "--out", str(out), "--latency-size", "64"]) == 0
     table = out.read_text()
     assert "student dice" in table and "teacher dice@0.5" in table and "| tiny |" in table
+    assert re.search(r"\| \d+\.\d \(\d+\.\d-\d+\.\d\) \|", table)  # latency: median (min-max)
 
 
 def test_onnx_export_matches_pytorch_and_carries_the_threshold(tiny_run, tmp_path):

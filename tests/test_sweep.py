@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import yaml
 
 from distill.errors import ConfigError
 from distill.fit import main as fit_main
-from distill.sweep import LocalSweep, main, results_rows
-from distill.sweep_spec import expand_command, load_sweep, make_pruner, make_sampler
+from distill.sweep.runner import LocalSweep, main, results_rows
+from distill.sweep.spec import expand_command, load_sweep, make_pruner, make_sampler
 
 FAKE_TRIAL = Path(__file__).parent / "_fake_trial.py"
 
@@ -98,8 +99,7 @@ def test_grid_enumerates_every_combination(tmp_path):
     path = write_sweep(
         tmp_path, {"a": {"values": [1, 2, 3]}, "b": {"values": ["x", "y"]}, "c": {"value": 0}}, "grid"
     )
-    spec = load_sweep(path)
-    assert spec.grid_size() == 6
+    assert math.prod(len(v) for v in load_sweep(path).grid().values()) == 6
     draws = sample(path, n=6)
     assert {(d["a"], d["b"]) for d in draws} == {(a, b) for a in (1, 2, 3) for b in ("x", "y")}
 
@@ -115,9 +115,9 @@ def test_hyperband_maps_to_optuna_pruner(tmp_path):
 
 
 def test_command_expands_like_a_wandb_agent(tmp_path):
-    spec = load_sweep(write_sweep(tmp_path, {"model.kd.alpha": {"values": [0.5]}}))
-    argv = expand_command(spec, {"model.kd.alpha": 0.5, "model.student.name": "unet"})
-    assert argv == [sys.executable, str(FAKE_TRIAL), "--model.kd.alpha=0.5", "--model.student.name=unet"]
+    spec = load_sweep(write_sweep(tmp_path, {"loss.kd_alpha": {"values": [0.5]}}))
+    argv = expand_command(spec, {"loss.kd_alpha": 0.5, "model.student.name": "unet"})
+    assert argv == [sys.executable, str(FAKE_TRIAL), "--loss.kd_alpha=0.5", "--model.student.name=unet"]
 
 
 @pytest.mark.parametrize(
@@ -197,6 +197,11 @@ def test_local_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     assert main([str(path), "--trials", "3", "--out", str(out)]) == 0
     rows = list((out / "results.csv").read_text().splitlines())
     assert len(rows) == 1 + 3
+    assert not (out / "param_importance.png").exists()  # 3 finished trials are too few to rank anything
+    assert (
+        "needs 5 finished trials with a varying parameter, and 3 finished so far"
+        in (out / "results.md").read_text()
+    )
     assert main([str(path), "--trials", "5", "--out", str(out), "--workers", "2"]) == 0
     spec = load_sweep(path)
     study = LocalSweep(spec, out).study
@@ -211,6 +216,7 @@ def test_local_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     assert values == sorted(values, reverse=True)
     assert (out / "results.md").read_text().count("](runs/") == 5
     assert (out / "metric_vs_params.png").exists() and (out / "param_importance.png").exists()
+    assert "![parameter importance](param_importance.png)" in (out / "results.md").read_text()
 
 
 def test_interrupted_trial_is_requeued_with_its_parameters(tmp_path):
@@ -257,10 +263,23 @@ def test_mapping_values_travel_through_optuna_as_json(tmp_path):
     assert argv[-1] == "--model.student={'name': 'unet', 'encoder': 'resnet18'}"
 
 
-def test_shipped_sweeps_parse(tmp_path):
-    for path in sorted(Path("configs/sweeps").glob("*.yaml")):
-        spec = load_sweep(path)
-        assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
+@pytest.mark.parametrize("path", sorted(Path("configs/sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_set_what_fit_reads(path, capsys):
+    """Each swept name reaches the resolved fit config with the value the agent passes (a renamed
+    setting would otherwise fail every trial, or worse, be ignored)."""
+    spec = load_sweep(path)
+    assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
+    values = {p.name: p.values[0] if p.values else p.high for p in spec.params}
+    argv = expand_command(spec, values)
+    with pytest.raises(SystemExit) as done:
+        fit_main([*argv[argv.index("distill.fit") + 1 :], "--print_config"])
+    assert done.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for name, value in values.items():
+        found = resolved
+        for key in name.split("."):
+            found = found[key]
+        assert found == value or (isinstance(value, dict) and value.items() <= found.items()), name
 
 
 def test_arguments_after_a_bare_double_dash_reach_every_trial(tmp_path):
@@ -277,3 +296,13 @@ def test_resumed_random_sweep_does_not_replay_earlier_draws(tmp_path):
     assert main([str(path), "--trials", "4", "--out", str(out)]) == 0
     xs = [t.params["x"] for t in LocalSweep(load_sweep(path), out).study.get_trials()]
     assert len(xs) == 4 and len(set(xs)) == 4
+
+
+def test_python_dash_m_distill_sweep_runs_the_runner(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.sweep", str(tmp_path / "missing.yaml"), "--trials", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "missing.yaml: no such sweep file" in done.stderr

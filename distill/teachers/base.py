@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from distill.registry import Registry
+from distill.views import apply_view
 
 _REGISTRY = Registry("teacher")
 # Modules that define teachers; imported lazily so that `import distill.teachers` stays cheap
@@ -42,6 +43,34 @@ class Teacher(ABC):
 
         A teacher that produced no mask for an image returns None in that place (see `sa2va`).
         """
+
+    @property
+    def views_in_one_pass(self) -> bool:
+        """True when `predict_views` shares work between the views of one image (sa2va's `sam2_views`: the
+        LLM runs once, SAM2 per view); the caching pipeline then hands it each image unviewed, with its
+        views. False (default): the pipeline applies the views and calls `predict_logits`."""
+        return False
+
+    def predict_views(
+        self,
+        images: Sequence[np.ndarray],
+        views: Sequence[Sequence[str]],
+        texts: Sequence[str | None] | None = None,
+    ) -> list[list[np.ndarray | None]]:
+        """Logits of image i seen through each of `views[i]` (names in `distill.views`), in one call.
+
+        Returns [image][view] maps in the *viewed* frame (map back with `invert_view`), None where the
+        teacher gave no mask. The default applies the views and calls `predict_logits` once for all.
+        """
+        pairs = [(i, view) for i, image_views in enumerate(views) for view in image_views]
+        outputs = self.predict_logits(
+            [apply_view(images[i], view) for i, view in pairs],
+            None if texts is None else [texts[i] for i, _ in pairs],
+        )
+        per_image: list[list[np.ndarray | None]] = [[] for _ in images]
+        for (i, _), logits in zip(pairs, outputs, strict=True):
+            per_image[i].append(logits)
+        return per_image
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:

@@ -126,9 +126,6 @@ class SweepSpec:
                 )
         return space
 
-    def grid_size(self) -> int:
-        return math.prod(len(v) for v in self.grid().values())
-
 
 def _parse_param(path: Path, name: str, block: Any) -> Param:
     where = f"{path}: parameter {name!r}"
@@ -136,7 +133,7 @@ def _parse_param(path: Path, name: str, block: Any) -> Param:
         raise ConfigError(f"{where} must be a mapping such as {{values: [...]}} or {{min: 0, max: 1}}")
     if "parameters" in block:
         raise ConfigError(
-            f"{where} nests `parameters`; write the dotted name instead (e.g. model.kd.alpha), "
+            f"{where} nests `parameters`; write the dotted name instead (e.g. loss.kd_alpha), "
             "which is how LightningCLI takes overrides"
         )
     if "value" in block:
