@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-WHO = ("teacher", "student", "student_views")  # the sides a report scores, in table order
+WHO = ("student", "student_views", "teacher")  # the sides a report scores, in metrics JSON/CSV order
+SHOWN = ("teacher", "student", "student_views")  # their order in the table and the overlay pictures
 LABELS = {"teacher": "teacher", "student": "student", "student_views": "student+views"}
 KD_MARGIN_WARNING = 0.01  # a teacher less than 1 Dice point better than its student: KD rarely pays
 
@@ -110,7 +111,7 @@ def format_table(report: dict[str, Any]) -> str:
     teacher is less than KD_MARGIN_WARNING better than the student.
     """
     chosen = report["chosen_threshold"]
-    sides = [who for who in WHO if who in report]
+    sides = [who for who in SHOWN if who in report]
     header = f"{'threshold':>9}  " + "  ".join(f"{LABELS[who]} dice {'recall':>7}" for who in sides)
     lines = [
         f"{report['split']} ({report['n_images']} images, rule {chosen['rule']}; * = chosen threshold)",

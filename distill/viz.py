@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from distill.report import LABELS, WHO  # noqa: E402
+from distill.report import LABELS, SHOWN  # noqa: E402
 
 FN_COLOUR = (1.0, 0.15, 0.15)  # missed vessel
 FP_COLOUR = (0.2, 0.5, 1.0)  # vessel that is not there
@@ -89,7 +89,7 @@ def plot_overlays(samples: dict[str, Any], report: dict[str, Any], path: str | P
     order, which the title says.
     """
     thresholds = report["chosen_threshold"]
-    columns = ["image", "ground truth"] + [who for who in WHO if who in samples]
+    columns = ["image", "ground truth"] + [who for who in SHOWN if who in samples]
     n = samples["image"].shape[0]
     ids = samples.get("id") or [f"#{row}" for row in range(n)]
     height = 2.6 * n + 0.6  # inches: the rows, and room for the title above and the key below

@@ -9,7 +9,7 @@ Steps, each skipped when its output is already there: the demo data and Frangi c
 (`scripts/demo.sh PY data`); K teachers (the demo's UNet-ResNet18, 3.1M, on ground truth only) and
 their ensemble cache (K checkpoints x the 8 D4 views) by `scripts/train_ensemble.sh`; caches of one
 checkpoint and of the K checkpoints without views, each scored by `distill.evaluate` on the same
-images; then a tiny student (UNet-ResNet18 cut at encoder_depth 3, 0.8M) for a few epochs, from
+images; then a tiny student (UNet-ResNet18 cut at encoder_depth 3, 0.72M) for a few epochs, from
 ground truth only and by KD from one checkpoint and from the ensemble, with the same seeds, batches
 and steps (KD as configured in demo.yaml, alpha 0.5 and T 2, and two variants). Every run is scored
 with and without the D4 views (`model.test_views`). Writes results.json and results.md (Markdown
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = ["| teacher | val Dice | test Dice |", "|---|---|---|"]
     rows += [f"| {n} | {v:.4f} | {t:.4f} |" for n, (v, t) in teacher_rows.items()]
-    rows += ["", f"| tiny student (0.8M), {args.student_epochs} epochs, seeds {args.seeds} | val Dice | test Dice "
+    rows += ["", f"| tiny student (0.72M), {args.student_epochs} epochs, seeds {args.seeds} | val Dice | test Dice "
              "| test Dice, D4 views | KD margin (val) |", "|---|---|---|---|---|"]  # fmt: skip
     for name, runs in students.items():
         rows.append(

@@ -6,7 +6,7 @@ import json
 import torch
 
 from distill.fit import main as fit_main
-from distill.sweep import main as sweep_main
+from distill.sweep.runner import main as sweep_main
 
 # The GPU recipe on the 2-core CPU: 6 optimizer steps (3 epochs of 2 batches), a validation every 3.
 ON_CPU = [
