@@ -137,9 +137,13 @@ def format_table(report: dict[str, Any]) -> str:
     if margin is not None:
         lines.append(f"KD margin (teacher - student Dice at their own chosen thresholds): {margin:+.4f}")
         if report["split"] == "val" and margin < KD_MARGIN_WARNING:
+            short = (
+                "worse than"
+                if margin < 0
+                else f"less than {100 * KD_MARGIN_WARNING:.0f} Dice point better than"
+            )
             lines.append(
-                f"warning: the teacher is less than {100 * KD_MARGIN_WARNING:.0f} Dice point better than the "
-                "student on val: KD is unlikely to help. Make the teacher better first (an ensemble of "
-                "checkpoints with views: scripts/train_ensemble.sh)."
+                f"warning: the teacher is {short} the student on val: KD is unlikely to help. Make the "
+                "teacher better first (an ensemble of checkpoints with views: scripts/train_ensemble.sh)."
             )
     return "\n".join(lines)

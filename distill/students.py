@@ -76,10 +76,15 @@ class Student(nn.Module):
         return logits[..., :h, :w]
 
 
+def _under(name: str, modules: Sequence[str]) -> bool:
+    """Whether the parameter/module `name` lies inside one of `modules` (dotted names)."""
+    return name.startswith(tuple(f"{module}." for module in modules))
+
+
 def _skip_dropped_weights(student: Student, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """Checkpoints written before unused stages were dropped still load: their weights are left out."""
-    dropped = tuple(f"{prefix}net.{name}." for name in student.dropped)
-    for key in [k for k in state_dict if k.startswith(dropped)]:
+    dropped = [f"{prefix}net.{name}" for name in student.dropped]
+    for key in [k for k in state_dict if _under(k, dropped)]:
         del state_dict[key]
 
 
@@ -106,12 +111,7 @@ def drop_unused_modules(net: nn.Module, size: int) -> tuple[str, ...]:
     dropped: list[str] = []
     for name, module in net.named_modules():  # parents before children: keep the outermost
         owned = [f"{name}.{n}" for n, _ in module.named_parameters()]
-        if (
-            name
-            and owned
-            and unused.issuperset(owned)
-            and not name.startswith(tuple(f"{d}." for d in dropped))
-        ):
+        if name and owned and unused.issuperset(owned) and not _under(name, dropped):
             dropped.append(name)
     for name in dropped:
         parent, _, child = name.rpartition(".")
@@ -119,7 +119,7 @@ def drop_unused_modules(net: nn.Module, size: int) -> tuple[str, ...]:
     with torch.no_grad():
         if dropped and not torch.equal(net(image), logits.detach()):
             raise RuntimeError(f"dropping the unused submodules {dropped} changed the logits")
-    left = sorted(unused - {n for n in unused if n.startswith(tuple(f"{d}." for d in dropped))})
+    left = sorted(n for n in unused if not _under(n, dropped))
     if left:
         warnings.warn(
             f"{len(left)} parameters get no gradient, e.g. {left[:3]}; DDP then needs "
@@ -256,8 +256,8 @@ def load_encoder_weights(net: nn.Module, path: str | Path, dropped: tuple[str, .
             f"{path}: {len(result.missing_keys)} encoder weights are missing from the file, "
             f"e.g. {result.missing_keys[:5]} (wrong encoder for this file?)"
         )
-    skipped = tuple(f"{d.removeprefix(target_name)}." for d in dropped if d.startswith(target_name))
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(skipped)]
+    skipped = [d.removeprefix(target_name) for d in dropped if d.startswith(target_name)]
+    unexpected = [k for k in result.unexpected_keys if not _under(k, skipped)]
     if unexpected:
         warnings.warn(
             f"{path}: ignored {len(unexpected)} keys not in the encoder, e.g. {unexpected[:5]}",

@@ -32,3 +32,4 @@ def test_a_margin_under_one_point_warns_on_validation_only():
     assert "KD is unlikely to help" in format_table(report(teacher=0.80, student=0.795))
     assert "KD is unlikely to help" not in format_table(report(teacher=0.82, student=0.795))
     assert "KD is unlikely to help" not in format_table(report("test", teacher=0.80, student=0.795))
+    assert "the teacher is worse than the student" in format_table(report(teacher=0.59, student=0.74))

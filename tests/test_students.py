@@ -132,3 +132,16 @@ def test_stages_beyond_encoder_depth_are_dropped_and_the_logits_are_unchanged(na
     images = torch.rand(2, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(student.net(images), full(images), rtol=0, atol=0)
+
+
+def test_a_full_encoder_file_loads_into_a_shallower_student_without_warnings(tmp_path):
+    """An ImageNet-style file holds every stage; the ones encoder_depth drops are skipped quietly."""
+    full, _ = STUDENT_FACTORIES["unet"]("resnet18")  # encoder_depth 5: layer1 .. layer4
+    path = tmp_path / "resnet18.pth"
+    torch.save(full.encoder.state_dict(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        student = create_student("unet", **SMALL["unet"], encoder_weights=str(path))
+    torch.testing.assert_close(
+        student.net.encoder.layer2[0].conv1.weight, full.encoder.layer2[0].conv1.weight
+    )
