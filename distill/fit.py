@@ -11,24 +11,38 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import DDPStrategy
 
 from distill.data.datamodule import VesselDataModule
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DistillError
 from distill.module import WHO, DistillModule
+from distill.progress import ProgressLog, ThroughputBar
 from distill.report import format_table, write_metrics
 from distill.students import count_parameters
 from distill.viz import plot_curves, plot_overlays
 
 MONITOR = "val/student/dice@best"
 _RUN_NAME_ENV = "DISTILL_RUN_NAME"  # so that DDP ranks started later agree on a timestamped name
+# Lightning warns when an epoch has fewer batches than log_every_n_steps, as if logging restarted
+# each epoch; it counts steps over the whole run (and so does DistillModule), so short epochs of a
+# steps-based schedule lose no logs.
+WRONG_LOGGING_INTERVAL_WARNING = (
+    r"The number of training batches \(\d+\) is smaller than the logging interval"
+)
 
 
 def _wandb_offline() -> bool:
@@ -52,6 +66,18 @@ class DistillCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default="students", help="runs land in runs_dir/run_name")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from it")
         parser.add_argument("--wandb", type=bool, default=True, help="log to W&B when wandb is installed")
+        parser.add_argument(
+            "--progress_every_s",
+            type=float,
+            default=60.0,
+            help="when stdout is not a terminal: seconds between progress lines (img/s, elapsed, remaining)",
+        )
+        parser.add_argument(
+            "--ddp_timeout_s",
+            type=float,
+            default=600.0,
+            help="multi-process runs fail when a collective waits this long (a process stopped making progress)",
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -76,11 +102,23 @@ class DistillCLI(LightningCLI):
             auto_insert_metric_name=False,
             enable_version_counter=False,
         )
-        kwargs["callbacks"] = [*callbacks, best]
+        kwargs["callbacks"] = [*callbacks, best, *self._progress(trainer_config, kwargs)]
         kwargs["default_root_dir"] = str(run_dir)
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = self._make_logger(run_dir)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and strategy._timeout == default_pg_timeout:
+            # Lightning's default waits 30 minutes; the process group is made in fit, from this value.
+            strategy._timeout = timedelta(seconds=self.config["ddp_timeout_s"])
+        return trainer
+
+    def _progress(self, trainer_config: dict, kwargs: dict) -> list[pl.Callback]:
+        """img/s and remaining time: in the progress bar on a terminal, as periodic lines in a log."""
+        if sys.stdout.isatty():
+            return [ThroughputBar()] if trainer_config.get("enable_progress_bar") is not False else []
+        kwargs["enable_progress_bar"] = False
+        return [ProgressLog(every_s=self.config["progress_every_s"], monitor=MONITOR)]
 
     def _make_logger(self, run_dir: Path) -> Logger:
         if self.config["wandb"]:
@@ -125,6 +163,21 @@ def _log_pictures_and_tables(
         logger.log_image(key=key, images=[str(path)])
 
 
+@contextmanager
+def _collective_timeout_explained(trainer: pl.Trainer, timeout_s: float) -> Iterator[None]:
+    """A timed-out collective (gloo raises it; NCCL's watchdog aborts with its own log line) says what it means."""
+    try:
+        yield
+    except RuntimeError as error:
+        if trainer.world_size == 1 or "timed out" not in str(error).lower():
+            raise
+        raise DistillError(
+            f"rank {trainer.global_rank}: a collective operation across the {trainer.world_size} processes waited "
+            f"{timeout_s:.0f} s (--ddp_timeout_s) for another process, which stopped making progress: it "
+            "crashed, hung, or is far slower; its own output says which. The original error follows."
+        ) from error
+
+
 def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Run the whole flow; returns {"val": report, "test": report} (the metrics.json bodies)."""
     cli = DistillCLI(
@@ -147,7 +200,9 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         run_dir.mkdir(parents=True, exist_ok=True)
         cli.parser.save(cli.config, run_dir / "config.yaml", overwrite=True, multifile=False)
 
-    trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
+    with _collective_timeout_explained(trainer, cli.config["ddp_timeout_s"]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=WRONG_LOGGING_INTERVAL_WARNING)
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
     best = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)
     if not best.is_file():
         raise ConfigError(f"no checkpoint was written under {run_dir / 'checkpoints'}: did validation run?")

@@ -236,6 +236,8 @@ class DistillLoss(nn.Module):
         self.gt = gt or GTLossConfig()
         self.kd = kd or KDConfig()
         self.thin = thin or ThinConfig()
+        # A buffer, not a tensor made per step: a CUDA tensor from a Python number is a host sync.
+        self.register_buffer("pos_weight", torch.tensor(self.gt.pos_weight), persistent=False)
 
     def forward(
         self,
@@ -297,9 +299,8 @@ class DistillLoss(nn.Module):
     def _ground_truth(
         self, logits: Tensor, target: Tensor, weight: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        pos_weight = logits.new_tensor(self.gt.pos_weight)
         bce = weighted_mean(
-            F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none"),
+            F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight, reduction="none"),
             weight,
         )
         probs = torch.sigmoid(logits)
