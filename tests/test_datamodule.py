@@ -6,6 +6,7 @@ a batch's teacher tells which id and which view it came from, and must line up w
 
 import dataclasses
 import gc
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -331,6 +332,30 @@ def test_workers_never_free_garbage_inherited_from_the_training_process(tmp_path
 
 
 @PATHS
+class _SharedOnly(torch.utils.data.Dataset):
+    """A dataset that refuses to be pickled: workers can only have it by fork."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return index
+
+    def __reduce__(self):
+        raise TypeError("pickled: a worker was spawned")
+
+
+def test_workers_are_forked_even_where_spawn_is_the_default():
+    """Every rank of ddp_spawn defaults to spawn: workers would re-import the script and unpickle the dataset."""
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        loader = ForkSafeLoader(_SharedOnly(), batch_size=None, num_workers=2, worker_init_fn=init_worker)
+        assert sorted(loader) == [0, 1, 2, 3]
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
 def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_0(data, tmp_path, augment_on):
     splits = module(data)
     missing = {splits.train_ids[0], splits.val_ids[0]}
