@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,wandb,sweep,export]"
+	$(PY) -m pip install -q -e ".[dev,wandb,sweep,export,sa2va]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Errors a user can act on: each names the file (or setting) at fault and, where known, the fix."""
+"""Errors (and warnings) a user can act on: each names the file (or setting) at fault and, where known, the fix."""
 
 from __future__ import annotations
 
@@ -34,3 +34,7 @@ class CacheError(DistillError):
 
 class ConfigError(DistillError):
     """A configuration value (CLI flag, YAML key) is invalid; the message names the setting."""
+
+
+class DatasetWarning(UserWarning):
+    """Something in a dataset was fixed up or left out; the message says what and where."""

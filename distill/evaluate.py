@@ -6,15 +6,15 @@
     python -m distill.evaluate compare students/run_a students/run_b          # runs side by side
 
 Data and cache default to the run's own `config.yaml` (beside `checkpoints/`), so a checkpoint is
-evaluated on what it was trained against unless flags say otherwise. Writes `metrics.json` (the
-DESIGN.md contract), `per_image.csv`, `curves.png`, `overlays.png` and `report.md` that ties them
-together.
+evaluated on what it was trained against unless flags say otherwise (`--data-format`, `--data-root`,
+`--reader-option K=V`, `--cache-dir`: the names `cache_teacher` uses). Writes `metrics.json` (the
+contract in docs/DESIGN.md), `per_image.csv`, `curves.png`, `overlays.png` (as `fit` writes them,
+`distill.report.write_outputs`) and `report.md` that ties them together.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from distill.errors import ConfigError, DistillError
+from distill.cli import add_deprecated_alias, key_value, reports_user_errors
+from distill.errors import ConfigError
 
 THRESHOLD_SOURCES = ("ckpt", "val")
 
@@ -35,11 +36,21 @@ def run_config(ckpt: Path) -> dict[str, Any]:
 
 
 def build_datamodule(ckpt: Path, overrides: dict[str, Any]) -> Any:
-    """VesselDataModule from the run's data config, with non-None `overrides` (data_root, cache_dir...)."""
+    """VesselDataModule from the run's data config, with non-None `overrides` (data_root, cache_dir...).
+
+    `overrides["reader_options"]` is merged key by key into the run's reader options, which are
+    dropped when `data_format` names another format than the run's (they were that reader's).
+    """
     from distill.data.datamodule import VesselDataModule
 
     data = dict(run_config(ckpt).get("data") or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("data_format", data.get("data_format")) != data.get("data_format"):
+        data["reader_options"] = {}
+    reader_options = {**(data.get("reader_options") or {}), **overrides.pop("reader_options", {})}
+    data.update(overrides)
+    if reader_options:
+        data["reader_options"] = reader_options
     if "data_root" not in data:
         raise ConfigError(
             f"{ckpt}: no config.yaml beside the run to take the data from; pass --data-format and --data-root"
@@ -62,9 +73,8 @@ def evaluate(
 
     from distill.metrics import DEFAULT_THRESHOLDS
     from distill.module import DistillModule
-    from distill.report import write_metrics
+    from distill.report import write_outputs
     from distill.students import count_parameters, load_student
-    from distill.viz import plot_curves, plot_overlays
 
     ckpt = Path(ckpt)
     if split not in ("val", "test"):
@@ -86,50 +96,31 @@ def evaluate(
     )
     if threshold is not None:
         model.chosen_threshold = model.teacher_threshold = float(threshold)
-    elif threshold_from == "val" or split == "val":
+        model.freeze_thresholds = True  # validation scores at it instead of choosing
+    elif threshold_from == "val" and split == "test":
         trainer.validate(model, datamodule=data, verbose=False)  # chooses both thresholds on val
-    if split == "val" and threshold is None:
-        report = model.results["val"]
-        samples = model.overlay_samples
+    if split == "val":
+        trainer.validate(model, datamodule=data, verbose=False)
     else:
         trainer.test(model, datamodule=data, verbose=False)
-        report = model.results["test"]
-        samples = model.overlay_samples
-    report["split"] = split
+    report, samples = model.results[split], model.overlay_samples
     if threshold is not None:
         report["chosen_threshold"]["rule"] = f"fixed {threshold}"
 
     out = Path(out) if out else ckpt.resolve().parent.parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
-    params = count_parameters(model.student)
-    write_metrics(out / "metrics.json", report, params, ckpt)
-    ids = data.val_ids if split == "val" else data.test_ids
-    write_per_image(out / "per_image.csv", ids, report)
-    plot_curves(report, out / "curves.png")
-    if samples:
-        plot_overlays(samples, report["chosen_threshold"], out / "overlays.png")
-    write_report_md(out / "report.md", report, ckpt, ids, bool(samples))
+    written = write_outputs(out, report, count_parameters(model.student), ckpt, samples)
+    written["report"] = write_report_md(out / "report.md", report, ckpt, "overlays" in written)
+    print(f"wrote {out}/: {', '.join(path.name for path in written.values())}")
     return report
 
 
-def write_per_image(path: Path, ids: list[str], report: dict[str, Any]) -> None:
-    """id, student Dice, teacher Dice (at each one's chosen threshold), one row per image."""
-    per_image = report["per_image_dice"]
-    if len(per_image["student"]) != len(ids):
-        raise DistillError(
-            f"{len(per_image['student'])} per-image scores for {len(ids)} ids: loader order broke"
-        )
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", *[f"{who}_dice" for who in per_image]])
-        for i, image_id in enumerate(ids):
-            writer.writerow([image_id, *[per_image[who][i] for who in per_image]])
-
-
-def write_report_md(path: Path, report: dict[str, Any], ckpt: Path, ids: list[str], overlays: bool) -> None:
+def write_report_md(path: Path, report: dict[str, Any], ckpt: Path, overlays: bool) -> Path:
+    """report.md: the table, the pictures and the five images with the lowest student Dice."""
     from distill.report import format_table
 
     student = report["per_image_dice"]["student"]
+    ids = report.get("per_image_ids") or [f"#{i}" for i in range(len(student))]
     worst = sorted(zip(student, ids, strict=True))[:5]
     lines = [
         f"# Evaluation of `{ckpt}` on {report['split']}",
@@ -147,13 +138,15 @@ def write_report_md(path: Path, report: dict[str, Any], ckpt: Path, ids: list[st
         "|---|---|",
         *[f"| {image_id} | {dice:.4f} |" for dice, image_id in worst],
         "",
-        "Files: `metrics.json` (DESIGN.md contract), `per_image.csv`.",
+        "Files: `metrics.json` (the contract in docs/DESIGN.md), `per_image.csv`.",
     ]
     path.write_text("\n".join(lines) + "\n")
+    return path
 
 
-def measure_latency(ckpt: Path, size: int, repeats: int = 5) -> float:
-    """Median seconds for one image of size x size through the student (batch 1) on this machine."""
+def measure_latency(ckpt: Path, size: int, repeats: int = 7) -> list[float]:
+    """Seconds for one image of size x size through the student (batch 1) on this machine, once per
+    repeat after a warm-up call, sorted."""
     import torch
 
     from distill.students import load_student
@@ -171,7 +164,13 @@ def measure_latency(ckpt: Path, size: int, repeats: int = 5) -> float:
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return sorted(times[1:])
+
+
+def format_latency(seconds: list[float]) -> str:
+    """`median (min-max)` in ms, e.g. `12.3 (11.9-13.0)`: one timing hides how much they vary."""
+    ms = [1000 * t for t in seconds]
+    return f"{ms[len(ms) // 2]:.1f} ({ms[0]:.1f}-{ms[-1]:.1f})"
 
 
 def compare(run_dirs: list[Path], out: Path | None, latency_size: int = 512) -> str:
@@ -198,8 +197,8 @@ def compare(run_dirs: list[Path], out: Path | None, latency_size: int = 512) -> 
             row[f"{who} dice@0.5"] = f"{m[who]['dice'][half]:.4f}"
             row[f"{who} recall@0.5"] = f"{m[who]['recall'][half]:.4f}"
         ckpt = Path(m["checkpoint"]) if m.get("checkpoint") else None
-        row[f"latency {latency_size}² (ms)"] = (
-            f"{1000 * measure_latency(ckpt, latency_size):.1f}" if ckpt and ckpt.is_file() else "n/a"
+        row[f"latency {latency_size}² ms, median (min-max) of 7"] = (
+            format_latency(measure_latency(ckpt, latency_size)) if ckpt and ckpt.is_file() else "n/a"
         )
         rows.append(row)
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -211,6 +210,7 @@ def compare(run_dirs: list[Path], out: Path | None, latency_size: int = 512) -> 
     return table
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
@@ -221,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
         parser.add_argument("--latency-size", type=int, default=512, help="image side for the latency column")
         args = parser.parse_args(argv[1:])
-        try:
-            print(compare(args.runs, args.out, args.latency_size))
-        except DistillError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        print(compare(args.runs, args.out, args.latency_size))
         return 0
 
     parser = argparse.ArgumentParser(
@@ -250,24 +246,29 @@ def main(argv: list[str] | None = None) -> int:
         help="ckpt: the threshold frozen on validation during fit (default); val: choose again on val now",
     )
     parser.add_argument("--data-format", default=None, help="dataset format (default: the run's config)")
-    parser.add_argument("--data-root", default=None, help="dataset root (default: the run's config)")
-    parser.add_argument("--cache", default=None, help="teacher cache dir (default: the run's config)")
+    parser.add_argument("--data-root", default=None, help="dataset directory (default: the run's config)")
+    parser.add_argument(
+        "--reader-option", dest="reader_options", action="append", type=key_value, default=[], metavar="K=V",
+        help="dataset reader option, value read as YAML (repeatable; merged over the run's own, which "
+        "are dropped when --data-format names another format)",
+    )  # fmt: skip
+    cache_dir = parser.add_argument(
+        "--cache-dir", default=None, help="teacher cache directory (default: the run's config)"
+    )
+    add_deprecated_alias(parser, "--cache", cache_dir)
     parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     args = parser.parse_args(argv)
     overrides = {
         "data_format": args.data_format,
         "data_root": args.data_root,
-        "cache_dir": args.cache,
+        "reader_options": dict(args.reader_options),
+        "cache_dir": args.cache_dir,
         "batch_size": args.batch_size,
     }
-    try:
-        report = evaluate(
-            args.ckpt, args.split, args.out, args.threshold, args.threshold_from, overrides, args.accelerator
-        )
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = evaluate(
+        args.ckpt, args.split, args.out, args.threshold, args.threshold_from, overrides, args.accelerator
+    )
     from distill.report import format_table
 
     print(format_table(report))

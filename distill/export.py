@@ -3,7 +3,7 @@
 The ONNX graph takes raw uint8 RGB `image [N, 3, H, W]` (any N, H, W) and returns vessel logits
 `[N, 1, H, W]`: normalisation and padding are inside the student, so a deployment needs no
 preprocessing code. The threshold chosen on validation travels in the model's metadata
-(`chosen_threshold`), next to the student's config, so `sigmoid(logits) > chosen_threshold` is the
+(`chosen_threshold`), next to the student's config, so `sigmoid(logits) >= chosen_threshold` is the
 mask the evaluation reported. Every export is checked against PyTorch with onnxruntime on random
 images of two sizes before it is declared done.
 """
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from distill import __version__
+from distill.cli import reports_user_errors
 from distill.errors import DistillError
 from distill.students import load_student
 
@@ -56,7 +57,7 @@ def export_onnx(
         "student": info["student"],
         "params": info["params"],
         "input": "image: uint8 RGB [N, 3, H, W], any size; normalisation is inside the model",
-        "output": "logits: float32 [N, 1, H, W]; mask = sigmoid(logits) > chosen_threshold",
+        "output": "logits: float32 [N, 1, H, W]; mask = sigmoid(logits) >= chosen_threshold",
         "source_checkpoint": str(ckpt),
         "distill_version": __version__,
     }
@@ -112,6 +113,7 @@ def max_abs_error(student: torch.nn.Module, onnx_path: Path, sizes: tuple[int, .
     return worst
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distill.export",
@@ -129,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     args = parser.parse_args(argv)
     out = args.out or args.ckpt.parent.parent / "student.onnx"
-    try:
-        result = export_onnx(args.ckpt, out, opset=args.opset)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = export_onnx(args.ckpt, out, opset=args.opset)
     print(
         f"wrote {out} ({result['params']:,} parameters, chosen threshold {result['chosen_threshold']}); "
         f"max |onnx - torch| = {result['max_abs_error']:.2e}"

@@ -1,9 +1,13 @@
-"""`python -m distill.fit --config configs/fit/X.yaml [--model.kd.alpha=0.5 ...]`: train, then report honestly.
+"""`python -m distill.fit --config configs/fit/X.yaml [--loss.kd_alpha=0.5 ...]`: train, then report honestly.
 
-A LightningCLI without subcommands (overrides come exactly as a W&B agent passes them). The flow:
+A LightningCLI without subcommands (overrides come exactly as a W&B agent passes them). The loss is
+its own top-level section, `loss:`, built from the loss-term registry: `--loss.<term>.weight`,
+`--loss.<term>.<option>` for every registered term, and the mixing settings (`--loss.kd_alpha`).
+The flow:
 fit -> reload the best checkpoint (by the student's validation Dice at its chosen threshold) ->
-validate (metrics_val.json) -> test at the threshold frozen on validation (metrics_test.json) ->
-curves_val.png, overlays_val.png -> a side-by-side table of teacher and student at every threshold.
+validate -> test at the threshold frozen on validation -> per split, metrics_<split>.json,
+per_image_<split>.csv, curves_<split>.png and overlays_<split>.png (`distill.report.write_outputs`,
+as `evaluate` writes them) -> a side-by-side table of teacher and student at every threshold.
 Everything lands in <runs_dir>/<run_name>/.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -21,19 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 
+from distill.cli import none_as_null, reports_user_errors
 from distill.data.datamodule import VesselDataModule
 from distill.errors import ConfigError, DistillError
+from distill.losses import LossSettings, loss_terms
 from distill.module import WHO, DistillModule
 from distill.progress import ProgressLog, ThroughputBar
-from distill.report import format_table, write_metrics
+from distill.report import format_table, write_outputs
 from distill.students import count_parameters
-from distill.viz import plot_curves, plot_overlays
 
 MONITOR = "val/student/dice@best"
 _RUN_NAME_ENV = "DISTILL_RUN_NAME"  # so that DDP ranks started later agree on a timestamped name
@@ -58,14 +66,40 @@ def _wandb_offline() -> bool:
         return True
 
 
+def add_loss_arguments(parser: LightningArgumentParser) -> None:
+    """The `loss` section: LossSettings, then `loss.<term>.weight` and each registered term's options.
+
+    Built from the registry when the parser is, so a term registered before `main()` runs (a test,
+    a launcher script) is configurable, trained and logged like the built-in ones. Linked into
+    `model.loss` as a plain dict (what the checkpoint's hyperparameters hold).
+    """
+    parser.add_class_arguments(LossSettings, "loss", instantiate=False)
+    for name, term in loss_terms().items():
+        parser.add_argument(
+            f"--loss.{name}.weight",
+            type=float | None,
+            default=term.default_weight,
+            help=f"weight of {name} (null: off; 0: logged without gradient)",
+        )
+        parser.add_class_arguments(term, f"loss.{name}", instantiate=False, sub_configs=False)
+    parser.link_arguments("loss", "model.loss", compute_fn=_as_dict)
+
+
+def _as_dict(section: Namespace) -> dict:
+    return section.as_dict()
+
+
 class DistillCLI(LightningCLI):
-    """LightningCLI that owns the run directory, the best-checkpoint callback and the logger."""
+    """LightningCLI that owns the run directory, the loss section, the best-checkpoint callback and the logger."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None, help="default: a timestamp")
         parser.add_argument("--runs_dir", type=str, default="students", help="runs land in runs_dir/run_name")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from it")
         parser.add_argument("--wandb", type=bool, default=True, help="log to W&B when wandb is installed")
+        parser.add_argument(
+            "--overwrite", type=bool, default=False, help="clear runs_dir/run_name first if it holds a run"
+        )
         parser.add_argument(
             "--progress_every_s",
             type=float,
@@ -78,6 +112,7 @@ class DistillCLI(LightningCLI):
             default=600.0,
             help="multi-process runs fail when a collective waits this long (a process stopped making progress)",
         )
+        add_loss_arguments(parser)
 
     @property
     def run_dir(self) -> Path:
@@ -87,8 +122,29 @@ class DistillCLI(LightningCLI):
         os.environ[_RUN_NAME_ENV] = name
         return Path(self.config["runs_dir"]) / name
 
+    def _claim_run_dir(self, run_dir: Path) -> None:
+        """Never mix two runs in one directory: a directory that holds files is refused unless the
+        run resumes (--ckpt_path) or --overwrite clears it. Rank 0 only (the others follow it)."""
+        if rank_zero_only.rank != 0 or not run_dir.is_dir() or not any(run_dir.iterdir()):
+            return
+        ckpt_path = self.config["ckpt_path"]
+        if self.config["overwrite"]:
+            if ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):
+                raise ConfigError(
+                    f"--overwrite would delete {ckpt_path}, the checkpoint to resume from: drop one of the two"
+                )
+            shutil.rmtree(run_dir)
+        elif not ckpt_path:
+            held = ", ".join(sorted(p.name for p in run_dir.iterdir()))
+            raise ConfigError(
+                f"{run_dir} already holds a run ({held}): resume it with --ckpt_path "
+                f"{run_dir / 'checkpoints' / 'last.ckpt'}, pick a new --run_name, or pass --overwrite to "
+                "clear it first"
+            )
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.run_dir
+        self._claim_run_dir(run_dir)
         trainer_config = self.config_init.get("trainer") or {}
         callbacks = trainer_config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
@@ -165,40 +221,53 @@ def _log_pictures_and_tables(
 
 @contextmanager
 def _collective_timeout_explained(trainer: pl.Trainer, timeout_s: float) -> Iterator[None]:
-    """A timed-out collective (gloo raises it; NCCL's watchdog aborts with its own log line) says what it means."""
+    """A timed-out collective says what it means (gloo raises one; NCCL's watchdog aborts the process
+    with its own "Watchdog caught collective operation timeout" line)."""
     try:
         yield
     except RuntimeError as error:
-        if trainer.world_size == 1 or "timed out" not in str(error).lower():
+        if trainer.world_size == 1 or not any(
+            word in str(error).lower() for word in ("timed out", "timeout")
+        ):
             raise
         raise DistillError(
             f"rank {trainer.global_rank}: a collective operation across the {trainer.world_size} processes waited "
             f"{timeout_s:.0f} s (--ddp_timeout_s) for another process, which stopped making progress: it "
-            "crashed, hung, or is far slower; its own output says which. The original error follows."
+            f"crashed, hung, or is far slower; its own output says which ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[-1]})"
         ) from error
 
 
 def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the whole flow; returns {"val": report, "test": report} (the metrics.json bodies)."""
+    """Run the whole flow; returns {"val": report, "test": report} (the metrics.json bodies).
+
+    `args` (default: the command line) may spell null as Python's `None`, as a W&B agent does.
+    """
     cli = DistillCLI(
         DistillModule,
         VesselDataModule,
         run=False,
         seed_everything_default=0,
         save_config_callback=None,
-        args=args,
+        args=none_as_null(sys.argv[1:] if args is None else args),
         parser_kwargs={"description": __doc__.split("\n")[0]},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     run_dir = Path(trainer.default_root_dir)
-    if model.loss.kd.alpha > 0 and not data.has_teacher:
+    needing = model.loss.terms_needing("teacher_logits")
+    if needing and not data.has_teacher:
         raise ConfigError(
-            f"model.kd.alpha={model.loss.kd.alpha} needs a teacher cache: set data.cache_dir, "
-            "or --model.kd.alpha=0 for a ground-truth-only baseline"
+            f"loss terms {needing} need a teacher cache (loss.kd_alpha={model.loss.settings.kd_alpha}): "
+            "set data.cache_dir, or --loss.kd_alpha=0 for a ground-truth-only baseline"
         )
+    needing = model.loss.terms_needing("skeleton")
+    if needing and not data.skeletons:
+        raise ConfigError(f"loss terms {needing} need ground-truth skeletons: set data.skeletons=true")
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cli.parser.save(cli.config, run_dir / "config.yaml", overwrite=True, multifile=False)
+        config = cli.config.clone()
+        config["overwrite"] = False  # reusing this file must never clear a run directory
+        cli.parser.save(config, run_dir / "config.yaml", overwrite=True, multifile=False)
 
     with _collective_timeout_explained(trainer, cli.config["ddp_timeout_s"]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=WRONG_LOGGING_INTERVAL_WARNING)
@@ -208,23 +277,21 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"no checkpoint was written under {run_dir / 'checkpoints'}: did validation run?")
 
     reports: dict[str, dict[str, Any]] = {}
+    overlay_samples: dict[str, dict[str, Any]] = {}
     trainer.validate(model, datamodule=data, ckpt_path=str(best), verbose=False)
-    reports["val"] = model.results["val"]
-    overlay_samples = model.overlay_samples
+    reports["val"], overlay_samples["val"] = model.results["val"], model.overlay_samples
     trainer.test(model, datamodule=data, ckpt_path=str(best), verbose=False)
-    reports["test"] = model.results["test"]
+    reports["test"], overlay_samples["test"] = model.results["test"], model.overlay_samples
     if not trainer.is_global_zero:
         return reports
 
     params = count_parameters(model.student)
+    pictures = {}
     for split, report in reports.items():
-        write_metrics(run_dir / f"metrics_{split}.json", report, params, best)
-    pictures = {
-        "val/curves": plot_curves(reports["val"], run_dir / "curves_val.png"),
-        "val/overlays": plot_overlays(
-            overlay_samples, reports["val"]["chosen_threshold"], run_dir / "overlays_val.png"
-        ),
-    }
+        written = write_outputs(run_dir, report, params, best, overlay_samples[split], suffix=f"_{split}")
+        pictures.update(
+            {f"{split}/{kind}": written[kind] for kind in ("curves", "overlays") if kind in written}
+        )
     _log_pictures_and_tables(trainer.logger, reports, pictures)
     print(f"\n{format_table(reports['val'])}\n")
     test_at = reports["test"]["at_chosen"]
@@ -238,5 +305,12 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
     return reports
 
 
+@reports_user_errors
+def _command_line(args: list[str] | None = None) -> int:
+    """`python -m distill.fit`: a mistake in the config prints `error: ...` and exits 2."""
+    main(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(_command_line())

@@ -1,12 +1,16 @@
-"""Pooled segmentation metrics at a grid of thresholds, and choosing one threshold on validation.
+"""Segmentation metrics at a grid of thresholds, pooled and per image, and choosing one threshold on validation.
 
 A pixel is predicted positive at threshold t when prob >= t (compared in float32). Only pixels with
-roi = 1 count. Counts are pooled over every image of a split (and over DDP ranks), so big images and
-images with many vessel pixels weigh more than in a per-image mean; `per_image_dice` gives the
-per-image view at the chosen threshold.
+roi = 1 count. `ThresholdCurves` pools counts over every image of a split (and over DDP ranks), so
+big images and images with many vessel pixels weigh more than in a per-image mean; `PerImageDice`
+gives each image's Dice. Both bin every pixel once by the number of thresholds it reaches
+(`_counts_at_thresholds`), so they cannot disagree.
 
 Conventions for empty denominators ("nothing to get wrong" scores 1): precision = 1 when nothing is
 predicted positive, recall = 1 when there is no vessel pixel, Dice = IoU = 1 when both are empty.
+An image without vessel pixels inside its ROI therefore has Dice 1 when nothing is predicted there
+and 0 otherwise; `per_image_means` leaves such images out of the headline per-image mean, so that
+it cannot be raised by predicting nothing, and reports the mean over every image beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
 CURVE_NAMES = ("dice", "recall", "precision", "iou")
@@ -29,11 +34,52 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
 def _scores(tp: Tensor, fp: Tensor, fn: Tensor) -> dict[str, Tensor]:
     tp, fp, fn = tp.double(), fp.double(), fn.double()
     return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "dice": _dice(tp, fp, fn),
         "recall": _ratio(tp, tp + fn),
         "precision": _ratio(tp, tp + fp),
         "iou": _ratio(tp, tp + fp + fn),
     }
+
+
+def _dice(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def _counts_at_thresholds(
+    probs: Tensor, target: Tensor, roi: Tensor | None, boundaries: Tensor, per_image: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """int64 (tp, fp, fn) at every threshold: [n_thresholds] pooled, or [B, n_thresholds] per image (dim 0).
+
+    Each pixel is bucketed once (how many thresholds it reaches), one bincount gives a histogram per
+    class (and image), and reversed cumulative sums turn it into counts at every threshold:
+    O(pixels + thresholds), no pixel storage.
+    """
+    n = len(boundaries)
+    bins = 2 * (n + 1) + 1  # negatives by thresholds reached, positives likewise, one bin for ignored
+    # reached = number of thresholds <= prob: the pixel is positive at thresholds[:reached].
+    code = torch.bucketize(probs.float(), boundaries, right=True) + (n + 1) * (target > 0.5).long()
+    if roi is not None:
+        code = torch.where(roi > 0, code, bins - 1)
+    groups = probs.shape[0] if per_image else 1
+    if per_image:
+        code = code + bins * torch.arange(groups, device=code.device).view(-1, *([1] * (code.dim() - 1)))
+    histogram = torch.bincount(code.flatten(), minlength=groups * bins).view(groups, bins)
+    negatives, positives = histogram[:, : n + 1], histogram[:, n + 1 : 2 * (n + 1)]
+    # at_least[k] = pixels that reach more than k thresholds = predicted positive at thresholds[k].
+    tp = positives.flip(1).cumsum(1).flip(1)[:, 1:]
+    fp = negatives.flip(1).cumsum(1).flip(1)[:, 1:]
+    fn = positives.sum(1, keepdim=True) - tp
+    return (tp, fp, fn) if per_image else (tp[0], fp[0], fn[0])
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    thresholds = tuple(float(t) for t in thresholds)
+    if not thresholds or any(not 0 <= t <= 1 for t in thresholds):
+        raise ValueError(f"thresholds={thresholds}: need at least one, each in [0, 1]")
+    if list(thresholds) != sorted(set(thresholds)):
+        raise ValueError(f"thresholds={thresholds}: must be strictly increasing")
+    return thresholds
 
 
 def _check_inputs(probs: Tensor, target: Tensor, roi: Tensor | None) -> None:
@@ -54,13 +100,8 @@ def _check_inputs(probs: Tensor, target: Tensor, roi: Tensor | None) -> None:
         raise ValueError(f"target must be 0/1 (got values {target.unique()[:8].tolist()})")
 
 
-class ThresholdCurves(Metric):
-    """tp/fp/fn at every threshold as summed int64 counts: O(pixels + thresholds) per update, no pixel storage.
-
-    Each pixel is bucketed once (how many thresholds it reaches), one bincount gives a histogram per
-    class, and reversed cumulative sums turn it into counts at every threshold. The states are sums,
-    so DDP ranks are merged exactly (dist_reduce_fx="sum").
-    """
+class _ThresholdGridMetric(Metric):
+    """A metric over a grid of thresholds (strictly increasing, in [0, 1]), kept as bucket boundaries."""
 
     is_differentiable = False
     higher_is_better = True
@@ -70,42 +111,102 @@ class ThresholdCurves(Metric):
         self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, validate_args: bool = True, **kwargs
     ):
         super().__init__(**kwargs)
-        thresholds = tuple(float(t) for t in thresholds)
-        if not thresholds or any(not 0 <= t <= 1 for t in thresholds):
-            raise ValueError(f"thresholds={thresholds}: need at least one, each in [0, 1]")
-        if list(thresholds) != sorted(set(thresholds)):
-            raise ValueError(f"thresholds={thresholds}: must be strictly increasing")
-        self.thresholds = thresholds
-        self.validate_args = validate_args
-        self.register_buffer("_boundaries", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
+        self.thresholds = _check_thresholds(thresholds)
+        self.validate_args = validate_args  # False where the caller has checked the same inputs
+        self.register_buffer(
+            "_boundaries", torch.tensor(self.thresholds, dtype=torch.float32), persistent=False
+        )
+
+
+class ThresholdCurves(_ThresholdGridMetric):
+    """tp/fp/fn at every threshold as summed int64 counts, pooled over all images.
+
+    The states are sums, so DDP ranks are merged exactly (dist_reduce_fx="sum").
+    """
+
+    def __init__(
+        self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, validate_args: bool = True, **kwargs
+    ):
+        super().__init__(thresholds, validate_args, **kwargs)
         for name in ("tp", "fp", "fn"):
             self.add_state(
-                name, default=torch.zeros(len(thresholds), dtype=torch.int64), dist_reduce_fx="sum"
+                name, default=torch.zeros(len(self.thresholds), dtype=torch.int64), dist_reduce_fx="sum"
             )
 
     def update(self, probs: Tensor, target: Tensor, roi: Tensor | None = None) -> None:
         """probs in [0, 1] and target 0/1, any one shape (e.g. [B,1,H,W]); roi 0/1 of the same shape or None."""
         if self.validate_args:
             _check_inputs(probs, target, roi)
-        n = len(self.thresholds)
-        # reached[i] = number of thresholds <= prob: the pixel is positive at thresholds[:reached].
-        reached = torch.bucketize(probs.float(), self._boundaries, right=True)
-        code = reached + (n + 1) * (target > 0.5).long()
-        if roi is not None:
-            code = torch.where(roi > 0, code, 2 * (n + 1))  # one bin for ignored pixels
-        histogram = torch.bincount(code.flatten(), minlength=2 * (n + 1) + 1)
-        negatives, positives = histogram[: n + 1], histogram[n + 1 : 2 * (n + 1)]
-        # at_least[k] = pixels that reach more than k thresholds = predicted positive at thresholds[k].
-        tp = positives.flip(0).cumsum(0).flip(0)[1:]
-        fp = negatives.flip(0).cumsum(0).flip(0)[1:]
+        tp, fp, fn = _counts_at_thresholds(probs, target, roi, self._boundaries, per_image=False)
         self.tp += tp
         self.fp += fp
-        self.fn += positives.sum() - tp
+        self.fn += fn
 
     def compute(self) -> dict[str, Tensor]:
         """{"thresholds", "dice", "recall", "precision", "iou"}: float64 1-D tensors, one value per threshold."""
         thresholds = torch.tensor(self.thresholds, dtype=torch.float64, device=self.tp.device)
         return {"thresholds": thresholds, **_scores(self.tp, self.fp, self.fn)}
+
+
+class PerImageDice(_ThresholdGridMetric):
+    """Dice of every image at every threshold ([N, n_thresholds]) in split order, gathered over DDP ranks.
+
+    `index` is each image's position in its split (the batch's "index"): ranks see interleaved shares
+    of a split, and compute() puts the gathered rows back in split order by it. Also records which
+    images have vessel pixels inside their ROI (see the module docstring for images that have none).
+    """
+
+    def __init__(
+        self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, validate_args: bool = True, **kwargs
+    ):
+        super().__init__(thresholds, validate_args, **kwargs)
+        self.add_state("dice", default=[], dist_reduce_fx="cat")
+        self.add_state("has_vessels", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self, probs: Tensor, target: Tensor, roi: Tensor | None = None, index: Tensor | None = None
+    ) -> None:
+        """probs, target, roi as in ThresholdCurves, dim 0 = image; index [B] positions in the split or None
+        (arrival order)."""
+        if self.validate_args:
+            _check_inputs(probs, target, roi)
+        if index is None:
+            seen = sum(len(i) for i in self.index)
+            index = torch.arange(seen, seen + probs.shape[0], device=probs.device)
+        tp, fp, fn = _counts_at_thresholds(probs, target, roi, self._boundaries, per_image=True)
+        self.dice.append(_dice(tp, fp, fn).float())
+        self.has_vessels.append((tp[:, 0] + fn[:, 0]) > 0)
+        self.index.append(index.to(device=probs.device, dtype=torch.int64).flatten())
+
+    def compute(self) -> dict[str, Tensor]:
+        """{"dice": float32 [N, n_thresholds], "has_vessels": bool [N]}, rows in split order."""
+        if isinstance(self.dice, list) and not self.dice:  # after a DDP sync the state is one tensor
+            device = self._boundaries.device
+            return {
+                "dice": torch.zeros(0, len(self.thresholds), device=device),
+                "has_vessels": torch.zeros(0, dtype=torch.bool, device=device),
+            }
+        order = dim_zero_cat(self.index).argsort()
+        dice = dim_zero_cat(self.dice).reshape(-1, len(self.thresholds))
+        return {"dice": dice[order], "has_vessels": dim_zero_cat(self.has_vessels).reshape(-1)[order]}
+
+
+def per_image_means(dice: Sequence[float], has_vessels: Sequence[bool]) -> dict[str, float | int | None]:
+    """The per-image means reported for one side at one threshold.
+
+    "with_vessels" (the headline `dice_per_image`) averages only images with vessel pixels inside
+    their ROI, so predicting nothing scores 0 there; "all" averages every image, those without
+    vessels counting 1 when nothing was predicted and 0 otherwise. None where there is no image.
+    """
+    if len(dice) != len(has_vessels):
+        raise ValueError(f"{len(dice)} per-image Dice values for {len(has_vessels)} has_vessels flags")
+    with_vessels = [d for d, vessels in zip(dice, has_vessels, strict=True) if vessels]
+    return {
+        "with_vessels": round(sum(with_vessels) / len(with_vessels), 6) if with_vessels else None,
+        "all": round(sum(dice) / len(dice), 6) if len(dice) else None,
+        "n_with_vessels": len(with_vessels),
+    }
 
 
 class ThresholdChoice(tuple):
@@ -119,14 +220,6 @@ class ThresholdChoice(tuple):
 
     def __getnewargs__(self):
         return (*self, self.rule, self.fell_back)
-
-    @property
-    def index(self) -> int:
-        return self[0]
-
-    @property
-    def threshold(self) -> float:
-        return self[1]
 
 
 def choose_threshold(
@@ -164,21 +257,6 @@ def choose_threshold(
 def curves_at(curves: dict[str, Tensor], index: int) -> dict[str, float]:
     """{"dice", "recall", "precision", "iou"} at one threshold index, as floats (metrics.json "at_chosen")."""
     return {name: round(float(curves[name][index]), 6) for name in CURVE_NAMES}
-
-
-def per_image_dice(
-    probs: Tensor, target: Tensor, roi: Tensor | None = None, threshold: float = 0.5
-) -> Tensor:
-    """Dice of each image [B,...] at `threshold` (prob >= threshold), inside roi; 1 when both are empty."""
-    _check_inputs(probs, target, roi)
-    predicted = probs.float() >= threshold
-    truth = target > 0.5
-    if roi is not None:
-        predicted, truth = predicted & (roi > 0), truth & (roi > 0)
-    dims = tuple(range(1, probs.dim()))
-    tp = (predicted & truth).sum(dims)
-    errors = (predicted ^ truth).sum(dims)
-    return _ratio(2 * tp.double(), 2 * tp.double() + errors.double()).float()
 
 
 def curves_to_json(curves: dict[str, Tensor]) -> dict[str, list[float]]:

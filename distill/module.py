@@ -15,60 +15,21 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from distill.errors import ConfigError
-from distill.losses import DistillLoss, FiniteCheck, GTLossConfig, KDConfig, ThinConfig
+from distill.losses import DistillLoss, FiniteCheck
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
+    PerImageDice,
     ThresholdCurves,
     choose_threshold,
     curves_at,
     curves_to_json,
+    per_image_means,
 )
 from distill.students import CHECKPOINT_FORMAT_VERSION, StudentConfig, count_parameters, create_student
 
 WHO = ("student", "teacher")
-
-
-class PerImageDice(Metric):
-    """Dice of every image at every threshold ([N, n_thresholds]) in split order, gathered over DDP ranks.
-
-    `index` is each image's position in its split (the batch's "index"): ranks see interleaved shares
-    of a split, and compute() puts the gathered rows back in split order by it.
-    """
-
-    full_state_update = False
-
-    def __init__(self, thresholds: tuple[float, ...], **kwargs: Any):
-        super().__init__(**kwargs)
-        self.register_buffer("_boundaries", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
-        self.add_state("dice", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-
-    def update(self, probs: Tensor, target: Tensor, roi: Tensor, index: Tensor | None = None) -> None:
-        n_images, n = probs.shape[0], len(self._boundaries)
-        if index is None:  # arrival order
-            seen = sum(len(i) for i in self.index)
-            index = torch.arange(seen, seen + n_images, device=probs.device)
-        bins = 2 * (n + 1) + 1  # per image: negatives by thresholds reached, positives likewise, ignored
-        code = torch.bucketize(probs.float(), self._boundaries, right=True) + (n + 1) * (target > 0.5).long()
-        code = torch.where(roi > 0, code, 2 * (n + 1))
-        code = code + bins * torch.arange(n_images, device=code.device).view(-1, *([1] * (code.dim() - 1)))
-        histogram = torch.bincount(code.flatten(), minlength=n_images * bins).view(n_images, bins)
-        negatives, positives = histogram[:, : n + 1], histogram[:, n + 1 : 2 * (n + 1)]
-        tp = positives.flip(1).cumsum(1).flip(1)[:, 1:].double()
-        fp = negatives.flip(1).cumsum(1).flip(1)[:, 1:].double()
-        fn = positives.sum(1, keepdim=True) - tp
-        denominator = 2 * tp + fp + fn
-        self.dice.append(torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), 1.0).float())
-        self.index.append(index.to(device=probs.device, dtype=torch.int64).flatten())
-
-    def compute(self) -> Tensor:
-        if isinstance(self.dice, list) and not self.dice:  # after a DDP sync the state is one tensor
-            return torch.zeros(0, len(self._boundaries), device=self._boundaries.device)
-        return dim_zero_cat(self.dice)[dim_zero_cat(self.index).argsort()]
 
 
 class EpochLossMeans:
@@ -104,16 +65,16 @@ class EpochLossMeans:
 class DistillModule(pl.LightningModule):
     """Student + DistillLoss + threshold-sweep metrics for student and teacher.
 
-    `thresholds` is the grid swept on every validation/test pass; `threshold_rule` picks one on
-    validation ("max_dice", or "recall_target": the highest threshold whose recall >= recall_target).
+    `loss` is the loss config (`distill.losses.resolve_loss_config`; `distill.fit` fills it from the
+    config's top-level `loss:` section). `thresholds` is the grid swept on every validation/test
+    pass; `threshold_rule` picks one on validation ("max_dice", or "recall_target": the highest
+    threshold whose recall >= recall_target).
     """
 
     def __init__(
         self,
         student: StudentConfig = StudentConfig(),
-        gt: GTLossConfig = GTLossConfig(),
-        kd: KDConfig = KDConfig(),
-        thin: ThinConfig = ThinConfig(),
+        loss: dict[str, Any] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         warmup_fraction: float = 0.05,
@@ -127,18 +88,14 @@ class DistillModule(pl.LightningModule):
         super().__init__()
         # Lightning's load_from_checkpoint passes the saved plain dicts back: accept both.
         student = student if isinstance(student, StudentConfig) else StudentConfig(**student)
-        gt = gt if isinstance(gt, GTLossConfig) else GTLossConfig(**gt)
-        kd = kd if isinstance(kd, KDConfig) else KDConfig(**kd)
-        thin = thin if isinstance(thin, ThinConfig) else ThinConfig(**thin)
         if not 0 <= warmup_fraction < 1:
             raise ConfigError(f"model.warmup_fraction={warmup_fraction}: must be in [0, 1)")
+        self.loss = DistillLoss(loss)
         # Plain types only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
                 "student": asdict(student),
-                "gt": asdict(gt),
-                "kd": asdict(kd),
-                "thin": asdict(thin),
+                "loss": self.loss.config,
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "warmup_fraction": warmup_fraction,
@@ -151,7 +108,6 @@ class DistillModule(pl.LightningModule):
             }
         )
         self.student = create_student(**student.kwargs())
-        self.loss = DistillLoss(gt=gt, kd=kd, thin=thin)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.threshold_rule = threshold_rule
         self.recall_target = recall_target
@@ -160,13 +116,20 @@ class DistillModule(pl.LightningModule):
             {f"{stage}_{who}": ThresholdCurves(self.thresholds) for stage in ("val", "test") for who in WHO}
         )
         self.per_image = nn.ModuleDict(
-            {f"{stage}_{who}": PerImageDice(self.thresholds) for stage in ("val", "test") for who in WHO}
+            {
+                # the inputs were checked by ThresholdCurves already
+                f"{stage}_{who}": PerImageDice(self.thresholds, validate_args=False)
+                for stage in ("val", "test")
+                for who in WHO
+            }
         )
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
+        self.freeze_thresholds = False  # True: validation too scores at the thresholds set, choosing none
         self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)
-        # A few images of the last val or test pass, with both predictions (for overlay pictures).
-        self.overlay_samples: dict[str, Tensor] = {}
+        # The first n_overlays images of the last val or test pass, with both predictions and their
+        # ids (for overlay pictures).
+        self.overlay_samples: dict[str, Any] = {}
         self._compiled: nn.Module | None = None
         self._unchecked: tuple[int, int, int, FiniteCheck] | None = None  # see training_step
         self._epoch_losses = EpochLossMeans()
@@ -176,7 +139,7 @@ class DistillModule(pl.LightningModule):
     @property
     def trains_on_teacher(self) -> bool:
         """Whether training batches need teacher logits (the DataModule reads them for training only then)."""
-        return self.loss.kd.alpha > 0
+        return bool(self.loss.terms_needing("teacher_logits"))
 
     def setup(self, stage: str) -> None:
         # Here, before DDP wraps the student: its gradient buckets keep the parameter strides they see
@@ -293,6 +256,8 @@ class DistillModule(pl.LightningModule):
                 self.overlay_samples[key] = (
                     torch.cat([self.overlay_samples[key], value]) if key in self.overlay_samples else value
                 )
+            if "id" in batch:  # so that each overlay row can name its image
+                self.overlay_samples["id"] = [*self.overlay_samples.get("id", []), *batch["id"][take]]
 
     def on_validation_epoch_start(self) -> None:
         self.overlay_samples = {}
@@ -330,6 +295,7 @@ class DistillModule(pl.LightningModule):
             "chosen_threshold": {"rule": self.threshold_rule},
             "at_chosen": {},
             "per_image_dice": {},
+            "per_image_dice_mean": {},
         }
         frozen = {"student": self.chosen_threshold, "teacher": self.teacher_threshold}
         for who in WHO:
@@ -338,9 +304,9 @@ class DistillModule(pl.LightningModule):
                 continue
             # torchmetrics squeezes one-element results (one threshold, or one image at one threshold).
             curves = {name: values.reshape(-1) for name, values in curves_metric.compute().items()}
-            per_image = per_image_metric.compute().reshape(-1, len(self.thresholds))
+            per_image = per_image_metric.compute()
             curves_metric.reset(), per_image_metric.reset()
-            if stage == "val" or frozen[who] is None:
+            if (stage == "val" and not self.freeze_thresholds) or frozen[who] is None:
                 choice = choose_threshold(curves, self.threshold_rule, self.recall_target)
                 index, threshold = choice
                 if self.threshold_rule == "recall_target":
@@ -356,9 +322,13 @@ class DistillModule(pl.LightningModule):
             report[who] = {k: v for k, v in curves_to_json(curves).items() if k != "thresholds"}
             report["chosen_threshold"][who] = float(threshold)
             report["at_chosen"][who] = curves_at(curves, index)
-            dice = per_image[:, index] if len(per_image) else per_image.new_zeros(0)
-            report["per_image_dice"][who] = [round(float(d), 6) for d in dice]
-            report["n_images"] = len(per_image)
+            per_image_dice = per_image["dice"].reshape(-1, len(self.thresholds))
+            dice = [round(float(d), 6) for d in per_image_dice[:, index]]
+            has_vessels = [bool(v) for v in per_image["has_vessels"].reshape(-1)]
+            report["per_image_dice"][who] = dice
+            report["per_image_dice_mean"][who] = per_image_means(dice, has_vessels)
+            report["per_image_has_vessels"] = has_vessels
+            report["n_images"] = len(dice)
         datamodule = self.trainer.datamodule
         ids = getattr(datamodule, f"{stage}_ids", None)
         if ids is not None and len(ids) == report.get("n_images"):
@@ -389,8 +359,10 @@ class DistillModule(pl.LightningModule):
             values[f"{stage}/{who}/recall@best"] = at["recall"]
             values[f"{stage}/{who}/precision@best"] = at["precision"]
             values[f"{stage}/{who}/threshold"] = report["chosen_threshold"][who]
-            per_image = report["per_image_dice"][who]
-            values[f"{stage}/{who}/dice_per_image@best"] = sum(per_image) / max(1, len(per_image))
+            means = report["per_image_dice_mean"][who]
+            for name, key in (("dice_per_image", "with_vessels"), ("dice_per_image_all", "all")):
+                if means[key] is not None:
+                    values[f"{stage}/{who}/{name}@best"] = means[key]
             for i, t in enumerate(report["thresholds"]):
                 for name in ("dice", "recall", "precision"):
                     values[f"{stage}/{who}/{name}@{t:.2f}"] = report[who][name][i]

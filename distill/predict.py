@@ -1,9 +1,10 @@
 """Segment a folder of images: `python -m distill.predict --model best.ckpt|student.onnx --images DIR`.
 
-For each image it writes `<out>/masks/<name>.png` (0/255 at the model's chosen threshold, or
-`--threshold`) and `<out>/probs/<name>.png` (probability x 255). The threshold comes from the
-checkpoint or the ONNX metadata: the one chosen on validation, so the masks are the ones the
-evaluation measured.
+For each image it writes `<out>/masks/<name>.png` (255 where prob >= the model's chosen threshold,
+or `--threshold`; the rule the metrics use) and `<out>/probs/<name>.png` (probability x 255). The
+threshold comes from the checkpoint or the ONNX metadata: the one chosen on validation, so the masks
+are the ones the evaluation measured. Images are the files the dataset readers take
+(`distill.data.images.IMAGE_SUFFIXES`), decoded the same way (EXIF orientation applied).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from distill.data.images import read_image
-from distill.errors import ConfigError, DistillError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+from distill.cli import reports_user_errors
+from distill.data.images import IMAGE_SUFFIXES, check_bit_depth, read_image
+from distill.errors import ConfigError
 
 
 def load_predictor(
@@ -59,26 +59,37 @@ def load_predictor(
 
 
 def predict_folder(
-    model: Path, images: Path, out: Path, threshold: float | None = None, device: str = "auto"
+    model: Path,
+    images: Path,
+    out: Path,
+    threshold: float | None = None,
+    device: str = "auto",
+    bit_depth: int | None = None,
 ) -> int:
-    """Write masks and probability maps for every image under `images`; returns how many."""
+    """Write masks and probability maps for every image under `images`; returns how many.
+
+    `bit_depth`: the bits 16-bit grayscale images hold, as the reader option of the same name
+    (default: detected per image).
+    """
+    check_bit_depth(bit_depth)
     paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise ConfigError(f"{images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+        raise ConfigError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     predict, chosen = load_predictor(model, device)
     threshold = threshold if threshold is not None else chosen
     if threshold is None:
         raise ConfigError(f"{model}: carries no chosen threshold; pass --threshold")
     for path in tqdm(paths, desc="predict", unit="img"):
-        prob = predict(read_image(path))
+        prob = predict(read_image(path, bit_depth=bit_depth))
         name = path.relative_to(images).with_suffix(".png")
-        for sub, array in (("masks", (prob > threshold) * 255), ("probs", np.round(prob * 255))):
+        for sub, array in (("masks", (prob >= threshold) * 255), ("probs", np.round(prob * 255))):
             target = out / sub / name
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array.astype(np.uint8)).save(target)
     return len(paths)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distill.predict",
@@ -97,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threshold", type=float, default=None, help="override the model's chosen threshold")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (checkpoints only)")
+    parser.add_argument(
+        "--bit-depth",
+        type=int,
+        default=None,
+        help="bits 16-bit grayscale images hold, as the training data's bit_depth reader option "
+        "(default: detected per image)",
+    )
     args = parser.parse_args(argv)
-    try:
-        n = predict_folder(args.model, args.images, args.out, args.threshold, args.device)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    n = predict_folder(args.model, args.images, args.out, args.threshold, args.device, args.bit_depth)
     print(f"wrote {n} masks and probability maps to {args.out}/masks and {args.out}/probs")
     return 0
 

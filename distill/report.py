@@ -1,7 +1,9 @@
-"""metrics.json (the contract in DESIGN.md) and the side-by-side threshold table printed after fit/evaluate."""
+"""A split's outputs, written the same way by `fit` and `evaluate`: metrics JSON (the contract in
+docs/DESIGN.md), per-image CSV, pictures, and the side-by-side threshold table printed after both."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -38,6 +40,48 @@ def write_metrics(
     tmp.write_text(json.dumps(body, indent=1) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_per_image(path: str | Path, report: dict[str, Any]) -> Path:
+    """id, has_vessels, then each side's Dice at its chosen threshold: one row per image, split order."""
+    per_image = report["per_image_dice"]
+    ids = report.get("per_image_ids") or [f"#{i}" for i in range(report["n_images"])]
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "has_vessels", *[f"{who}_dice" for who in per_image]])
+        for i, image_id in enumerate(ids):
+            row = [
+                image_id,
+                int(report["per_image_has_vessels"][i]),
+                *[per_image[who][i] for who in per_image],
+            ]
+            writer.writerow(row)
+    return path
+
+
+def write_outputs(
+    out_dir: str | Path,
+    report: dict[str, Any],
+    student_params: int,
+    checkpoint: str | Path | None,
+    overlay_samples: dict[str, Any] | None = None,
+    suffix: str = "",
+) -> dict[str, Path]:
+    """One split's files in `out_dir`: metrics{suffix}.json, per_image{suffix}.csv, curves{suffix}.png
+    and, given samples, overlays{suffix}.png. Returns {"metrics", "per_image", "curves", "overlays"}
+    -> path (fit uses suffix "_val"/"_test" in the run directory, evaluate "" in eval_<split>/)."""
+    from distill.viz import plot_curves, plot_overlays
+
+    out_dir = Path(out_dir)
+    written = {
+        "metrics": write_metrics(out_dir / f"metrics{suffix}.json", report, student_params, checkpoint),
+        "per_image": write_per_image(out_dir / f"per_image{suffix}.csv", report),
+        "curves": plot_curves(report, out_dir / f"curves{suffix}.png"),
+    }
+    if overlay_samples:
+        written["overlays"] = plot_overlays(overlay_samples, report, out_dir / f"overlays{suffix}.png")
+    return written
 
 
 def format_table(report: dict[str, Any]) -> str:

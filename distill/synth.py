@@ -17,7 +17,7 @@ Same seed, same bytes: every random draw comes from one `numpy.random.Generator`
 caller; `make_dataset` derives per-image seeds from (seed, index), so a dataset of N images is a
 prefix of the one with more images and the same seed.
 
-    python -m distill.synth --out data/synthetic --count 64 --size 512 --style fundus --seed 0 --preview sheet.png
+    python -m distill.synth --out data/synthetic --count 96 --size 192 --style fundus --seed 0   # make demo's
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from distill.data.rasterize import rasterize_polygons
-from distill.data.writers import FORMATS, write_dataset
+from distill.data.writers import WRITERS, write_dataset
 from distill.errors import ConfigError
 
 STYLES = ("fundus", "angiogram")
@@ -512,8 +512,8 @@ def make_dataset(
         raise ConfigError(f"--count={count}: generate at least one image")
     if seed < 0:
         raise ConfigError(f"--seed={seed}: seeds are non-negative integers")
-    if format not in FORMATS:
-        raise ConfigError(f"--format={format!r} is unknown; choose one of {', '.join(FORMATS)}")
+    if format not in WRITERS:
+        raise ConfigError(f"--format={format!r} is unknown; choose one of {', '.join(WRITERS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(
             f"--out {out} exists and is not an empty directory; delete it or choose another --out"
@@ -546,10 +546,14 @@ EPILOG = """\
 examples:
   # 8 small fundus images in Sa2VA's merged format, with a contact sheet to look at
   python -m distill.synth --out data/s --count 8 --size 128 --seed 1 --preview data/s_preview.png
-  python -m distill.data check --format merged --root data/s
+  python -m distill.data check --data-format merged --data-root data/s
 
-  # the embedded default: 512 px, like the real data
-  python -m distill.synth --out data/synthetic --count 400 --size 512 --style fundus --seed 0
+  # the embedded default, as `make demo` (scripts/demo.sh) makes it: 96 fundus images at 192 px
+  python -m distill.synth --out data/synthetic --count 96 --size 192 --style fundus --seed 0 \
+      --preview data/synthetic/preview.png
+
+  # closer to the real data: 512 px
+  python -m distill.synth --out data/synthetic512 --count 400 --size 512 --style fundus --seed 0
 
   # angiograms as a folder of PNG images and 0/255 masks
   python -m distill.synth --out data/angio --count 64 --size 256 --style angiogram --format mask_folder
@@ -580,7 +584,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=list(WRITERS),
         default="merged",
         help="dataset format to write (default: merged, Sa2VA's)",
     )

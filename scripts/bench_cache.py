@@ -5,8 +5,8 @@
 
 (1) reads: `--read-maps` float16 maps of `--size`² written with CacheWriter, read back through
     TeacherCache in random order (page cache warm: the maps were just written), maps/s.
-(2) overhead: the same synthetic images through `python -m distill.cache_teacher` (in-process) and
-    through the bare teacher (`predict_logits` on preloaded images, same batch size); overhead =
+(2) overhead: the same synthetic images through the caching pipeline (`distill.caching.run_job`, what
+    `python -m distill.cache_teacher` runs) and through the bare teacher (`predict_logits` on preloaded images, same batch size); overhead =
     cache wall time / bare forward time - 1. Target: < 5%.
 Writes JSON to --out (default benchmarks/cache_<device>.json) and prints a table.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from distill.cache import CacheWriter, TeacherCache
-from distill.cache_teacher import build_teacher, main
+from distill.caching import CacheJob, create_job_teacher, fit_teacher, run_job
 from distill.cli import key_value
 from distill.data import open_dataset
 from distill.synth import make_dataset
@@ -70,34 +70,23 @@ def bench_reads(work: Path, n_maps: int, size: int, seed: int = 0) -> dict:
 
 def bench_overhead(work: Path, args: argparse.Namespace) -> dict:
     data = make_dataset(work / "data", count=args.images, size=args.size, style="fundus", seed=0)
-    options = [f"--teacher-option={k}={json.dumps(v)}" for k, v in args.teacher_option]
-    summary_path = work / "summary.json"
-    argv = [
-        "--teacher",
-        args.teacher,
-        "--data-format",
-        "merged",
-        "--data-root",
-        str(data),
-        "--out",
-        str(work / "c"),
-    ]
-    argv += ["--batch-size", str(args.batch_size), "--summary-json", str(summary_path), *options]
-    if main(argv) != 0:
-        raise SystemExit("cache_teacher failed")
-    summary = json.loads(summary_path.read_text())
+    job = CacheJob(
+        teacher=args.teacher,
+        teacher_options=dict(args.teacher_option),
+        data_format="merged",
+        data_root=data,
+        out=work / "c",
+        batch_size=args.batch_size,
+    )
+    summary = run_job(job)
 
     # The bare teacher on the same images, preloaded, same batches.
-    cli = argparse.Namespace(
-        teacher=args.teacher, teacher_options=dict(args.teacher_option), fit_split="train", fit_images=32,
-        **dict.fromkeys(("model_path", "trust_remote_code", "prompt", "use_dataset_text", "max_memory", "quantize")),
-    )  # fmt: skip
     dataset = open_dataset("merged", data)
-    teacher = build_teacher(cli, dataset, [0] if torch.cuda.is_available() else None)
+    teacher = create_job_teacher(job, [0] if torch.cuda.is_available() else None)
+    if teacher.needs_fit:
+        fit_teacher(job, teacher, dataset)
     images = [dataset.get(i).image for i in dataset.ids]
-    teacher.predict_logits(
-        images[: args.batch_size]
-    )  # warm-up (CUDA kernels, allocator), as the cache run had
+    teacher.predict_logits(images[: args.batch_size])  # warm-up (loading, CUDA kernels), as the cache run had
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()

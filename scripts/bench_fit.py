@@ -51,7 +51,6 @@ from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.datamodule import VesselDataModule  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
-from distill.losses import KDConfig  # noqa: E402
 from distill.module import DistillModule  # noqa: E402
 from distill.students import StudentConfig, count_parameters, create_student  # noqa: E402
 from distill.synth import generate_sample  # noqa: E402
@@ -112,7 +111,9 @@ class Regime:
 def make_data(root: Path, n_images: int, n_unique: int, size: int) -> tuple[Path, Path]:
     """Synthetic merged dataset (n_unique generated images repeated under new ids) and a logit cache for it."""
     data, cache = root / "data", root / "cache"
-    if (cache / "manifest.json").is_file() and len(TeacherCache(cache).missing()) == 0:
+    if (cache / "manifest.json").is_file() and not TeacherCache(cache).missing(
+        open_dataset("merged", data).ids
+    ):
         return data, cache  # made by an earlier run with the same --work
     unique = [
         generate_sample(seed, size, "fundus")
@@ -288,7 +289,7 @@ def bench_bare(
 
 def training_module(student: StudentConfig, args: argparse.Namespace) -> DistillModule:
     """The module the pure and pipeline figures train: KD on, torch.compile with --compile."""
-    return DistillModule(student=student, kd=KDConfig(alpha=0.5), compile=args.compile)
+    return DistillModule(student=student, loss={"kd_alpha": 0.5}, compile=args.compile)
 
 
 def bench_pure(

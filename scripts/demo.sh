@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: synthetic vessels -> Frangi teacher cache -> a small UNet student distilled from it on CPU,
-# then the side-by-side table and pictures in students/demo/. Each step is skipped when its output is sound.
+# then the side-by-side table and pictures in students/demo/. The data and cache steps are skipped when their
+# output is there and sound; the student is trained afresh each time.
 #   bash scripts/demo.sh .venv/bin/python
 set -euo pipefail
 PY="${1:-.venv/bin/python}"
@@ -16,4 +17,4 @@ if ! "$PY" -m distill.cache_teacher --verify "$CACHE" >/dev/null 2>&1; then
     rm -rf "$CACHE"
     "$PY" -m distill.cache_teacher --config configs/teacher/frangi_synthetic.yaml
 fi
-"$PY" -m distill.fit --config configs/fit/demo.yaml
+"$PY" -m distill.fit --config configs/fit/demo.yaml --overwrite=true  # retrains every time, into a cleared students/demo

@@ -2,7 +2,7 @@
 
 import sys
 
-from distill.sweep import TrialReporter
+from distill.sweep.runner import TrialReporter
 
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
 if args.get("fail") == "True":

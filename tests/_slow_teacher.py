@@ -58,3 +58,54 @@ class PixelTeacher(Teacher):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"name": self.name, "version": 1}  # delay does not change the logits
+
+
+@register_teacher("calibrated")
+class CalibratedTeacher(PixelTeacher):
+    """`pixel` plus what sa2va and frangi bring to the pipeline: a fit on ground truth (an offset,
+    which a rerun takes back from the cache), and a self-check in `stats()` whose agreement is None
+    when no pixel was checked. `no_mask=true` gives no map for any image; `forbid_work=true` makes
+    `fit` and `predict_logits` raise, so a test sees that the teacher was never asked to work."""
+
+    name = "calibrated"
+
+    def __init__(self, delay: float = 0.0, no_mask: bool = False, forbid_work: bool = False):
+        super().__init__(delay)
+        self.no_mask, self.forbid_work = bool(no_mask), bool(forbid_work)
+        self.offset: float | None = None
+        self.pixels_checked = 0
+
+    @property
+    def needs_fit(self) -> bool:
+        return True
+
+    def _work(self, what: str) -> None:
+        if self.forbid_work:
+            raise RuntimeError(f"calibrated teacher: {what} was called (forbid_work=true)")
+
+    def fit(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
+        self._work("fit")
+        self.offset = round(float(np.mean([mask.mean() for mask in masks])), 6)
+
+    def restore_fit(self, fingerprint: dict[str, Any]) -> bool:
+        if fingerprint.get("name") != self.name or fingerprint.get("offset") is None:
+            return False
+        self.offset = fingerprint["offset"]
+        return True
+
+    def predict_logits(
+        self, images: Sequence[np.ndarray], texts: Sequence[str | None] | None = None
+    ) -> list[np.ndarray | None]:
+        self._work("predict_logits")
+        if self.no_mask:
+            return [None] * len(images)
+        maps = [m + np.float32(self.offset) for m in super().predict_logits(images, texts)]
+        self.pixels_checked += sum(m.size for m in maps)
+        return maps
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"name": self.name, "version": 1, "no_mask": self.no_mask, "offset": self.offset}
+
+    def stats(self) -> dict[str, Any]:
+        checked = self.pixels_checked
+        return {"pixels_checked": checked, "agreement": 1.0 if checked else None, "worst_image_mismatch": 0.0}

@@ -56,7 +56,7 @@ def reference(tmp_path_factory) -> Path:
 
 def test_round_trip_mixed_shapes_views_and_no_mask(reference):
     cache = TeacherCache(reference)
-    assert cache.views == VIEWS and cache.ids == make_ids(COUNT) and cache.missing() == []
+    assert cache.views == VIEWS and cache.ids == make_ids(COUNT) and cache.missing(make_ids(COUNT)) == []
     for id in cache.ids:
         if fake_logits(id, "identity") is None:
             assert cache.status(id) == "no_mask" and not cache.has(id, "identity")
@@ -104,7 +104,7 @@ def test_reopen_after_close_skips_done_rows(tmp_path):
         assert w.done("img000", "identity") and not w.done("img000", "hflip")
         assert w.todo() == make_ids(3)
         w.write("img000", "hflip", np.zeros((4, 5)))
-    assert TeacherCache(tmp_path).missing() == ["img001", "img002"]
+    assert TeacherCache(tmp_path).missing(make_ids(3)) == ["img001", "img002"]
 
 
 def test_reader_pickles_and_reads_in_forked_and_spawned_processes(reference):
@@ -232,31 +232,108 @@ def test_merge_two_roots_and_refuse_conflicts(tmp_path, reference):
         merge_cache(merged, other_teacher)
 
 
-def test_changed_teacher_or_dataset_is_refused_with_what_differs(tmp_path, reference):
+def test_changed_teacher_or_changed_ids_are_refused_by_what_differs(tmp_path, reference):
     cache = TeacherCache(reference)
-    with pytest.raises(CacheError, match=r"version: cache 1 vs given 2(.|\n)*--out NEW_DIR"):
-        cache.check_teacher(make_manifest(COUNT, teacher_version=2)["teacher"])
-    cache.check_teacher(make_manifest(COUNT)["teacher"])
-
     dataset = make_manifest(COUNT)["dataset"]
     cache.check_dataset(dataset)
-    items = dict(dataset["items"])
-    items["img002"] = "edited"
-    del items["img005"]
-    items["new1"] = items["new2"] = "sha"
+    edited = {**dataset, "items": {**dataset["items"], "img002": "edited", "img009": "edited"}}
     with pytest.raises(CacheError) as error:
-        cache.check_dataset({**dataset, "items": items})
+        cache.check_dataset(edited)
     message = str(error.value)
-    assert "2 id(s) new in the dataset" in message and "new1, new2" in message
-    assert "1 id(s) in the cache but no longer in the dataset (e.g. img005)" in message
-    assert "1 id(s) with changed content (e.g. img002)" in message and "cache_teacher" in message
+    assert "2 id(s) with changed content since they were cached (e.g. img002, img009)" in message
+    assert (
+        "Fix: restore those items, or give the edited items new ids" in message and "--out NEW_DIR" in message
+    )
+    assert any(
+        "changed content" in p and "img002" in p for p in verify_cache(reference, dataset=_as_dataset(edited))
+    )
 
     with pytest.raises(CacheError, match=r"teacher version: cache 1 vs given 2(.|\n)*new --out"):
         CacheWriter(reference, "w9", make_manifest(COUNT, teacher_version=2))
-    with pytest.raises(CacheError, match="changed content"):
-        CacheWriter(reference, "w9", {**make_manifest(COUNT), "dataset": {**dataset, "items": items}})
+    with pytest.raises(CacheError, match=r"changed content(.|\n)*img002, img009"):
+        CacheWriter(reference, "w9", {**make_manifest(COUNT), "dataset": edited})
+    assert not (reference / "w9.index").exists() or (reference / "w9.index").read_bytes() == b""
 
     partial = tmp_path / "partial"
     run(str(partial), "w0", COUNT, 0, 2, 0.0, 3)
     with pytest.raises(CacheError, match=r"7 of 14 id\(s\) missing(.|\n)*again with the same"):
         TeacherCache(partial).check_dataset(dataset)
+
+
+def _as_dataset(fingerprint: dict) -> SimpleNamespace:
+    """A stand-in VesselDataset for verify_cache: ids, fingerprint, and images of the fake maps' shapes."""
+
+    def get(id):
+        shape = fake_logits(id, "identity").shape if fake_logits(id, "identity") is not None else (8, 8)
+        return SimpleNamespace(image=np.zeros((*shape, 3), np.uint8))
+
+    return SimpleNamespace(ids=sorted(fingerprint["items"]), fingerprint=lambda: fingerprint, get=get)
+
+
+def test_the_cache_grows_with_its_dataset_and_serves_a_shrunk_one(tmp_path):
+    assert run(str(tmp_path), "w0", 6, 0, 1, 0.0, 3) == 12
+    grown = make_manifest(9)
+    cache = TeacherCache(tmp_path)
+    cache.check_dataset(make_manifest(4)["dataset"])  # extra cached ids are fine
+    with pytest.raises(
+        CacheError, match=r"incomplete: 3 of 9 id\(s\) missing \(e.g. img006, img007, img008\)"
+    ):
+        cache.check_dataset(grown["dataset"])
+    problems = verify_cache(tmp_path, dataset=_as_dataset(grown["dataset"]))
+    assert len(problems) == 1 and "3 of 9 id(s) lack a map" in problems[0]
+
+    assert run(str(tmp_path), "w1", 9, 0, 1, 0.0, 3) == 5  # the rerun on the grown dataset: only the new ids
+    cache = TeacherCache(tmp_path)
+    cache.check_dataset(grown["dataset"])
+    assert cache.ids == make_ids(9) and cache.status("img006") == "no_mask" and cache.status("img007") == "ok"
+    assert (
+        verify_cache(tmp_path, dataset=_as_dataset(grown["dataset"])) == [] and verify_cache(tmp_path) == []
+    )
+    info = cache_info(tmp_path)
+    assert (info["ids_complete"], info["no_mask"], info["ids_partial"]) == (8, 1, 0)
+    records = [json.loads(line) for line in (tmp_path / "w1.index").read_text().splitlines()]
+    assert {r["hash"] for r in records} == {"sha-img006", "sha-img007", "sha-img008"}
+
+    # Two nodes caching different grown copies of the data merge; rows of one id from different content do not.
+    node = tmp_path.parent / f"{tmp_path.name}-node"
+    with CacheWriter(node, "w0", make_manifest(12)) as w:
+        for id in ("img010", "img011"):
+            w.write(id, "identity", np.zeros((2, 2)))
+            w.write(id, "hflip", np.zeros((2, 2)))
+    merged = tmp_path.parent / f"{tmp_path.name}-merged"
+    assert merge_cache(merged, tmp_path, node)["ids_complete"] == 10
+    assert verify_cache(merged) == []
+    edited = tmp_path.parent / f"{tmp_path.name}-edited"
+    manifest = make_manifest(12)
+    manifest["dataset"]["items"]["img010"] = "edited"
+    with CacheWriter(edited, "w0", manifest) as w:
+        w.write("img010", "hflip", np.zeros((2, 2)))
+    with pytest.raises(CacheError, match="different content"):
+        merge_cache(merged, edited)
+
+
+def test_a_version_1_cache_is_read_resumed_and_merged_through_its_manifest_hashes(tmp_path, reference):
+    """Version-1 records carry no item hash: theirs are the manifest's dataset items."""
+    old = tmp_path / "v1"
+    merge_cache(old, reference)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    for index in old.glob("*.index"):
+        records = [json.loads(line) for line in index.read_text().splitlines()]
+        index.write_text(
+            "".join(json.dumps({k: v for k, v in r.items() if k != "hash"}) + "\n" for r in records)
+        )
+    assert '"hash"' not in (old / "w0.index").read_text()
+    cache = TeacherCache(old)
+    dataset = make_manifest(COUNT)["dataset"]
+    cache.check_dataset(dataset)
+    assert contents(old) == contents(reference) and verify_cache(old) == []
+    with pytest.raises(CacheError, match=r"changed content(.|\n)*img003"):
+        cache.check_dataset({**dataset, "items": {**dataset["items"], "img003": "edited"}})
+    with CacheWriter(old, "w1", make_manifest(COUNT + 1)) as w:  # a grown dataset on a version-1 cache
+        assert w.todo() == ["img014"]
+        w.write("img014", "identity", np.ones((3, 3)))
+        w.write("img014", "hflip", np.ones((3, 3)))
+    TeacherCache(old).check_dataset(make_manifest(COUNT + 1)["dataset"])
+    assert merge_cache(tmp_path / "v2", old)["ids_complete"] == 13
+    assert '"hash"' in (tmp_path / "v2" / "w0.index").read_text() and verify_cache(tmp_path / "v2") == []

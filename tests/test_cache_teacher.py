@@ -266,3 +266,65 @@ def test_help_teaches_and_info_summarises(data, tmp_path, capsys):
     assert run("--info", out) == 0
     assert '"ids_complete": 8' in capsys.readouterr().out
     assert os.path.exists(out / "manifest.json")
+
+
+CALIBRATED = [*PLUGIN, "--teacher", "calibrated", "--data-format", "merged"]
+
+
+def test_a_complete_cache_is_rerun_without_fitting_or_running_the_teacher(data, tmp_path, capsys):
+    args = [*CALIBRATED, "--data-root", data, "--out", tmp_path / "c", "--views", "identity,hflip"]
+    assert run(*args) == 0
+    capsys.readouterr()
+    forbid = ["--teacher-option", "forbid_work=true"]  # fit or predict_logits would raise
+    assert run(*args, *forbid, "--summary-json", tmp_path / "s.json") == 0
+    assert "nothing to do, all 8 id(s) already cached; the teacher was not run" in capsys.readouterr().out
+    assert summary_of(tmp_path / "s.json")["todo"] == 0
+    # Another teacher is still refused, and still without running it.
+    assert run(*args, *forbid, "--teacher-option", "no_mask=true") == 2
+    assert "no_mask: cache false vs given true" in capsys.readouterr().err
+
+
+def test_all_no_mask_and_empty_shard_runs_print_their_summaries(data, tmp_path, capsys):
+    common = [*CALIBRATED, "--data-root", data]
+    assert run(*common, "--out", tmp_path / "none", "--teacher-option", "no_mask=true") == 0
+    out = capsys.readouterr().out
+    assert "0 done, 0 skipped (already cached), 8 no_mask" in out
+    assert "self-check: not checked (0 pixels)" in out
+    cache = TeacherCache(tmp_path / "none")
+    assert {cache.status(i) for i in cache.ids} == {"no_mask"} and len(cache.ids) == 8
+    # 8 ids over 9 shards leave shard 8 none: nothing to do, and the teacher is not even fitted.
+    empty = ["--num-shards", 9, "--shard-index", 8, "--teacher-option", "forbid_work=true"]
+    assert run(*common, "--out", tmp_path / "empty", *empty) == 0
+    assert "nothing to do, no ids selected; the teacher was not run" in capsys.readouterr().out
+
+
+def test_a_grown_dataset_computes_only_its_new_ids_and_a_changed_image_is_refused_by_id(tmp_path, capsys):
+    from distill.data import open_dataset
+
+    small = make_dataset(tmp_path / "small", count=8, size=64, style="fundus", seed=2)
+    grown = make_dataset(tmp_path / "grown", count=11, size=64, style="fundus", seed=2)
+    frangi = ["--teacher", "frangi", "--data-format", "merged"]
+    out = tmp_path / "c"
+    assert run(*frangi, "--data-root", small, "--out", out) == 0
+    fitted = TeacherCache(out).manifest["teacher"]
+    assert run(*frangi, "--data-root", grown, "--out", out, "--summary-json", tmp_path / "s.json") == 0
+    summary = summary_of(tmp_path / "s.json")
+    assert (summary["maps"], summary["skipped"], summary["done"]) == (3, 8, 3)
+    cache = TeacherCache(out)
+    assert cache.manifest["teacher"] == fitted and len(cache.ids) == 11  # the first run's fit goes on
+    # ... which matters: fitting on the grown train split gives another teacher.
+    assert run(*frangi, "--data-root", grown, "--out", tmp_path / "fresh") == 0
+    assert TeacherCache(tmp_path / "fresh").manifest["teacher"] != fitted
+    cache.check_dataset(open_dataset("merged", grown).fingerprint())
+    cache.check_dataset(open_dataset("merged", small).fingerprint())  # extra cached ids are fine
+    against_grown = ["--verify", out, "--data-format", "merged", "--data-root", grown]
+    assert run("--verify", out) == 0 and run(*against_grown) == 0
+
+    edited = grown / "images" / "fundus_00003.jpg"
+    edited.write_bytes(edited.read_bytes() + b"\0")  # same pixels for a decoder, different content hash
+    capsys.readouterr()
+    assert run(*frangi, "--data-root", grown, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "1 id(s) with changed content since they were cached (e.g. fundus_00003)" in err and "Fix:" in err
+    assert run(*against_grown) == 1
+    assert "changed content" in capsys.readouterr().err

@@ -155,7 +155,7 @@ def test_several_index_problems_are_listed_together(tmp_path):
     with pytest.raises(DatasetError) as caught:
         open_dataset("merged", tmp_path)
     lines = str(caught.value).splitlines()
-    assert "3 problems" in lines[0] and "skip_bad=True" in lines[0]
+    assert "3 problems" in lines[0] and "--skip-bad" in lines[0] and "skip_bad=True" not in lines[0]
     assert all("annotations.json" in line for line in lines[1:]) and len(lines) == 4
     assert "gone.png is missing" in lines[1] and "needs at least 3" in lines[2] and "escapes" in lines[3]
 

@@ -1,6 +1,7 @@
 """Each dataset format read from tiny hand-written fixtures; masks checked pixel for pixel."""
 
 import base64
+import io
 import json
 import math
 import warnings
@@ -12,9 +13,9 @@ from PIL import Image
 
 from distill.data import DatasetWarning, list_formats, open_dataset
 from distill.data.formats.coco import rle_decode
-from distill.data.images import read_binary_mask, read_image
+from distill.data.images import DecodeWarning, read_binary_mask, read_image
 from distill.data.rasterize import rasterize_polygons
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DatasetError
 
 H, W = 24, 32
 
@@ -152,6 +153,105 @@ def test_labelme_uses_embedded_image_data(tmp_path):
     np.testing.assert_array_equal(record.mask, rasterize_polygons([[1, 1, 30, 2, 15, 20]], H, W)[0])
 
 
+def labelme_mask_shape(mask: np.ndarray, label: str = "vessel") -> dict:
+    """A shape as LabelMe >= 5.5's AI-mask tool saves it: `points` = the inclusive box of `mask`, `mask` =
+    the box's pixels as a base64 PNG of uint8 0/1 (labelme.utils.img_arr_to_b64)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y1, y2, x1, x2 = rows[0], rows[-1], cols[0], cols[-1]
+    png = io.BytesIO()
+    Image.fromarray(mask[y1 : y2 + 1, x1 : x2 + 1].astype(np.uint8)).save(png, format="PNG")
+    return {
+        "label": label,
+        "points": [[float(x1), float(y1)], [float(x2), float(y2)]],
+        "group_id": None,
+        "description": "",
+        "shape_type": "mask",
+        "flags": {},
+        "mask": base64.b64encode(png.getvalue()).decode(),
+    }
+
+
+def test_labelme_ai_mask_shapes_are_pasted_at_their_box_and_united(tmp_path):
+    write_image(tmp_path / "a.png")
+    vessel = np.zeros((H, W), bool)
+    for step in range(14):  # a diagonal vessel reaching the right and bottom edges
+        vessel[10 + step, 18 + step : 21 + step] = True
+    polygon = [[2, 2], [12, 3], [6, 11]]
+    tilted = [[14, 1], [17, 4], [15, 6], [12, 3]]
+    shapes = [
+        labelme_mask_shape(vessel),
+        {"label": "vessel", "shape_type": "polygon", "points": polygon},
+        {"label": "vessel", "shape_type": "oriented_rectangle", "points": tilted},
+    ]
+    document = {"version": "5.5.0", "flags": {}, "shapes": shapes, "imagePath": "a.png", "imageData": None}
+    write_json(tmp_path / "a.json", {**document, "imageHeight": H, "imageWidth": W})
+    record = open_dataset("labelme", tmp_path).get("a")
+    drawn = rasterize_polygons([np.ravel(polygon), np.ravel(tilted)], H, W)[0]
+    np.testing.assert_array_equal(record.mask, drawn | vessel)
+
+
+def test_labelme_mask_shape_without_its_png_is_a_bad_item(tmp_path):
+    write_image(tmp_path / "a.png")
+    shape = {**labelme_mask_shape(np.eye(H, W, dtype=bool)), "mask": None}
+    write_json(tmp_path / "a.json", {"shapes": [shape], "imagePath": "a.png"})
+    with pytest.raises(DatasetError, match=r"a.json: shape 0 \(vessel\): a mask shape needs 'mask'"):
+        open_dataset("labelme", tmp_path)
+
+
+def write_roboflow_coco(root: Path) -> dict[str, np.ndarray]:
+    """A Roboflow COCO export: train/ valid/ test/, each with its images and `_annotations.coco.json`
+    (Roboflow's categories: id 0 the project as supercategory "none", then the classes); returns
+    {id: expected mask}."""
+    expected = {}
+    for split, stems in {"train": ["a", "b"], "valid": ["a"], "test": ["c"]}.items():
+        images, annotations = [], []
+        for number, stem in enumerate(stems, start=1):
+            name = f"{stem}_png.rf.0123456789abcdef{number}.jpg"
+            write_image(root / split / name, seed=number)
+            images.append({"id": number - 1, "license": 1, "file_name": name, "height": H, "width": W})
+            top = 2 + 3 * number
+            box = [3, top, 20, top, 20, top + 4, 3, top + 4]
+            annotations.append(
+                {"id": number - 1, "image_id": number - 1, "category_id": 1, "bbox": [3, top, 17, 4],
+                 "area": 68, "segmentation": [box], "iscrowd": 0}
+            )  # fmt: skip
+            expected[f"{split}/{Path(name).stem}"] = rasterize_polygons([box], H, W)[0]
+        categories = [
+            {"id": 0, "name": "vessels-xyz", "supercategory": "none"},
+            {"id": 1, "name": "vessel", "supercategory": "vessels-xyz"},
+        ]
+        write_json(
+            root / split / "_annotations.coco.json",
+            {"info": {"year": "2025"}, "licenses": [], "categories": categories, "images": images,
+             "annotations": annotations},
+        )  # fmt: skip
+    (root / "README.roboflow.txt").write_text("exported via roboflow.com\n")
+    return expected
+
+
+def test_roboflow_coco_export_reads_as_one_dataset_split_by_its_folders(tmp_path):
+    expected = write_roboflow_coco(tmp_path)
+    ds = open_dataset("coco", tmp_path, categories=["vessel"])
+    assert ds.ids == sorted(expected)
+    assert {i: ds.split_of(i) for i in ds.ids} == {
+        i: {"train": "train", "valid": "val", "test": "test"}[i.split("/")[0]] for i in expected
+    }
+    for item, mask in expected.items():
+        np.testing.assert_array_equal(ds.get(item).mask, mask)
+    assert not any((tmp_path / split / "splits.json").exists() for split in ("train", "valid", "test"))
+
+
+def test_one_folder_of_a_roboflow_export_points_to_the_export_root(tmp_path):
+    write_roboflow_coco(tmp_path)
+    with pytest.raises(
+        DatasetError, match=rf"{tmp_path / 'train'}: is the train/ folder of an export.*use {tmp_path} as"
+    ):
+        open_dataset("coco", tmp_path / "train")
+    assert not (tmp_path / "train" / "splits.json").exists()
+    alone = open_dataset("coco", tmp_path / "train", annotation_file="_annotations.coco.json")
+    assert len(alone) == 2
+
+
 def rle_encode(mask: np.ndarray) -> list[int]:
     """Column-major run lengths starting with a run of zeros (COCO's uncompressed RLE)."""
     flat = mask.T.ravel()
@@ -228,14 +328,15 @@ def test_mask_folder_with_roi_and_nested_names(tmp_path):
     image = write_image(tmp_path / "images" / "eye" / "a.png")
     mask = np.zeros((H, W), np.uint8)
     mask[4:9, 2:30] = 255
-    mask[10, 10] = 1
+    mask[10, 10] = 1  # a third grey level: below mid-range, so not vessel (and a warning says so)
     roi = np.zeros((H, W), np.uint8)
     roi[2:22, 1:31] = 200
     write_image(tmp_path / "masks" / "eye" / "a.png", mask)
     write_image(tmp_path / "roi" / "eye" / "a.tif", roi)
-    record = open_dataset("mask_folder", tmp_path).get("eye/a")
+    with pytest.warns(DecodeWarning, match="more than two grey levels"):
+        record = open_dataset("mask_folder", tmp_path).get("eye/a")
     np.testing.assert_array_equal(record.image, image)
-    np.testing.assert_array_equal(record.mask, (mask != 0).astype(np.uint8))
+    np.testing.assert_array_equal(record.mask, (mask > 127).astype(np.uint8))
     assert record.roi.dtype == bool
     np.testing.assert_array_equal(record.roi, roi != 0)
 
@@ -248,6 +349,14 @@ def test_mask_folder_split_folders_give_ids_and_splits(tmp_path):
     ds = open_dataset("mask_folder", tmp_path)
     assert ds.ids == ["test/a", "train/a", "train/b", "val/c"]
     assert ds.split_ids("train") == ["train/a", "train/b"] and ds.split_of("test/a") == "test"
+
+
+def test_mask_folder_reads_roboflows_valid_folder_as_val(tmp_path):
+    for split in ("train", "valid"):
+        write_image(tmp_path / split / "images" / "a.png")
+        write_image(tmp_path / split / "masks" / "a.png", np.ones((H, W), np.uint8))
+    ds = open_dataset("mask_folder", tmp_path)
+    assert ds.ids == ["train/a", "valid/a"] and ds.split_ids("val") == ["valid/a"]
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,22 @@ def test_stale_cache_is_refused(data):
         module(data, cache_dir=data["stale"])
 
 
+def test_a_cache_serves_a_smaller_dataset_and_refuses_a_changed_image_by_id(data, tmp_path):
+    smaller = tmp_path / "smaller"
+    shutil.copytree(data["root"], smaller)
+    gone, edited = data["dataset"].ids[1], data["dataset"].ids[4]
+    for path in smaller.glob(f"*/{gone}.*"):
+        path.unlink()
+    dm = module({**data, "root": str(smaller)}, cache_dir=data["cache"])  # extra cached ids are fine
+    assert gone not in dm.dataset.ids and len(dm.dataset.ids) == 11
+    image = next(smaller.glob(f"images/{edited}.*"))
+    image.write_bytes(image.read_bytes() + b"\0")  # same pixels for a decoder, different content hash
+    with pytest.raises(
+        CacheError, match=rf"1 id\(s\) with changed content since they were cached \(e.g. {edited}\)"
+    ):
+        module({**data, "root": str(smaller)}, cache_dir=data["cache"])
+
+
 PATHS = pytest.mark.parametrize("augment_on", ["workers", "device"])
 
 
@@ -331,7 +347,6 @@ def test_workers_never_free_garbage_inherited_from_the_training_process(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
 
 
-@PATHS
 class _SharedOnly(torch.utils.data.Dataset):
     """A dataset that refuses to be pickled: workers can only have it by fork."""
 
@@ -356,6 +371,7 @@ def test_workers_are_forked_even_where_spawn_is_the_default():
         multiprocessing.set_start_method(previous, force=True)
 
 
+@PATHS
 def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_0(data, tmp_path, augment_on):
     splits = module(data)
     missing = {splits.train_ids[0], splits.val_ids[0]}

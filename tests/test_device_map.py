@@ -9,7 +9,7 @@ from distill.teachers.device_map import (
     GiB,
     build_device_map,
     device_summary,
-    meta_module_sizes,
+    empty_module_sizes,
     module_sizes,
     parse_memory,
     part_of,
@@ -149,14 +149,19 @@ class _TinyLM(nn.Module):
 class _TinySa2VA(nn.Module):
     def __init__(self):
         super().__init__()
+        # InternViT / SAM2 read their drop-path schedule like this while constructing
+        self.drop_path = [x.item() for x in torch.linspace(0, 0.1, 3)]
         self.vision_model = nn.Conv2d(3, 4, 3)
         self.mlp1 = nn.Linear(4, 4)
         self.language_model = _TinyLM()
         self.register_buffer("step", torch.zeros(2, dtype=torch.long))
 
 
-def test_sizes_measured_on_meta_device_match_a_real_model():
-    measured = meta_module_sizes(_TinySa2VA, torch.bfloat16)
+def test_sizes_measured_with_empty_weights_match_a_real_model():
+    """Constructors that compute with tensors (.item()) run; the old torch.device("meta") build failed here."""
+    with pytest.raises(RuntimeError, match="meta"), torch.device("meta"):
+        _TinySa2VA()
+    measured = empty_module_sizes(_TinySa2VA, torch.bfloat16)
     assert measured == module_sizes(_TinySa2VA(), torch.bfloat16)
     assert measured["language_model.model.layers.1"] == (16 + 4) * 2
     assert measured["step"] == 2 * 8  # integer buffers keep their own size

@@ -12,13 +12,17 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from distill.cache import CacheWriter, TeacherCache
 from distill.data.datamodule import TeacherMaps
 from distill.errors import ConfigError
 from distill.evaluate import evaluate
+from distill.fit import _command_line as _fit_command_line
 from distill.fit import main
+from distill.losses import DistillLoss
 from distill.students import load_student
+from tests._loss_term_plugin import MeanProbability
 from tests.conftest import TINY_STUDENT, tiny_fit_args
 
 
@@ -26,7 +30,7 @@ def test_fit_writes_contract_metrics_pictures_and_a_loadable_checkpoint(tiny_dat
     data, cache = tiny_data_and_cache
     reports = main(
         tiny_fit_args(
-            data, cache, tmp_path, "--run_name=e2e", "--trainer.max_epochs=1", "--model.kd.alpha=0.0"
+            data, cache, tmp_path, "--run_name=e2e", "--trainer.max_epochs=1", "--loss.kd_alpha=0.0"
         )
     )
     run = tmp_path / "e2e"
@@ -56,7 +60,7 @@ def test_fit_writes_contract_metrics_pictures_and_a_loadable_checkpoint(tiny_dat
     student, info = load_student(run / "checkpoints" / "best.ckpt")
     assert info["chosen_threshold"] == val["chosen_threshold"]["student"]
     assert student(torch.zeros(1, 3, 50, 70, dtype=torch.uint8)).shape == (1, 1, 50, 70)
-    assert "kd:\n    alpha: 0.0" in (run / "config.yaml").read_text()
+    assert "loss:\n  kd_alpha: 0.0" in (run / "config.yaml").read_text()
 
 
 def test_resume_continues_from_the_checkpoint(tiny_data_and_cache, tmp_path):
@@ -72,10 +76,54 @@ def test_resume_continues_from_the_checkpoint(tiny_data_and_cache, tmp_path):
     assert second["global_step"] == 2 * first["global_step"]
 
 
+def test_a_loss_term_registered_outside_distill_is_trained_and_logged_by_fit(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    term = "test_mean_probability"
+    assert MeanProbability.__name__ in repr(type(DistillLoss({term: {"weight": 1.0}}).terms[term]))
+    main(
+        tiny_fit_args(data, cache, tmp_path, "--run_name=plugin", "--trainer.max_epochs=1", "--wandb=false")
+        + [f"--loss.{term}.weight=0.25", f"--loss.{term}.power=2", "--trainer.log_every_n_steps=1"]
+    )
+    run = tmp_path / "plugin"
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").read_text().splitlines()))
+    logged = [float(r[f"train/loss/{term}_step"]) for r in rows if r.get(f"train/loss/{term}_step")]
+    assert logged and all(0 < value < 1 for value in logged)
+    assert any(r.get(f"train/loss/{term}_epoch") for r in rows)
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["loss"][term] == {"weight": 0.25, "power": 2.0}
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"][term] == {"weight": 0.25, "power": 2.0}
+
+
+def test_a_run_directory_of_another_run_is_refused_unless_resumed_or_overwritten(tiny_run, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "tiny")
+    before = {p: p.stat().st_mtime_ns for p in (runs / "tiny").rglob("*")}
+    config = str(tiny_run / "config.yaml")  # the same config, pointed at other data: still another run
+    args = [f"--config={config}", f"--runs_dir={runs}", "--data.data_root=elsewhere", "--wandb=false"]
+    with pytest.raises(
+        ConfigError, match=r"already holds a run .*--ckpt_path .*last\.ckpt.*--run_name.*--overwrite"
+    ):
+        main(args)
+    assert {p: p.stat().st_mtime_ns for p in (runs / "tiny").rglob("*")} == before  # nothing written
+    assert _fit_command_line(args) == 2 and "already holds a run" in capsys.readouterr().err
+
+    (runs / "tiny" / "student.onnx").write_bytes(b"from the old run")
+    resumed = [*args[:2], f"--ckpt_path={runs / 'tiny' / 'checkpoints' / 'last.ckpt'}", "--wandb=false"]
+    main(resumed)  # resuming a finished run: allowed, it continues in its own directory
+    assert (runs / "tiny" / "student.onnx").is_file()
+    with pytest.raises(ConfigError, match="--overwrite would delete"):
+        main([*resumed, "--overwrite=true"])
+
+    main([*args[:2], "--overwrite=true", "--wandb=false"])
+    assert not (runs / "tiny" / "student.onnx").exists()  # cleared, then written afresh
+    assert (runs / "tiny" / "metrics_test.json").is_file()
+    assert "overwrite: false" in (runs / "tiny" / "config.yaml").read_text()
+
+
 def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):
     data, _ = tiny_data_and_cache
     args = tiny_fit_args(data, "null", tmp_path, "--trainer.max_epochs=1", "--wandb=false")
-    with pytest.raises(ConfigError, match="kd.alpha"):
+    with pytest.raises(ConfigError, match=r"\['kd_bce'\] need a teacher cache.*--loss.kd_alpha=0"):
         main([a if not a.startswith("--data.cache_dir") else "--data.cache_dir=null" for a in args])
 
 
@@ -192,7 +240,7 @@ def test_a_ground_truth_run_reads_no_teacher_map_for_training_and_still_scores_t
     monkeypatch.setattr(TeacherMaps, "read", lambda self, id, *a: read.append(id) or original(self, id, *a))
     reports = main(
         tiny_fit_args(data, cache, tmp_path, "--run_name=gt", "--trainer.max_epochs=1", "--wandb=false")
-        + ["--model.kd.alpha=0.0"]
+        + ["--loss.kd_alpha=0.0"]
     )
     train = {
         i for i, split in json.loads((data / "splits.json").read_text())["splits"].items() if split == "train"

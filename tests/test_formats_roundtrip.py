@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distill.data import open_dataset
-from distill.data.writers import FORMATS, rle_counts, write_dataset
+from distill.data.writers import WRITERS, rle_counts, write_dataset
 from distill.synth import generate_sample
 
 READER = {"coco_rle": "coco"}  # the coco reader reads both polygons and RLE
@@ -24,7 +24,7 @@ def samples():
     return made
 
 
-@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("format", list(WRITERS))
 def test_written_dataset_reads_back_exactly(tmp_path, samples, format):
     root = write_dataset(tmp_path / format, samples, format)
     dataset = open_dataset(READER.get(format, format), root)

@@ -13,7 +13,7 @@ from distill.data.device_augment import DeviceAugment, ResidentSplit
 from distill.data.prefetch import prefetch_to_device
 from distill.data.sampling import Draw, EndlessBatches, EpochStream
 from distill.fit import main as fit
-from distill.losses import FiniteCheck, KDConfig
+from distill.losses import FiniteCheck
 from distill.module import DistillModule
 from distill.students import StudentConfig
 from tests.test_device_augment import check_aligned, probe_record
@@ -57,9 +57,9 @@ def test_the_epoch_stream_prefetches_across_epochs_on_cuda():
 
 
 def test_finite_check_names_a_nan_term_on_cuda():
-    terms = {"gt/bce": torch.tensor(0.3, device="cuda"), "kd/bce": torch.tensor(float("nan"), device="cuda")}
-    assert FiniteCheck(terms).first_nonfinite() == "kd/bce"
-    assert FiniteCheck({"gt/bce": torch.ones((), device="cuda")}).first_nonfinite() is None
+    terms = {"gt_bce": torch.tensor(0.3, device="cuda"), "kd_bce": torch.tensor(float("nan"), device="cuda")}
+    assert FiniteCheck(terms).first_nonfinite() == "kd_bce"
+    assert FiniteCheck({"gt_bce": torch.ones((), device="cuda")}).first_nonfinite() is None
 
 
 @pytest.mark.parametrize("config", ["unet_r34_kd", "segformer_b0_kd", "unet_r34_gt", "small_data"])
@@ -115,7 +115,7 @@ def test_a_training_step_and_a_device_batch_never_wait_for_the_gpu():
     store = ResidentSplit([record], [teacher], device="cuda")
     augment = DeviceAugment(build_augment("default", crop_size=64), "cuda")
     module = DistillModule(
-        student=StudentConfig(name="unet", encoder="resnet18"), kd=KDConfig(alpha=0.5)
+        student=StudentConfig(name="unet", encoder="resnet18"), loss={"kd_alpha": 0.5}
     ).cuda()
     optimizer = module.make_optimizer()
 

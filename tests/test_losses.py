@@ -1,23 +1,27 @@
 """Exact-value tests of the training losses (float64 references computed by hand)."""
 
 import math
+import re
 
 import pytest
 import torch
 
+from distill.errors import ConfigError
 from distill.losses import (
     SMOOTH,
     DistillLoss,
     FiniteCheck,
-    GTLossConfig,
-    KDConfig,
-    ThinConfig,
+    LossTerm,
+    loss_terms,
+    register_loss_term,
+    resolve_loss_config,
     skeleton_recall,
     soft_cldice,
     soft_dice,
     soft_skeleton,
     soft_tversky,
 )
+from tests._loss_term_plugin import MeanProbability
 
 
 def _batch(seed=0, shape=(2, 1, 8, 8)):
@@ -29,8 +33,8 @@ def _batch(seed=0, shape=(2, 1, 8, 8)):
     return student, teacher, mask, roi
 
 
-def _kd_only(**kd):
-    return DistillLoss(kd=KDConfig(alpha=1.0, **kd))
+def _kd_only(temperature=2.0, **settings):
+    return DistillLoss({"kd_alpha": 1.0, "kd_bce": {"temperature": temperature}, **settings})
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0, 10.0])
@@ -40,7 +44,7 @@ def test_kd_gradient_is_zero_when_student_equals_teacher(temperature):
     total, terms = _kd_only(temperature=temperature)(student, mask, roi, teacher)
     total.backward()
     assert torch.allclose(student.grad, torch.zeros_like(student.grad), atol=1e-7)
-    assert terms["kd/bce"] > 0  # the teacher's entropy: a constant, not zero
+    assert terms["kd_bce"] > 0  # the teacher's entropy: a constant, not zero
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
@@ -54,7 +58,7 @@ def test_kd_is_bernoulli_kl_plus_teacher_entropy_times_t_squared(temperature):
     kl = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
     entropy = -(q * torch.log(q) + (1 - q) * torch.log(1 - q))
     expected = temperature**2 * ((kl + entropy) * r).sum() / r.sum()
-    assert terms["kd/bce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["kd_bce"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0, 8.0])
@@ -84,16 +88,16 @@ def test_kd_gradient_tends_to_logit_gap_over_four_at_high_temperature():
 @pytest.mark.parametrize(
     "config",
     [
-        {"gt": GTLossConfig(), "kd": KDConfig(alpha=0.5, soft_dice_weight=1.0, confidence_weighting=True)},
-        {"gt": GTLossConfig(kind="tversky"), "kd": KDConfig(alpha=0.3, trust_gt=True)},
-        {"kd": KDConfig(alpha=0.2), "thin": ThinConfig(kind="cldice", weight=1.0, iterations=3)},
-        {"kd": KDConfig(alpha=0.2), "thin": ThinConfig(kind="skeleton_recall", weight=1.0)},
+        {"kd_alpha": 0.5, "kd_dice": {"weight": 1.0}, "kd_confidence_weighting": True},
+        {"kd_alpha": 0.3, "kd_trust_gt": True, "gt_dice": {"weight": None}, "gt_tversky": {"weight": 1.0}},
+        {"kd_alpha": 0.2, "cldice": {"weight": 1.0, "iterations": 3}},
+        {"kd_alpha": 0.2, "skeleton_recall": {"weight": 1.0}},
     ],
 )
 def test_pixels_outside_roi_change_nothing(config):
     student, teacher, mask, roi = _batch(seed=4)
     skeleton = mask.clone()
-    loss = DistillLoss(**config)
+    loss = DistillLoss(config)
     total, terms = loss(student, mask, roi, teacher, skeleton)
     total.backward()
     grad = student.grad.clone()
@@ -118,17 +122,17 @@ def test_bce_and_dice_on_a_hand_computed_example():
     logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]], requires_grad=True)
     mask = torch.tensor([[[[1, 0], [0, 1]]]], dtype=torch.uint8)
     roi = torch.tensor([[[[1, 1], [1, 0]]]], dtype=torch.uint8)
-    loss = DistillLoss(gt=GTLossConfig(pos_weight=2.0, dice_weight=0.5), kd=KDConfig(alpha=0.0))
+    loss = DistillLoss({"kd_alpha": 0.0, "gt_bce": {"pos_weight": 2.0}, "gt_dice": {"weight": 0.5}})
     total, terms = loss(logits, mask, roi)
 
     sig = [1 / (1 + math.exp(-x)) for x in (0.0, 2.0, -1.0)]  # the three roi pixels, targets 1, 0, 0
     bce = (-2.0 * math.log(sig[0]) - math.log(1 - sig[1]) - math.log(1 - sig[2])) / 3
     tp, fp, fn = sig[0], sig[1] + sig[2], 1 - sig[0]
     dice = 1 - (2 * tp + 2 * SMOOTH) / (2 * tp + fp + fn + 2 * SMOOTH)
-    assert terms["gt/bce"].item() == pytest.approx(bce, rel=1e-6)
-    assert terms["gt/dice"].item() == pytest.approx(dice, rel=1e-6)
+    assert terms["gt_bce"].item() == pytest.approx(bce, rel=1e-6)
+    assert terms["gt_dice"].item() == pytest.approx(dice, rel=1e-6)
     assert total.item() == pytest.approx(bce + 0.5 * dice, rel=1e-6)
-    assert set(terms) == {"gt/bce", "gt/dice", "total"}
+    assert set(terms) == {"gt_bce", "gt_dice", "total"}
 
 
 def test_tversky_matches_formula_and_equals_dice_at_one_half():
@@ -193,16 +197,16 @@ def test_trust_gt_replaces_the_teacher_where_it_disagrees_with_ground_truth():
     teacher = torch.tensor([[[[3.0, -3.0, 3.0, -3.0]]]])
     mask = torch.tensor([[[[1, 0, 0, 1]]]], dtype=torch.uint8)  # the teacher is wrong on the last two
     temperature = 2.0
-    total, terms = _kd_only(temperature=temperature, trust_gt=True)(student, mask, None, teacher)
+    total, terms = _kd_only(temperature, kd_trust_gt=True)(student, mask, None, teacher)
     total.backward()
     q = torch.sigmoid(teacher / temperature)
     target = torch.tensor([q[0, 0, 0, 0], q[0, 0, 0, 1], 0.0, 1.0])
     # student logit 0: per-pixel BCE = -log(0.5) whatever the target; gradient T (0.5 - target) / N
-    assert terms["kd/bce"].item() == pytest.approx(temperature**2 * math.log(2), rel=1e-6)
+    assert terms["kd_bce"].item() == pytest.approx(temperature**2 * math.log(2), rel=1e-6)
     assert torch.allclose(student.grad.flatten(), temperature * (0.5 - target) / 4, atol=1e-7)
 
     student.grad = None
-    _kd_only(temperature=temperature, trust_gt=False)(student, mask, None, teacher)[0].backward()
+    _kd_only(temperature, kd_trust_gt=False)(student, mask, None, teacher)[0].backward()
     assert (
         student.grad.flatten()[2] < 0 and student.grad.flatten()[3] > 0
     )  # descent follows the wrong teacher
@@ -210,26 +214,29 @@ def test_trust_gt_replaces_the_teacher_where_it_disagrees_with_ground_truth():
 
 def test_confidence_weighting_is_a_normalised_weighted_mean():
     student, teacher, mask, _ = _batch(seed=6)
-    _, terms = _kd_only(temperature=2.0, confidence_weighting=True)(student, mask, None, teacher)
+    _, terms = _kd_only(2.0, kd_confidence_weighting=True)(student, mask, None, teacher)
     s, t = student.detach().double(), teacher.double()
     q = torch.sigmoid(t / 2)
     bce = -(q * torch.log(torch.sigmoid(s / 2)) + (1 - q) * torch.log(1 - torch.sigmoid(s / 2)))
     weight = (2 * torch.sigmoid(t) - 1).abs()
     expected = 4 * (bce * weight).sum() / weight.sum()
-    assert terms["kd/bce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["kd_bce"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_total_combines_parts_with_alpha_and_thin_weight():
     student, teacher, mask, roi = _batch(seed=7)
     loss = DistillLoss(
-        gt=GTLossConfig(dice_weight=0.7),
-        kd=KDConfig(alpha=0.4, soft_dice_weight=0.5),
-        thin=ThinConfig(kind="skeleton_recall", weight=0.3),
+        {
+            "kd_alpha": 0.4,
+            "gt_dice": {"weight": 0.7},
+            "kd_dice": {"weight": 0.5},
+            "skeleton_recall": {"weight": 0.3},
+        }
     )
     total, terms = loss(student, mask, roi, teacher, mask)
-    gt = terms["gt/bce"] + 0.7 * terms["gt/dice"]
-    kd = terms["kd/bce"] + 0.5 * terms["kd/dice"]
-    expected = 0.6 * gt + 0.4 * kd + 0.3 * terms["thin/skeleton_recall"]
+    gt = terms["gt_bce"] + 0.7 * terms["gt_dice"]
+    kd = terms["kd_bce"] + 0.5 * terms["kd_dice"]
+    expected = 0.6 * gt + 0.4 * kd + 0.3 * terms["skeleton_recall"]
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert terms["total"].item() == total.item()
     assert not terms["total"].requires_grad and total.requires_grad
@@ -237,77 +244,79 @@ def test_total_combines_parts_with_alpha_and_thin_weight():
 
 def test_alpha_zero_gives_no_kd_gradient_but_logs_kd():
     student, teacher, mask, roi = _batch(seed=8)
-    loss = DistillLoss(kd=KDConfig(alpha=0.0, soft_dice_weight=1.0))
+    loss = DistillLoss({"kd_alpha": 0.0, "kd_dice": {"weight": 1.0}})
     total, terms = loss(student, mask, roi, teacher)
     total.backward()
     with_teacher = student.grad.clone()
     student.grad = None
     total_without, _ = loss(student, mask, roi, None)
     total_without.backward()
-    assert "kd/bce" in terms and "kd/dice" in terms
+    assert "kd_bce" in terms and "kd_dice" in terms
     assert torch.equal(with_teacher, student.grad)
     assert total.item() == total_without.item()
 
 
 def test_missing_teacher_with_alpha_raises():
     student, _, mask, roi = _batch()
-    with pytest.raises(ValueError, match=r"kd.alpha=0.5 needs teacher logits"):
+    with pytest.raises(ValueError, match=r"loss.kd_bce \(scale 0.5\) needs teacher_logits.*kd_alpha=0"):
         DistillLoss()(student, mask, roi, None)
 
 
 def test_missing_skeleton_and_wrong_shape_raise():
     student, teacher, mask, roi = _batch()
-    with pytest.raises(ValueError, match="skeletons"):
-        DistillLoss(thin=ThinConfig(kind="skeleton_recall", weight=1.0))(student, mask, roi, teacher)
+    with pytest.raises(ValueError, match="skeletons=true"):
+        DistillLoss({"skeleton_recall": {"weight": 1.0}})(student, mask, roi, teacher)
     with pytest.raises(ValueError, match="teacher_logits has shape"):
         DistillLoss()(student, mask, roi, teacher[..., :4, :4])
 
 
 @pytest.mark.parametrize(
-    ("make", "field"),
+    ("config", "field"),
     [
-        (lambda: KDConfig(alpha=1.5), "kd.alpha"),
-        (lambda: KDConfig(temperature=0), "kd.temperature"),
-        (lambda: KDConfig(soft_dice_weight=-1), "kd.soft_dice_weight"),
-        (lambda: GTLossConfig(kind="focal"), "gt.kind"),
-        (lambda: GTLossConfig(pos_weight=0), "gt.pos_weight"),
-        (lambda: GTLossConfig(tversky_alpha=0, tversky_beta=0), "gt.tversky_alpha"),
-        (lambda: ThinConfig(kind="none", weight=1.0), "thin.weight"),
-        (lambda: ThinConfig(kind="skeleton"), "thin.kind"),
-        (lambda: ThinConfig(kind="cldice", iterations=0), "thin.iterations"),
+        ({"kd_alpha": 1.5}, "loss.kd_alpha=1.5"),
+        ({"kd_bce": {"temperature": 0}}, "loss.kd_bce: temperature=0"),
+        ({"kd_dice": {"weight": -1}}, "loss.kd_dice.weight=-1"),
+        ({"gt_focal": {"weight": 1}}, "loss.gt_focal: no such loss setting or term"),
+        ({"gt_bce": {"pos_weight": 0}}, "loss.gt_bce: pos_weight=0"),
+        ({"gt_tversky": {"weight": 1, "alpha": 0, "beta": 0}}, "loss.gt_tversky: alpha + beta=0"),
+        ({"gt_dice": {"kind": "x"}}, "loss.gt_dice.kind: gt_dice has no such option"),
+        ({"cldice": {"weight": 1, "iterations": 0}}, "loss.cldice: iterations=0"),
+        ({"cldice": 1.0}, "loss.cldice: must be a mapping"),
+        (
+            {"kd_alpha": 0.0, "gt_bce": {"weight": 0}, "gt_dice": {"weight": None}},
+            "no term with a positive weight",
+        ),
     ],
 )
-def test_config_validation_names_the_field(make, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        make()
+def test_config_validation_names_the_setting(config, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        DistillLoss(config)
 
 
 def test_losses_are_float32_under_bf16_autocast():
     student, teacher, mask, roi = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        total, terms = DistillLoss(thin=ThinConfig(kind="cldice", weight=0.1))(
-            student.bfloat16(), mask, roi, teacher
-        )
+        total, terms = DistillLoss({"cldice": {"weight": 0.1}})(student.bfloat16(), mask, roi, teacher)
     assert total.dtype == torch.float32
     assert all(term.dtype == torch.float32 for term in terms.values())
 
 
 def test_first_nonfinite_names_the_term():
     terms = {
-        "gt/bce": torch.tensor(0.3),
-        "kd/bce": torch.tensor(float("nan")),
+        "gt_bce": torch.tensor(0.3),
+        "kd_bce": torch.tensor(float("nan")),
         "total": torch.tensor(math.inf),
     }
-    assert FiniteCheck(terms).first_nonfinite() == "kd/bce"
-    assert FiniteCheck({"gt/bce": torch.tensor(0.3)}).first_nonfinite() is None
+    assert FiniteCheck(terms).first_nonfinite() == "kd_bce"
+    assert FiniteCheck({"gt_bce": torch.tensor(0.3)}).first_nonfinite() is None
 
 
 @pytest.mark.parametrize(
-    "kd", [{}, {"confidence_weighting": True, "soft_dice_weight": 1.0}, {"trust_gt": True}]
+    "kd", [{}, {"kd_confidence_weighting": True, "kd_dice": {"weight": 1.0}}, {"kd_trust_gt": True}]
 )
 def test_an_image_without_teacher_map_gets_the_ground_truth_as_kd_target(kd):
     student, teacher, mask, roi = _batch(seed=7, shape=(3, 1, 8, 8))
-    loss = DistillLoss(kd=KDConfig(alpha=0.5, **kd))
+    loss = DistillLoss({"kd_alpha": 0.5, **kd})
     valid = torch.tensor([1, 0, 1], dtype=torch.uint8)
     _, terms = loss(student, mask, roi, teacher, teacher_valid=valid)
     certain = teacher.clone()
@@ -316,12 +325,50 @@ def test_an_image_without_teacher_map_gets_the_ground_truth_as_kd_target(kd):
     _, unchanged = loss(student, mask, roi, teacher)
     for name, value in terms.items():
         assert value.item() == pytest.approx(expected[name].item(), rel=1e-5), name
-    assert terms["kd/bce"].item() != pytest.approx(unchanged["kd/bce"].item(), rel=1e-3)  # so it can fail
+    assert terms["kd_bce"].item() != pytest.approx(unchanged["kd_bce"].item(), rel=1e-3)  # so it can fail
 
 
 def test_images_without_teacher_maps_still_train_at_alpha_1():
     student, teacher, mask, roi = _batch(seed=8)
     total, terms = _kd_only()(student, mask, roi, teacher, teacher_valid=torch.zeros(2, dtype=torch.uint8))
-    assert torch.isfinite(total) and terms["kd/bce"].item() > 0
+    assert torch.isfinite(total) and terms["kd_bce"].item() > 0
     total.backward()
     assert student.grad.abs().max().item() > 0
+
+
+def test_a_registered_term_is_configured_composed_and_returned_by_name():
+    student, teacher, mask, roi = _batch(seed=9)
+    config = {"kd_alpha": 0.5, "test_mean_probability": {"weight": 0.25, "power": 2.0}}
+    total, terms = DistillLoss(config)(student, mask, roi, teacher)
+    probs, r = torch.sigmoid(student.detach().double()), roi.double()
+    assert terms["test_mean_probability"].item() == pytest.approx(
+        ((probs**2 * r).sum() / r.sum()).item(), rel=1e-6
+    )
+    base = 0.5 * (terms["gt_bce"] + terms["gt_dice"]) + 0.5 * terms["kd_bce"]
+    assert total.item() == pytest.approx((base + 0.25 * terms["test_mean_probability"]).item(), rel=1e-6)
+    off = DistillLoss({"kd_alpha": 0.5})
+    assert "test_mean_probability" not in off(student, mask, roi, teacher)[1]  # weight null by default
+    assert resolve_loss_config()["test_mean_probability"] == {"weight": None, "power": 1.0}
+
+
+def test_an_unknown_term_that_is_off_is_ignored_and_one_that_is_on_is_refused():
+    """A checkpoint lists every term registered where it was trained; one that was off must not stop
+    it from loading where that term's module is not imported."""
+    assert "gone" not in DistillLoss({"gone": {"weight": None, "x": 1}}).config
+    with pytest.raises(ConfigError, match="loss.gone: no such loss setting or term"):
+        DistillLoss({"gone": {"weight": 0.0}})
+
+
+def test_registering_a_term_checks_its_name_and_options():
+    with pytest.raises(ValueError, match="registered twice"):
+        register_loss_term("kd_bce")(MeanProbability)
+    with pytest.raises(ValueError, match="identifier other than"):
+        register_loss_term("kd_alpha")(MeanProbability)
+
+    class NoDefault(LossTerm):
+        def __init__(self, scale: float):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="option 'scale' needs a default"):
+        register_loss_term("test_no_default")(NoDefault)
+    assert "test_no_default" not in loss_terms()

@@ -9,11 +9,12 @@ import torch.multiprocessing as mp
 
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
+    PerImageDice,
     ThresholdCurves,
     choose_threshold,
     curves_at,
     curves_to_json,
-    per_image_dice,
+    per_image_means,
 )
 
 
@@ -146,7 +147,7 @@ def test_choose_threshold_recall_target_takes_the_highest_threshold_still_reachi
     curves = _fake_curves([0.5, 0.8, 0.7, 0.8, 0.6], [0.99, 0.9, 0.85, 0.8, 0.5])
     choice = choose_threshold(curves, "recall_target", recall_target=0.85)
     assert tuple(choice) == (2, pytest.approx(0.3))
-    assert choice.index == 2 and choice.rule == "recall_target" and not choice.fell_back
+    assert choice.rule == "recall_target" and not choice.fell_back
 
 
 def test_choose_threshold_recall_target_falls_back_to_max_recall():
@@ -164,9 +165,12 @@ def test_per_image_dice_and_json_export():
     )
     target = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.uint8).reshape(3, 1, 2, 2)
     roi = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.uint8).reshape(3, 1, 2, 2)
-    dice = per_image_dice(probs, target, roi, threshold=0.5)
+    metric = PerImageDice(thresholds=[0.5])
+    metric.update(probs, target, roi)
+    per_image = metric.compute()
     # image 0: tp 1, fp 1, fn 1 -> 2/4; image 1: empty and empty -> 1; image 2: the miss is outside roi -> 1
-    assert dice.tolist() == [0.5, 1.0, 1.0]
+    assert per_image["dice"].reshape(-1).tolist() == [0.5, 1.0, 1.0]
+    assert per_image["has_vessels"].tolist() == [True, False, True]
 
     metric = ThresholdCurves(thresholds=[0.25, 0.5])
     metric.update(probs, target, roi)
@@ -177,6 +181,46 @@ def test_per_image_dice_and_json_export():
     assert all(type(v) is float for values in exported.values() for v in values)
     assert exported["dice"][1] == round(2 * 2 / (2 * 2 + 1 + 1), 6)
     assert curves_at(curves, 1) == {k: exported[k][1] for k in ("dice", "recall", "precision", "iou")}
+
+
+def test_per_image_dice_equals_pooled_curves_of_each_image_alone():
+    """PerImageDice and ThresholdCurves share one binning: per image, they agree at every threshold."""
+    data = _data(seed=5, n_batches=2)
+    per_image = PerImageDice()
+    for p, t, r in zip(data["probs"], data["target"], data["roi"], strict=True):
+        per_image.update(p, t, r)
+    rows = per_image.compute()["dice"]
+    images = [
+        (p[i : i + 1], t[i : i + 1], r[i : i + 1])
+        for p, t, r in zip(*data.values(), strict=True)
+        for i in range(2)
+    ]
+    for row, (p, t, r) in zip(rows, images, strict=True):
+        alone = ThresholdCurves()
+        alone.update(p, t, r)
+        torch.testing.assert_close(row, alone.compute()["dice"].float())
+
+
+def test_an_empty_prediction_cannot_win_the_per_image_mean():
+    """Three vessel-free images and one with vessels: predicting nothing scores 1 on each vessel-free
+    image, so a mean over every image would prefer it (0.75) to a model that finds the vessel and
+    raises one false alarm per vessel-free image (0.25); the headline mean counts images with vessels."""
+    target = torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    target[0, 0, 1, :] = 1
+    nothing = torch.zeros(4, 1, 4, 4)
+    finds_it = target.float().clone()
+    finds_it[1:, 0, 0, 0] = 1.0  # a false alarm on each vessel-free image
+    means = {}
+    for name, probs in (("nothing", nothing), ("finds_it", finds_it)):
+        metric = PerImageDice(thresholds=[0.5])
+        metric.update(probs, target)
+        per_image = metric.compute()
+        means[name] = per_image_means(
+            per_image["dice"].reshape(-1).tolist(), per_image["has_vessels"].tolist()
+        )
+    assert means["nothing"] == {"with_vessels": 0.0, "all": 0.75, "n_with_vessels": 1}
+    assert means["finds_it"] == {"with_vessels": 1.0, "all": 0.25, "n_with_vessels": 1}
+    assert per_image_means([1.0], [False]) == {"with_vessels": None, "all": 1.0, "n_with_vessels": 0}
 
 
 def _free_port():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from distill.losses import KDConfig
-from distill.module import DistillModule, PerImageDice
+from distill.metrics import PerImageDice
+from distill.module import DistillModule
 from distill.students import StudentConfig
 
 TINY = StudentConfig(
@@ -53,11 +53,11 @@ def identity_loader(batches):
 
 
 def test_training_step_logs_every_term_and_validation_scores_both(tmp_path):
-    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5), thresholds=[0.25, 0.5, 0.75])
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, thresholds=[0.25, 0.5, 0.75])
     run = trainer(tmp_path)
     run.fit(module, identity_loader(fake_batches()), identity_loader(fake_batches(2, seed=1)))
     logged = run.logged_metrics
-    for term in ("gt/bce", "gt/dice", "kd/bce", "kd/dice", "total"):
+    for term in ("gt_bce", "gt_dice", "kd_bce", "kd_dice", "total"):
         assert f"train/loss/{term}_epoch" in logged
     assert {"val/student/dice@best", "val/teacher/dice@best", "val/student/recall@0.50"} <= set(logged)
     report = module.results["val"]
@@ -67,8 +67,27 @@ def test_training_step_logs_every_term_and_validation_scores_both(tmp_path):
     assert report["at_chosen"]["teacher"]["dice"] > 0.5
 
 
+def test_per_image_dice_is_logged_over_images_with_vessels_beside_the_mean_over_all(tmp_path):
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, thresholds=[0.25, 0.5, 0.75])
+    val = fake_batches(2, seed=1)
+    val[0]["mask"][0] = 0  # an image without vessels
+    run = trainer(tmp_path, max_steps=1)
+    run.fit(module, identity_loader(fake_batches(1)), identity_loader(val))
+    report = module.results["val"]
+    assert report["per_image_has_vessels"] == [False, True, True, True]
+    for who in ("student", "teacher"):
+        dice = report["per_image_dice"][who]
+        means = report["per_image_dice_mean"][who]
+        assert means["with_vessels"] == pytest.approx(sum(dice[1:]) / 3, abs=1e-6)
+        assert means["all"] == pytest.approx(sum(dice) / 4, abs=1e-6)
+        assert means["n_with_vessels"] == 3
+        logged = run.logged_metrics
+        assert logged[f"val/{who}/dice_per_image@best"].item() == pytest.approx(means["with_vessels"])
+        assert logged[f"val/{who}/dice_per_image_all@best"].item() == pytest.approx(means["all"])
+
+
 def test_step_losses_logged_at_log_steps_and_epoch_losses_are_the_batch_weighted_mean(tmp_path):
-    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5))
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5})
     seen = []  # every step's terms, as the loss returned them
     loss = module.loss.forward
 
@@ -88,12 +107,12 @@ def test_step_losses_logged_at_log_steps_and_epoch_losses_are_the_batch_weighted
     for row in step_rows:
         assert float(row["train/loss/total_step"]) == pytest.approx(seen[int(row["step"])]["total"], rel=1e-5)
         assert float(row["train/lr"]) > 0
-    epoch_rows = [r for r in rows if r["train/loss/kd/bce_epoch"]]
+    epoch_rows = [r for r in rows if r["train/loss/kd_bce_epoch"]]
     assert len(epoch_rows) == 2
     weights = [2, 2, 2, 2, 1]
     for epoch, row in enumerate(epoch_rows):
         steps = seen[5 * epoch : 5 * epoch + 5]
-        for term in ("total", "gt/bce", "kd/bce"):
+        for term in ("total", "gt_bce", "kd_bce"):
             expected = sum(w * s[term] for w, s in zip(weights, steps, strict=True)) / sum(weights)
             assert float(row[f"train/loss/{term}_epoch"]) == pytest.approx(expected, rel=1e-5)
 
@@ -101,8 +120,8 @@ def test_step_losses_logged_at_log_steps_and_epoch_losses_are_the_batch_weighted
 def test_nan_loss_names_step_and_term(tmp_path):
     batches = fake_batches(3)
     batches[2]["teacher"][0, 0, 0, 0] = float("nan")
-    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5))
-    with pytest.raises(FloatingPointError, match=r"'kd/bce'.*global step 2"):
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5})
+    with pytest.raises(FloatingPointError, match=r"'kd_bce'.*global step 2"):
         trainer(tmp_path).fit(module, identity_loader(batches))
 
 
@@ -112,7 +131,7 @@ def test_per_image_dice_matches_direct_count():
     metric = PerImageDice((0.5,))
     metric.update(probs, target, torch.ones_like(target))
     # image 0: tp=1 (0.9), fp=1 (0.6), fn=1 (0.2) -> 2/4; image 1 empty and predicted empty -> 1
-    torch.testing.assert_close(metric.compute(), torch.tensor([[0.5], [1.0]]))
+    torch.testing.assert_close(metric.compute()["dice"], torch.tensor([[0.5], [1.0]]))
 
 
 def test_per_image_dice_is_returned_in_split_order_whatever_the_arrival_order():
@@ -122,13 +141,13 @@ def test_per_image_dice_is_returned_in_split_order_whatever_the_arrival_order():
     metric.update(probs[:2], target[:2], torch.ones_like(target[:2]), index=torch.tensor([2, 0]))
     metric.update(probs[2:], target[2:], torch.ones_like(target[2:]), index=torch.tensor([1]))
     # arrival: index 2 -> hit (1), index 0 -> miss (0), index 1 -> hit (1)
-    torch.testing.assert_close(metric.compute(), torch.tensor([[0.0], [1.0], [1.0]]))
+    torch.testing.assert_close(metric.compute()["dice"], torch.tensor([[0.0], [1.0], [1.0]]))
 
 
 def test_recall_target_reports_whether_it_fell_back(tmp_path):
     module = DistillModule(
         student=TINY,
-        kd=KDConfig(alpha=0.5),
+        loss={"kd_alpha": 0.5},
         thresholds=[0.9, 0.95],
         threshold_rule="recall_target",
         recall_target=1.0,
@@ -144,7 +163,7 @@ def test_recall_target_reports_whether_it_fell_back(tmp_path):
 
 
 def test_compiled_student_trains_and_keeps_plain_checkpoint_keys(tmp_path):
-    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5), compile=True)
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, compile=True)
     run = trainer(tmp_path, max_steps=2)
     run.fit(module, identity_loader(fake_batches(2)), identity_loader(fake_batches(1, seed=1)))
     assert module._compiled is not None and run.global_step == 2
@@ -152,7 +171,7 @@ def test_compiled_student_trains_and_keeps_plain_checkpoint_keys(tmp_path):
 
 
 def test_a_one_threshold_grid_and_a_one_image_split_still_give_lists(tmp_path):
-    module = DistillModule(student=TINY, kd=KDConfig(alpha=0.5), thresholds=[0.5])
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, thresholds=[0.5])
     one_image = [{k: v[:1] for k, v in fake_batches(1, seed=1)[0].items()}]
     trainer(tmp_path, max_steps=1).fit(module, identity_loader(fake_batches(1)), identity_loader(one_image))
     report = module.results["val"]

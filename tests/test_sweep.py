@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 import yaml
 
 from distill.errors import ConfigError
-from distill.sweep import LocalSweep, main, results_rows
-from distill.sweep_spec import expand_command, load_sweep, make_pruner, make_sampler
+from distill.fit import main as fit_main
+from distill.sweep.runner import LocalSweep, main, results_rows
+from distill.sweep.spec import expand_command, load_sweep, make_pruner, make_sampler
 
 FAKE_TRIAL = Path(__file__).parent / "_fake_trial.py"
 
@@ -97,8 +99,7 @@ def test_grid_enumerates_every_combination(tmp_path):
     path = write_sweep(
         tmp_path, {"a": {"values": [1, 2, 3]}, "b": {"values": ["x", "y"]}, "c": {"value": 0}}, "grid"
     )
-    spec = load_sweep(path)
-    assert spec.grid_size() == 6
+    assert math.prod(len(v) for v in load_sweep(path).grid().values()) == 6
     draws = sample(path, n=6)
     assert {(d["a"], d["b"]) for d in draws} == {(a, b) for a in (1, 2, 3) for b in ("x", "y")}
 
@@ -114,9 +115,9 @@ def test_hyperband_maps_to_optuna_pruner(tmp_path):
 
 
 def test_command_expands_like_a_wandb_agent(tmp_path):
-    spec = load_sweep(write_sweep(tmp_path, {"model.kd.alpha": {"values": [0.5]}}))
-    argv = expand_command(spec, {"model.kd.alpha": 0.5, "model.student.name": "unet"})
-    assert argv == [sys.executable, str(FAKE_TRIAL), "--model.kd.alpha=0.5", "--model.student.name=unet"]
+    spec = load_sweep(write_sweep(tmp_path, {"loss.kd_alpha": {"values": [0.5]}}))
+    argv = expand_command(spec, {"loss.kd_alpha": 0.5, "model.student.name": "unet"})
+    assert argv == [sys.executable, str(FAKE_TRIAL), "--loss.kd_alpha=0.5", "--model.student.name=unet"]
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,18 @@ def test_command_expands_like_a_wandb_agent(tmp_path):
         ({"early_terminate": {"type": "median"}}, "only type: hyperband"),
         ({"command": ["python", "x.py", "${args_json}"]}, "no \\$\\{args\\}|not supported"),
         ({"metric": {"name": "x", "goal": "up"}}, "maximize or minimize"),
+        (  # values where exponents belong: would sample learning rates near e^0 = 1
+            {"parameters": {"a": {"distribution": "log_uniform", "min": 1e-5, "max": 1e-2}}},
+            "log_uniform takes natural-log exponents.*`distribution: log_uniform_values`",
+        ),
+        (  # exp(1000) overflows
+            {"parameters": {"a": {"distribution": "q_log_uniform", "min": 1, "max": 1000}}},
+            "not exponents.*beyond float range.*`distribution: q_log_uniform_values`",
+        ),
+        (
+            {"parameters": {"a": {"distribution": "inv_log_uniform", "min": 0.001, "max": 0.1}}},
+            "`distribution: inv_log_uniform_values`",
+        ),
     ],
 )
 def test_refusals_name_the_file_and_the_fix(tmp_path, change, message):
@@ -152,6 +165,25 @@ def test_refusals_name_the_file_and_the_fix(tmp_path, change, message):
     assert str(path) in str(err.value)
 
 
+def test_a_null_in_a_sweep_reaches_fit_as_none(tmp_path, capsys):
+    """The local runner writes values as a W&B agent does (str(None) = "None"); fit reads them as null."""
+    student = {"name": "unet", "encoder": "resnet18", "encoder_weights": None}
+    parameters = {
+        "data.crop_size": {"values": [None]},
+        "data.cache_dir": {"value": None},
+        "model.student": {"values": [student]},
+    }
+    spec = load_sweep(write_sweep(tmp_path, parameters))
+    (drawn,) = sample(write_sweep(tmp_path, parameters), n=1)
+    argv = expand_command(spec, drawn)[2:]
+    assert "--data.crop_size=None" in argv and "--data.cache_dir=None" in argv
+    with pytest.raises(SystemExit):
+        fit_main(["--config=configs/fit/demo.yaml", *argv, "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["data"]["crop_size"] is None and config["data"]["cache_dir"] is None
+    assert config["model"]["student"]["encoder_weights"] is None
+
+
 def test_grid_refuses_continuous_parameters(tmp_path):
     with pytest.raises(ConfigError, match="needs discrete parameters"):
         load_sweep(write_sweep(tmp_path, {"a": {"min": 0.0, "max": 1.0}}, method="grid"))
@@ -165,6 +197,11 @@ def test_local_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     assert main([str(path), "--trials", "3", "--out", str(out)]) == 0
     rows = list((out / "results.csv").read_text().splitlines())
     assert len(rows) == 1 + 3
+    assert not (out / "param_importance.png").exists()  # 3 finished trials are too few to rank anything
+    assert (
+        "needs 5 finished trials with a varying parameter, and 3 finished so far"
+        in (out / "results.md").read_text()
+    )
     assert main([str(path), "--trials", "5", "--out", str(out), "--workers", "2"]) == 0
     spec = load_sweep(path)
     study = LocalSweep(spec, out).study
@@ -179,6 +216,7 @@ def test_local_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     assert values == sorted(values, reverse=True)
     assert (out / "results.md").read_text().count("](runs/") == 5
     assert (out / "metric_vs_params.png").exists() and (out / "param_importance.png").exists()
+    assert "![parameter importance](param_importance.png)" in (out / "results.md").read_text()
 
 
 def test_interrupted_trial_is_requeued_with_its_parameters(tmp_path):
@@ -225,10 +263,23 @@ def test_mapping_values_travel_through_optuna_as_json(tmp_path):
     assert argv[-1] == "--model.student={'name': 'unet', 'encoder': 'resnet18'}"
 
 
-def test_shipped_sweeps_parse(tmp_path):
-    for path in sorted(Path("configs/sweeps").glob("*.yaml")):
-        spec = load_sweep(path)
-        assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
+@pytest.mark.parametrize("path", sorted(Path("configs/sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_set_what_fit_reads(path, capsys):
+    """Each swept name reaches the resolved fit config with the value the agent passes (a renamed
+    setting would otherwise fail every trial, or worse, be ignored)."""
+    spec = load_sweep(path)
+    assert spec.command[-1] == "${args}" and spec.metric == "val/student/dice@best"
+    values = {p.name: p.values[0] if p.values else p.high for p in spec.params}
+    argv = expand_command(spec, values)
+    with pytest.raises(SystemExit) as done:
+        fit_main([*argv[argv.index("distill.fit") + 1 :], "--print_config"])
+    assert done.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for name, value in values.items():
+        found = resolved
+        for key in name.split("."):
+            found = found[key]
+        assert found == value or (isinstance(value, dict) and value.items() <= found.items()), name
 
 
 def test_arguments_after_a_bare_double_dash_reach_every_trial(tmp_path):
@@ -245,3 +296,13 @@ def test_resumed_random_sweep_does_not_replay_earlier_draws(tmp_path):
     assert main([str(path), "--trials", "4", "--out", str(out)]) == 0
     xs = [t.params["x"] for t in LocalSweep(load_sweep(path), out).study.get_trials()]
     assert len(xs) == 4 and len(set(xs)) == 4
+
+
+def test_python_dash_m_distill_sweep_runs_the_runner(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.sweep", str(tmp_path / "missing.yaml"), "--trials", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "missing.yaml: no such sweep file" in done.stderr

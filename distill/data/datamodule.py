@@ -52,9 +52,9 @@ from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment, mean_map, sample_rng
 from distill.data.device_augment import DeviceAugment, DeviceBatches, ResidentSplit
 from distill.data.sampling import Draw, EndlessBatches, EpochStream, EvalShard, batches_per_epoch
+from distill.data.splits import SPLITS
 from distill.errors import CacheError, ConfigError, DistillError
 
-SPLITS = ("train", "val", "test")
 NO_MAP_LOGIT = -20.0  # the teacher logit of an id without a map: probability 2e-9, below any threshold
 WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_worker)
 

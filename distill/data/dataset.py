@@ -24,18 +24,15 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from distill.data.images import image_size, read_binary_mask, read_image
+from distill.data.images import check_bit_depth, decode_facts, image_size, read_binary_mask, read_image
 from distill.data.rasterize import as_vertices, count_outside, rasterize_polygons
 from distill.data.record import Record
 from distill.data.splits import SPLITS, check_fractions, resolve_splits
-from distill.errors import ConfigError, DatasetError
+from distill.errors import ConfigError, DatasetError, DatasetWarning
 from distill.registry import Registry
 
 FORMATS = Registry("dataset format")
-
-
-class DatasetWarning(UserWarning):
-    """Something in a dataset was fixed up or left out; the message says what and where."""
+COMMON_OPTIONS = ("split_file", "bit_depth")  # reader options every format takes (see VesselDataset)
 
 
 class SkippedItemsWarning(DatasetWarning):
@@ -159,7 +156,9 @@ class VesselDataset:
     """A dataset of vessel images: `ds[i]` / `ds.get(id)` -> Record, with splits and content hashes.
 
     Subclasses implement `read_index` (parse the index into entries; each bad entry as a DatasetError)
-    and, where their masks are not plain polygons, `draw_mask` and `vertices`.
+    and, where their masks are not plain polygons, `draw_mask` and `vertices`. Every format also takes
+    the reader options `split_file` (see distill.data.splits) and `bit_depth` (the bits 16-bit grayscale
+    images hold, 1-16; default: detected per image, see distill.data.images).
     """
 
     format: ClassVar[str] = ""
@@ -173,11 +172,13 @@ class VesselDataset:
         split_seed: int = 0,
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         split_file: str | Path | None = None,
+        bit_depth: int | None = None,
         **options: Any,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(self.root, "dataset root is not a directory")
+        self.bit_depth = check_bit_depth(bit_depth)
         self.skip_bad = skip_bad
         self.options = options
         self.problems: list[DatasetError] = []
@@ -197,7 +198,8 @@ class VesselDataset:
                 del self.entries[problem.item_id]  # type: ignore[attr-defined]
             self.leave_out(bad, "that do not load")
         if not self.entries:
-            raise DatasetError(self.root, "empty dataset: every item is bad (see the warnings above)")
+            reasons = "\n".join(f"  {problem}" for problem in self.problems)
+            raise DatasetError(self.root, f"empty dataset: every item is bad:\n{reasons}")
         self.ids = list(self.entries)
         self.splits = resolve_splits(
             self.root,
@@ -232,7 +234,7 @@ class VesselDataset:
 
     def get(self, item_id: str) -> Record:
         entry = self.entry(item_id)
-        image = read_image(entry.image, self.embedded_image(entry))
+        image = read_image(entry.image, self.embedded_image(entry), self.bit_depth)
         height, width = image.shape[:2]
         if entry.size is not None and entry.size != (height, width):
             raise DatasetError(
@@ -286,7 +288,9 @@ class VesselDataset:
                         digest.update(path.read_bytes())
                     except OSError as error:
                         raise DatasetError(path, f"cannot be read to hash it ({error.strerror})") from None
-            update_digest(digest, {"annotation": entry.annotation, "text": entry.text})
+            facts = decode_facts(entry.image, self.embedded_image(entry), self.bit_depth)
+            described = {"annotation": entry.annotation, "text": entry.text}
+            update_digest(digest, {**described, "decoded": facts} if facts else described)
             self._hashes[item_id] = digest.hexdigest()
         return self._hashes[item_id]
 
@@ -332,12 +336,15 @@ class VesselDataset:
             return
         if not self.skip_bad:
             raise combined_error(
-                self.root, problems, "fix them, or pass skip_bad=True to leave those items out"
+                self.root,
+                problems,
+                "fix or remove them; `python -m distill.data check` lists them all, and --skip-bad "
+                "(check, cache_teacher) leaves them out",
             )
         self.problems.extend(problems)
         listing = "\n".join(f"  {p}" for p in problems)
         warnings.warn(
-            f"{self.root}: left out {len(problems)} bad items {where} (skip_bad=True):\n{listing}",
+            f"{self.root}: left out {len(problems)} bad items {where} (--skip-bad):\n{listing}",
             SkippedItemsWarning,
             stacklevel=3,
         )
@@ -375,7 +382,7 @@ def open_dataset(
     if format not in FORMATS:
         raise ConfigError(f"unknown dataset format {format!r}; choose one of {list_formats()}")
     cls = FORMATS[format]
-    accepted = [p for p in inspect.signature(cls.read_index).parameters if p != "self"] + ["split_file"]
+    accepted = [p for p in inspect.signature(cls.read_index).parameters if p != "self"] + list(COMMON_OPTIONS)
     unknown = sorted(set(reader_options) - set(accepted))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for format {format!r}; it accepts {accepted}")

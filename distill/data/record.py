@@ -1,4 +1,4 @@
-"""The one record every dataset reader yields (see DESIGN.md, "Datasets")."""
+"""The one record every dataset reader yields (see docs/DESIGN.md, "Datasets")."""
 
 from __future__ import annotations
 

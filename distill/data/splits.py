@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILE = "splits.json"
+# Folder names that give the items under them their split; `valid` is Roboflow's name for val.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 
 
 def check_fractions(fractions: Iterable[float]) -> tuple[float, float, float]:

@@ -216,13 +216,12 @@ WRITERS: dict[str, type[DatasetWriter]] = {
     "coco_rle": CocoRleWriter,
     "mask_folder": MaskFolderWriter,
 }
-FORMATS = tuple(WRITERS)
 
 
 def write_dataset(root: str | Path, samples: Iterable[Sample], format: str = "merged") -> Path:
     """Write `samples` (any iterable, consumed once, streamed) under `root` in `format`; returns the root."""
     if format not in WRITERS:
-        raise ConfigError(f"format={format!r} is unknown; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"format={format!r} is unknown; choose one of {', '.join(WRITERS)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     writer = WRITERS[format](root)

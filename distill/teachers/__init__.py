@@ -7,6 +7,6 @@ Each teacher module registers itself with `@register_teacher("name")`; importing
 imports them all, so the registry is complete.
 """
 
-from distill.teachers.base import Teacher, create_teacher, list_teachers, register_teacher
+from distill.teachers.base import Teacher, create_teacher, list_teachers, register_teacher, teacher_factory
 
-__all__ = ["Teacher", "create_teacher", "list_teachers", "register_teacher"]
+__all__ = ["Teacher", "create_teacher", "list_teachers", "register_teacher", "teacher_factory"]

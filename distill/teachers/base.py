@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from distill.registry import Registry
+from distill.views import apply_view
 
 _REGISTRY = Registry("teacher")
 # Modules that define teachers; imported lazily so that `import distill.teachers` stays cheap
@@ -43,6 +44,34 @@ class Teacher(ABC):
         A teacher that produced no mask for an image returns None in that place (see `sa2va`).
         """
 
+    @property
+    def views_in_one_pass(self) -> bool:
+        """True when `predict_views` shares work between the views of one image (sa2va's `sam2_views`: the
+        LLM runs once, SAM2 per view); the caching pipeline then hands it each image unviewed, with its
+        views. False (default): the pipeline applies the views and calls `predict_logits`."""
+        return False
+
+    def predict_views(
+        self,
+        images: Sequence[np.ndarray],
+        views: Sequence[Sequence[str]],
+        texts: Sequence[str | None] | None = None,
+    ) -> list[list[np.ndarray | None]]:
+        """Logits of image i seen through each of `views[i]` (names in `distill.views`), in one call.
+
+        Returns [image][view] maps in the *viewed* frame (map back with `invert_view`), None where the
+        teacher gave no mask. The default applies the views and calls `predict_logits` once for all.
+        """
+        pairs = [(i, view) for i, image_views in enumerate(views) for view in image_views]
+        outputs = self.predict_logits(
+            [apply_view(images[i], view) for i, view in pairs],
+            None if texts is None else [texts[i] for i, _ in pairs],
+        )
+        per_image: list[list[np.ndarray | None]] = [[] for _ in images]
+        for (i, _), logits in zip(pairs, outputs, strict=True):
+            per_image[i].append(logits)
+        return per_image
+
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:
         """JSON-serialisable identity of this teacher: change any field and old caches are stale."""
@@ -50,6 +79,12 @@ class Teacher(ABC):
     @property
     def needs_fit(self) -> bool:
         """True when `fit` must run on ground truth before `predict_logits` is meaningful."""
+        return False
+
+    def restore_fit(self, fingerprint: dict[str, Any]) -> bool:
+        """Take back what `fit` learned from a `fingerprint()` of this teacher that a cache recorded, so
+        that resuming or growing that cache goes on with the same fitted teacher without fitting again
+        (a grown train split would fit another one). False (the default): nothing to take back."""
         return False
 
     def stats(self) -> dict[str, Any]:
@@ -71,10 +106,15 @@ def list_teachers() -> list[str]:
     return sorted(set(_REGISTRY) | set(_TEACHER_MODULES))
 
 
-def create_teacher(name: str, **options: Any) -> Teacher:
-    """Build a teacher by registered name with its own options."""
+def teacher_factory(name: str) -> Callable[..., Teacher]:
+    """The factory registered as `name` (importing a built-in teacher's module on first use)."""
     if name not in _REGISTRY and name in _TEACHER_MODULES:
         importlib.import_module(_TEACHER_MODULES[name])
     if name not in _REGISTRY:
         raise ValueError(f"unknown teacher {name!r}; choose from {list_teachers()}")
-    return _REGISTRY[name](**options)
+    return _REGISTRY[name]
+
+
+def create_teacher(name: str, **options: Any) -> Teacher:
+    """Build a teacher by registered name with its own options."""
+    return teacher_factory(name)(**options)

@@ -6,7 +6,7 @@ does, everything that is not an LLM decoder layer (vision encoder, projector, SA
 projection, embeddings, final norm, output head) plus the last LLM layer sits on the group's first
 GPU, which must be the current device; the other layers are spread in order over the group, the
 first GPU counting as a fraction of one. Everything here is pure (sizes in, map out) and testable
-without GPUs; `meta_module_sizes` measures the sizes from a model built on the meta device.
+without GPUs; `empty_module_sizes` measures the sizes from a model built with empty weights.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -85,17 +84,24 @@ def module_sizes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[
     return group_sizes((name, nbytes(t)) for name, t in tensors)
 
 
-def meta_module_sizes(build: Callable[[], nn.Module], dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Call `build()` (e.g. `lambda: ModelClass(config)`) on the meta device and measure the result.
+def empty_module_sizes(build: Callable[[], nn.Module], dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Call `build()` (e.g. `lambda: ModelClass(config)`) with empty weights and measure the result.
 
-    No memory is allocated and no weights are read, so an 8B model is measured in about a second.
+    accelerate's `init_empty_weights` puts parameters on the meta device as they are registered and lets
+    every other tensor be real, so constructors that compute with tensors (InternViT's and SAM2's
+    drop-path schedules call `.item()` on a `torch.linspace`) run as they do when loading. Building under
+    `torch.device("meta")` instead fails there ("Tensor.item() cannot be called on meta tensors").
+    No weight is allocated or read: an 8B model is measured in seconds.
+
+    Raises ConfigError when accelerate is missing (it is in the `sa2va` extra).
     """
     try:
-        from accelerate import init_empty_weights  # also catches code that creates tensors on a device
-    except ImportError:
-        init_empty_weights = None
-    context = init_empty_weights() if init_empty_weights is not None else nullcontext()
-    with context, torch.device("meta"):
+        from accelerate import init_empty_weights
+    except ImportError as err:
+        raise ConfigError(
+            "placing Sa2VA on GPUs needs accelerate: pip install -e '.[sa2va]' (or pip install accelerate)"
+        ) from err
+    with init_empty_weights():
         model = build()
     return module_sizes(model, dtype)
 

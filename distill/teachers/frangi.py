@@ -117,6 +117,15 @@ class FrangiTeacher(Teacher):
             labels.append(np.asarray(mask).ravel()[take] > 0)
         self.slope, self.intercept = fit_logistic_1d(np.concatenate(features), np.concatenate(labels))
 
+    def restore_fit(self, fingerprint: dict[str, Any]) -> bool:
+        """Take (slope, intercept) from a cached fingerprint of a frangi teacher; its other fields are
+        compared by the cache, so a fit restored under other options is refused there."""
+        fit = fingerprint.get("fit") if fingerprint.get("name") == self.name else None
+        if not isinstance(fit, dict) or fit.get("slope") is None or fit.get("intercept") is None:
+            return False
+        self.slope, self.intercept = float(fit["slope"]), float(fit["intercept"])
+        return True
+
     def predict_logits(
         self, images: Sequence[np.ndarray], texts: Sequence[str | None] | None = None
     ) -> list[np.ndarray]:

@@ -1,6 +1,8 @@
 """`coco`: a COCO instances file; the vessel mask is the union of the chosen categories' segmentations.
 
-Images are found under `image_dir` when given, else under the root or root/images/.
+Images are found under `image_dir` when given, else under the root or root/images/. A Roboflow
+export (train/ valid/ test/ folders, each with `_annotations.coco.json` beside its images) is read
+as one dataset whose folders give the split; ids are then "<folder>/<stem>".
 Segmentations may be polygons (a list of flat lists) or RLE, compressed (a `counts` string) or not (a
 `counts` list); RLE is decoded here in numpy, in COCO's column-major order. Images without annotations
 get an empty mask (a negative example). id = `file_name` without extension.
@@ -16,7 +18,7 @@ import numpy as np
 
 from distill.data.dataset import Entry, VesselDataset, check_polygon, inside, read_json, register_format
 from distill.data.rasterize import rasterize_polygons
-from distill.data.splits import SPLIT_FILE
+from distill.data.splits import SPLIT_FILE, SPLIT_FOLDERS
 from distill.errors import ConfigError, DatasetError
 
 
@@ -98,24 +100,63 @@ def chosen_categories(
     return chosen
 
 
+def coco_files(folder: Path) -> list[Path]:
+    """The *.json files directly in `folder` that may be its COCO file (our splits.json is not)."""
+    return sorted(p for p in folder.glob("*.json") if p.name != SPLIT_FILE)
+
+
 @register_format("coco")
 class CocoDataset(VesselDataset):
-    layout = "a COCO json (annotations.json, or the one *.json at the root) with 'images' and 'annotations'"
+    layout = (
+        "a COCO json (annotations.json, or the one *.json at the root) with 'images' and 'annotations', "
+        "or train/ valid/ test/ folders each holding one (a Roboflow export)"
+    )
 
-    def find_annotation_file(self, annotation_file: str | Path | None) -> Path:
-        if annotation_file is not None:
-            path = Path(annotation_file)
-            return path if path.is_absolute() else self.root / path
-        default = self.root / "annotations.json"
+    def find_annotation_file(self, folder: Path) -> Path:
+        default = folder / "annotations.json"
         if default.exists():
             return default
-        candidates = sorted(p for p in self.root.glob("*.json") if p.name != SPLIT_FILE)
+        candidates = coco_files(folder)
         if len(candidates) != 1:
             found = [p.name for p in candidates] or "none"
             raise DatasetError(
-                self.root, f"cannot tell the COCO annotation file (found {found})", "pass annotation_file"
+                folder, f"cannot tell the COCO annotation file (found {found})", "pass annotation_file"
             )
         return candidates[0]
+
+    def parts(
+        self, annotation_file: str | Path | None, image_dir: str | Path | None
+    ) -> list[tuple[Path, list[Path], str | None]]:
+        """(COCO file, folders its file_names are looked up in, split folder or None) of each part.
+
+        A root without a COCO file of its own whose train/ valid/ (or val/) test/ folders each hold one
+        (Roboflow's export: `_annotations.coco.json` beside the images) is one dataset whose folders
+        give the split, as with mask_folder. Without `image_dir`, file names are looked up beside the
+        COCO file's folder, then in its images/ (both are common); `image_dir` is relative to that folder.
+        """
+
+        def image_dirs(folder: Path) -> list[Path]:
+            return [folder / image_dir] if image_dir is not None else [folder, folder / "images"]
+
+        if annotation_file is not None:
+            path = Path(annotation_file)
+            return [(path if path.is_absolute() else self.root / path, image_dirs(self.root), None)]
+        split_dirs = [name for name in SPLIT_FOLDERS if coco_files(self.root / name)]
+        if split_dirs and not coco_files(self.root):
+            return [
+                (self.find_annotation_file(self.root / name), image_dirs(self.root / name), name)
+                for name in split_dirs
+            ]
+        siblings = [name for name in SPLIT_FOLDERS if coco_files(self.root.parent / name)]
+        if self.root.name in siblings and len(siblings) > 1:
+            raise DatasetError(
+                self.root,
+                f"is the {self.root.name}/ folder of an export split into {', '.join(siblings)} folders, "
+                "each with its own COCO file",
+                f"use {self.root.parent} as the dataset root to read it whole with its splits, or pass "
+                "annotation_file to read this folder alone",
+            )
+        return [(self.find_annotation_file(self.root), image_dirs(self.root), None)]
 
     def read_index(
         self,
@@ -123,15 +164,27 @@ class CocoDataset(VesselDataset):
         image_dir: str | Path | None = None,
         categories: Iterable[int | str] | int | str | None = None,
     ) -> tuple[list[Entry], list[DatasetError]]:
-        index = self.find_annotation_file(annotation_file)
+        entries: list[Entry] = []
+        problems: list[DatasetError] = []
+        for index, image_dirs, folder in self.parts(annotation_file, image_dir):
+            self.read_part(index, image_dirs, folder, categories, entries, problems)
+        return entries, problems
+
+    def read_part(
+        self,
+        index: Path,
+        image_dirs: list[Path],
+        folder: str | None,
+        categories: Iterable[int | str] | int | str | None,
+        entries: list[Entry],
+        problems: list[DatasetError],
+    ) -> None:
+        """Add the entries (and problems) of one COCO file; ids are "<folder>/<stem>" in a split folder."""
         data = read_json(index)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise DatasetError(index, "not a COCO file: needs an 'images' list (and 'annotations')")
-        # Without image_dir, file_name is looked up under the root, then under root/images/ (both are common).
-        image_dirs = [self.root / image_dir] if image_dir is not None else [self.root, self.root / "images"]
         keep = chosen_categories(data.get("categories"), categories, index)
 
-        problems: list[DatasetError] = []
         images: dict[Any, dict] = {}
         for n, image in enumerate(data["images"]):
             if (
@@ -163,13 +216,12 @@ class CocoDataset(VesselDataset):
             image["polygons"] += polygons
             image["rles"] += rles
 
-        entries = []
         for image in images.values():
             if image["bad"]:
                 continue
             info = image["info"]
             try:
-                tried = [inside(self.root, folder, info["file_name"], index) for folder in image_dirs]
+                tried = [inside(self.root, base, info["file_name"], index) for base in image_dirs]
                 path = next((p for p in tried if p.is_file()), None)
                 if path is None:
                     raise DatasetError(
@@ -182,16 +234,17 @@ class CocoDataset(VesselDataset):
                 problems.append(error)
                 continue
             height, width = info.get("height"), info.get("width")
+            stem = Path(info["file_name"].replace("\\", "/")).with_suffix("").as_posix()
             entries.append(
                 Entry(
-                    id=Path(info["file_name"].replace("\\", "/")).with_suffix("").as_posix(),
+                    id=f"{folder}/{stem}" if folder else stem,
                     image=path,
                     annotation={"polygons": image["polygons"], "rles": image["rles"]},
                     size=(height, width) if isinstance(height, int) and isinstance(width, int) else None,
+                    split=SPLIT_FOLDERS[folder] if folder else None,
                     index_file=index,
                 )
             )
-        return entries, problems
 
     def draw_mask(self, entry: Entry, height: int, width: int) -> np.ndarray:
         mask, _ = rasterize_polygons(entry.annotation["polygons"], height, width)

@@ -1,10 +1,12 @@
 """`labelme`: one LabelMe JSON per image, anywhere under the root.
 
-Shapes become vessel pixels by the same pixel-centre rule as polygons: polygon and rectangle are
-filled, circle (centre + a point on the circle) covers the centres within its radius, and line /
-linestrip cover the centres within line_width / 2 of the polyline (a union of capsules, exact).
-Points have no area and are ignored (counted in a warning). `imagePath` is relative to the JSON;
-embedded `imageData` is used when present. id = the JSON path under the root without extension.
+Shapes become vessel pixels by the same pixel-centre rule as polygons: polygon, rectangle and
+oriented_rectangle are filled, circle (centre + a point on the circle) covers the centres within its
+radius, and line / linestrip cover the centres within line_width / 2 of the polyline (a union of
+capsules, exact). A mask shape (LabelMe >= 5.5, its AI-mask tool: `points` = the inclusive box
+[[x1, y1], [x2, y2]], `mask` = a base64 PNG of that box) is pasted at its box, as LabelMe itself
+does. Points have no area and are ignored (counted in a warning). `imagePath` is relative to the
+JSON; embedded `imageData` is used when present. id = the JSON path under the root without extension.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from distill.data.dataset import (
     read_json,
     register_format,
 )
+from distill.data.images import read_binary_mask
 from distill.data.rasterize import as_vertices, rasterize_polygons
 from distill.data.splits import SPLIT_FILE
 from distill.errors import ConfigError, DatasetError
 
 AREA_FREE_SHAPES = ("point", "points")
+SUPPORTED_SHAPES = "polygon, rectangle, oriented_rectangle, circle, line, linestrip, mask or point"
 
 
 def checked_vertices(points: Any, owner: Path, where: str, kind: str, counts: range) -> np.ndarray:
@@ -51,14 +55,15 @@ def checked_vertices(points: Any, owner: Path, where: str, kind: str, counts: ra
 
 
 def parse_shape(shape: Any, owner: Path, where: str) -> dict[str, Any] | None:
-    """A LabelMe shape -> {"type": polygon|circle|line, "points": flat float64 array}; None for a point."""
+    """A LabelMe shape -> {"type": polygon|circle|line|mask, "points": flat float64 array (and "mask",
+    the base64 PNG of a mask shape)}; None for a point."""
     if not isinstance(shape, dict) or not isinstance(shape.get("points"), list):
         raise DatasetError(owner, f"{where}: a shape needs a 'points' list")
     kind = shape.get("shape_type") or "polygon"
     points = shape["points"]
     if kind in AREA_FREE_SHAPES:
         return None
-    if kind == "polygon" or (kind == "rectangle" and len(points) != 2):
+    if kind in ("polygon", "oriented_rectangle") or (kind == "rectangle" and len(points) != 2):
         return {"type": "polygon", "points": check_polygon(points, owner, where)}
     if kind == "rectangle":
         (x1, y1), (x2, y2) = checked_vertices(points, owner, where, kind, range(2, 3)).tolist()
@@ -71,11 +76,31 @@ def parse_shape(shape: Any, owner: Path, where: str) -> dict[str, Any] | None:
     if kind == "linestrip":
         vertices = checked_vertices(points, owner, where, kind, range(2, 1 << 30))
         return {"type": "line", "points": vertices.ravel()}
-    raise DatasetError(
-        owner,
-        f"{where}: unsupported shape_type {kind!r}",
-        "use polygon, rectangle, circle, line, linestrip or point",
-    )
+    if kind == "mask":
+        box = checked_vertices(points, owner, where, kind, range(2, 3)).ravel()
+        if not isinstance(shape.get("mask"), str) or not shape["mask"]:
+            raise DatasetError(owner, f"{where}: a mask shape needs 'mask', a base64 PNG of its box")
+        return {"type": "mask", "points": box, "mask": shape["mask"]}
+    raise DatasetError(owner, f"{where}: unsupported shape_type {kind!r}", f"use {SUPPORTED_SHAPES}")
+
+
+def paste_mask(mask: np.ndarray, shape: dict[str, Any], owner: Path) -> None:
+    """Set the pixels of a mask shape's PNG, pasted with its top-left at the box's first corner.
+
+    As LabelMe's own `shapes_to_label`: the corner is rounded, the PNG's own size wins over the box,
+    and what falls outside the image is clipped.
+    """
+    try:
+        png = base64.b64decode(shape["mask"], validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise DatasetError(owner, f"a mask shape's 'mask' is not valid base64 ({error})") from None
+    patch = read_binary_mask(owner, png)
+    x, y = np.round(shape["points"][:2]).astype(int)
+    height, width = mask.shape
+    top, bottom = max(y, 0), min(y + patch.shape[0], height)
+    left, right = max(x, 0), min(x + patch.shape[1], width)
+    if top < bottom and left < right:
+        mask[top:bottom, left:right] |= patch[top - y : bottom - y, left - x : right - x]
 
 
 def draw_circle(mask: np.ndarray, points: list[float]) -> None:
@@ -212,6 +237,8 @@ class LabelmeDataset(VesselDataset):
                 draw_circle(mask, shape["points"])
             elif shape["type"] == "line":
                 draw_near(mask, as_vertices(shape["points"]), radius)
+            elif shape["type"] == "mask":
+                paste_mask(mask, shape, entry.origin)
         return mask
 
     def vertices(self, entry: Entry) -> Iterable[np.ndarray]:

@@ -1,7 +1,8 @@
 """`mask_folder`: images/ and masks/ (nonzero = vessel), optional roi/ (nonzero = counts), matched by stem.
 
 Sub-folders are allowed (images/a/b.png pairs with masks/a/b.*). When the root holds train/, val/
-and/or test/, each with that layout, they give the split and ids are "<split>/<stem>".
+(or Roboflow's valid/) and/or test/, each with that layout, they give the split and ids are
+"<folder>/<stem>".
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from distill.data.dataset import DatasetWarning, Entry, VesselDataset, describe_files, register_format
 from distill.data.images import IMAGE_SUFFIXES
-from distill.data.splits import SPLITS
+from distill.data.splits import SPLIT_FOLDERS
 from distill.errors import DatasetError
 
 
@@ -34,17 +35,17 @@ class MaskFolderDataset(VesselDataset):
     layout = "images/ and masks/ (optional roi/), or train/ val/ test/ folders each holding them"
 
     def read_index(self) -> tuple[list[Entry], list[DatasetError]]:
-        split_dirs = [s for s in SPLITS if (self.root / s / "images").is_dir()]
+        split_dirs = [name for name in SPLIT_FOLDERS if (self.root / name / "images").is_dir()]
         if split_dirs and (self.root / "images").is_dir():
             raise DatasetError(self.root, "has both images/ and split folders", "keep one layout")
-        parts = [(self.root / s, s) for s in split_dirs] or [(self.root, None)]
+        parts = [(self.root / name, name) for name in split_dirs] or [(self.root, None)]
         entries: list[Entry] = []
         problems: list[DatasetError] = []
         ignored: list[Path] = []
-        for folder, split in parts:
+        for folder, name in parts:
             if not (folder / "images").is_dir():
                 continue
-            non_images, orphans = self.read_part(folder, split, entries, problems)
+            non_images, orphans = self.read_part(folder, name, entries, problems)
             ignored += non_images + orphans
         if ignored:
             warnings.warn(
@@ -56,9 +57,10 @@ class MaskFolderDataset(VesselDataset):
         return entries, problems
 
     def read_part(
-        self, folder: Path, split: str | None, entries: list[Entry], problems: list[DatasetError]
+        self, folder: Path, name: str | None, entries: list[Entry], problems: list[DatasetError]
     ) -> tuple[list[Path], list[Path]]:
-        """Entries of one images/ + masks/ (+ roi/) folder; returns the files it ignored (non-images, orphans)."""
+        """Entries of one images/ + masks/ (+ roi/) folder (`name`: its split folder, if any); returns
+        the files it ignored (non-images, orphans)."""
         if not (folder / "masks").is_dir():
             raise DatasetError(folder / "masks", "not found", f"a mask_folder dataset needs {self.layout}")
         images, ignored = images_by_stem(folder / "images")
@@ -73,7 +75,8 @@ class MaskFolderDataset(VesselDataset):
             except DatasetError as error:
                 problems.append(error)
                 continue
-            item_id = f"{split}/{stem}" if split else stem
+            item_id = f"{name}/{stem}" if name else stem
+            split = SPLIT_FOLDERS[name] if name else None
             entries.append(Entry(id=item_id, image=image, mask_file=mask, roi_file=roi, split=split))
         orphans = [p for stem, paths in {**masks, **rois}.items() if stem not in images for p in paths]
         return ignored + ignored_masks + ignored_rois, orphans

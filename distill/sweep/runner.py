@@ -7,7 +7,8 @@ sweep. optuna keeps the study in a journal file, so several workers (threads her
 is the total wanted, so running again with a larger N adds the difference.
 
 Each validation epoch the trial's metric reaches the study through `TrialReporter`, run by the
-Lightning callback `distill.sweep_callback.SweepReporter` that the trial gets via `--trainer.callbacks+=`, which also feeds the pruner (`early_terminate`).
+Lightning callback `distill.sweep.callback.SweepReporter` that the trial gets via
+`--trainer.callbacks+=`, which also feeds the pruner (`early_terminate`).
 A trial's value is the best value of the metric over its epochs (the epoch of its best checkpoint).
 """
 
@@ -23,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.cli import reports_user_errors
 from distill.errors import DistillError
-from distill.sweep_spec import SweepSpec, expand_command, load_sweep, make_pruner, make_sampler
+from distill.sweep.spec import SweepSpec, expand_command, load_sweep, make_pruner, make_sampler
 
 ENV_STORAGE = "DISTILL_SWEEP_STORAGE"
 ENV_STUDY = "DISTILL_SWEEP_STUDY"
@@ -145,7 +147,7 @@ class LocalSweep:
         argv += [
             f"--run_name={run_name}",
             f"--runs_dir={self.out_dir / 'runs'}",
-            "--trainer.callbacks+=distill.sweep_callback.SweepReporter",
+            "--trainer.callbacks+=distill.sweep.callback.SweepReporter",
             *self.extra_args,
         ]
         env = dict(os.environ)
@@ -219,8 +221,11 @@ def results_rows(study: Any, spec: SweepSpec) -> list[dict[str, Any]]:
     return rows
 
 
+MIN_TRIALS_FOR_IMPORTANCE = 5  # importances from fewer finished trials are noise
+
+
 def write_results(study: Any, spec: SweepSpec, out_dir: Path) -> list[dict[str, Any]]:
-    """results.csv, results.md (best first, each row linked to its run directory) and plots."""
+    """results.csv, results.md (best first, each row linked to its run directory) and the plots."""
     rows = results_rows(study, spec)
     columns = ["trial", "state", spec.metric, *[p.name for p in spec.params], "seconds", "run_dir"]
     with open(out_dir / "results.csv", "w", newline="") as f:
@@ -243,56 +248,84 @@ def write_results(study: Any, spec: SweepSpec, out_dir: Path) -> list[dict[str, 
                 v = f"{v:.4f}"
             cells.append("" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *_plot(study, spec, out_dir, rows)]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(study, spec, out_dir, rows)
     return rows
 
 
-def _plot(study: Any, spec: SweepSpec, out_dir: Path, rows: list[dict[str, Any]]) -> None:
+def _label(value: Any) -> str:
+    """A categorical value as an axis label: mappings (a whole student config) by their values."""
+    return " ".join(str(v) for v in value.values()) if isinstance(value, dict) else str(value)
+
+
+def _plot(study: Any, spec: SweepSpec, out_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """metric_vs_params.png, and param_importance.png from MIN_TRIALS_FOR_IMPORTANCE finished trials
+    on; returns Markdown lines for results.md naming what was drawn, or why not."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
 
     done = [r for r in rows if r[spec.metric] is not None]
     swept = [p for p in spec.params if p.kind != "constant"]
     if not done or not swept:
-        return
-    fig, axes = plt.subplots(1, len(swept), figsize=(3.2 * len(swept), 3), squeeze=False)
+        return ["No finished trial yet: nothing plotted."]
+    fig, axes = plt.subplots(1, len(swept), figsize=(3.4 * len(swept), 3.6), squeeze=False)
+    best = done[0]  # rows are best first
     for ax, p in zip(axes[0], swept, strict=True):
-        xs = [r.get(p.name) for r in done]
         ys = [r[spec.metric] for r in done]
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
-            ax.scatter(xs, ys)
+        if p.kind == "categorical":  # even when the values are numbers: they are choices, not a scale
+            labels = [_label(v) for v in p.values]
+            xs = [labels.index(_label(r.get(p.name))) for r in done]
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+            best_x = labels.index(_label(best.get(p.name)))
+        else:
+            xs = [r.get(p.name) for r in done]
             if p.kind.startswith(("log", "q_log", "inv_log")):
                 ax.set_xscale("log")
-        else:
-            labels = sorted({str(x) for x in xs})
-            ax.scatter([labels.index(str(x)) for x in xs], ys)
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+            best_x = best.get(p.name)
+        ax.scatter(xs, ys, alpha=0.7, label="finished trial")
+        ax.scatter([best_x], [best[spec.metric]], marker="*", s=160, color="tab:red", label="best")
         ax.set_xlabel(p.name, fontsize=8)
         ax.set_ylabel(spec.metric, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.suptitle(
+        f"sweep {spec.name}: {spec.metric} ({spec.goal}) per trial, {len(done)} finished of {len(rows)}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out_dir / "metric_vs_params.png", dpi=100)
     plt.close(fig)
-
-    import optuna
+    notes = ["![metric against each parameter](metric_vs_params.png)"]
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     varying = [p.name for p in swept if len({repr(t.params.get(p.name)) for t in complete}) > 1]
-    if len(complete) < 2 or not varying:
-        return
+    importance_png = out_dir / "param_importance.png"
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not varying:
+        importance_png.unlink(missing_ok=True)
+        return [
+            *notes,
+            "",
+            f"No parameter importance: it needs {MIN_TRIALS_FOR_IMPORTANCE} finished trials with a "
+            f"varying parameter, and {len(complete)} finished so far.",
+        ]
     importances = optuna.importance.get_param_importances(study, params=varying)
-    fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * len(importances)))
+    fig, ax = plt.subplots(figsize=(6, 1.0 + 0.4 * len(importances)))
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
-    ax.set_xlabel(f"importance for {spec.metric}")
+    ax.set_xlabel(f"importance for {spec.metric} (optuna's default evaluator, sums to 1)")
+    ax.set_title(f"sweep {spec.name}: parameter importance from {len(complete)} finished trials", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_dir / "param_importance.png", dpi=100)
+    fig.savefig(importance_png, dpi=100)
     plt.close(fig)
     (out_dir / "param_importance.json").write_text(json.dumps(importances, indent=2))
+    return [*notes, "", "![parameter importance](param_importance.png)"]
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distill.sweep",
@@ -322,20 +355,15 @@ early_terminate: {type: hyperband} -> HyperbandPruner on the metric reported eac
         "\n\nafter a bare --, arguments go to every trial: ... --trials 3 -- --trainer.max_epochs=2"
     )
     args = parser.parse_args(argv)
-    try:
-        spec = load_sweep(args.sweep)
-        out_dir = args.out or Path("students") / "sweeps" / spec.name
-        sweep = LocalSweep(spec, out_dir, seed=args.seed, extra_args=extra)
-        sweep.run(args.trials, args.workers)
-        rows = write_results(sweep.study, spec, out_dir)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for line in (out_dir / "results.md").read_text().splitlines()[2:]:
-        print(line)
-    print(f"\n{len(rows)} trial(s) in {out_dir} (results.csv, results.md, metric_vs_params.png)")
+    spec = load_sweep(args.sweep)
+    out_dir = args.out or Path("students") / "sweeps" / spec.name
+    sweep = LocalSweep(spec, out_dir, seed=args.seed, extra_args=extra)
+    sweep.run(args.trials, args.workers)
+    rows = write_results(sweep.study, spec, out_dir)
+    table = (out_dir / "results.md").read_text().splitlines()[2:]
+    print("\n".join(line for line in table if not line.startswith("!")).rstrip())
+    pictures = [
+        p.name for p in (out_dir / "metric_vs_params.png", out_dir / "param_importance.png") if p.is_file()
+    ]
+    print(f"\n{len(rows)} trial(s) in {out_dir}: results.csv, results.md, {', '.join(pictures)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""The Lightning side of a local sweep: `--trainer.callbacks+=distill.sweep_callback.SweepReporter`.
+"""The Lightning side of a local sweep: `--trainer.callbacks+=distill.sweep.callback.SweepReporter`.
 
-Kept apart from `distill.sweep` so that the sweep runner does not import Lightning.
+Kept apart from `distill.sweep.runner` so that the sweep runner does not import Lightning.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from distill.errors import ConfigError
-from distill.sweep import TrialReporter
+from distill.sweep.runner import TrialReporter
 
 
 class SweepReporter(pl.Callback):

@@ -31,6 +31,7 @@ MACROS = (
     "${args_no_hyphens}",
     "${args_no_boolean_flags}",
 )
+_MAX_EXPONENT = math.log(sys.float_info.max)  # ~709.78: e^x of larger x overflows a float
 _UNMAPPABLE = {
     "normal": "optuna has no normal distribution",
     "q_normal": "optuna has no normal distribution",
@@ -125,9 +126,6 @@ class SweepSpec:
                 )
         return space
 
-    def grid_size(self) -> int:
-        return math.prod(len(v) for v in self.grid().values())
-
 
 def _parse_param(path: Path, name: str, block: Any) -> Param:
     where = f"{path}: parameter {name!r}"
@@ -135,7 +133,7 @@ def _parse_param(path: Path, name: str, block: Any) -> Param:
         raise ConfigError(f"{where} must be a mapping such as {{values: [...]}} or {{min: 0, max: 1}}")
     if "parameters" in block:
         raise ConfigError(
-            f"{where} nests `parameters`; write the dotted name instead (e.g. model.kd.alpha), "
+            f"{where} nests `parameters`; write the dotted name instead (e.g. loss.kd_alpha), "
             "which is how LightningCLI takes overrides"
         )
     if "value" in block:
@@ -181,6 +179,8 @@ def _parse_param(path: Path, name: str, block: Any) -> Param:
         return Param(name, kind, low=int(low), high=int(high))
     if kind in ("uniform", "q_uniform"):
         return Param(name, kind, low=float(low), high=float(high), q=q)
+    if kind in ("log_uniform", "q_log_uniform", "inv_log_uniform"):
+        _check_exponents(where, kind, low, high)
     if kind in ("log_uniform", "q_log_uniform"):
         # W&B: min/max are natural-log exponents, X = exp(U(min, max)).
         return Param(name, kind, low=math.exp(low), high=math.exp(high), q=q)
@@ -193,6 +193,25 @@ def _parse_param(path: Path, name: str, block: Any) -> Param:
         # W&B: min/max are exponents of 1/X: X = exp(-U(min, max)), i.e. log-uniform on [e^-max, e^-min].
         return Param(name, kind, low=math.exp(-high), high=math.exp(-low), q=q)
     raise ConfigError(f"{where}: unknown distribution {kind!r}")
+
+
+def _check_exponents(where: str, kind: str, low: float, high: float) -> None:
+    """W&B's log_uniform kinds take natural-log exponents; refuse bounds that are values instead.
+
+    Bounds past +-709 overflow exp() (or give 0); bounds inside (0, 1] are values such as learning
+    rates (as exponents they would sample from [1, e], never what a log scale is for).
+    """
+    if max(abs(low), abs(high)) > _MAX_EXPONENT or 0 < low < high <= 1:
+        raise ConfigError(
+            f"{where}: {kind} takes natural-log exponents as min/max (X = e^U(min, max)), but "
+            f"min={low!r} max={high!r} are not exponents (they give X from {_exp_text(low)} to "
+            f"{_exp_text(high)}); for bounds given as values write `distribution: {kind}_values`, "
+            f"or give exponents (e.g. min: {math.log(1e-5):.2f} for 1e-5)"
+        )
+
+
+def _exp_text(exponent: float) -> str:
+    return f"{math.exp(exponent):.3g}" if abs(exponent) <= _MAX_EXPONENT else "beyond float range"
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -295,7 +314,8 @@ def make_pruner(spec: SweepSpec) -> Any:
 
 
 def expand_command(spec: SweepSpec, values: dict[str, Any], python: str | None = None) -> list[str]:
-    """The trial's argv, built the way a W&B agent builds it (`--name=value`, str() of the value).
+    """The trial's argv, built the way a W&B agent builds it (`--name=value`, str() of the value: a
+    null becomes `None`, which distill.fit reads as null).
 
     `python`/`python3`/`${interpreter}` become this interpreter, so a local sweep uses the same
     virtual environment; `${env}` is dropped (the child inherits our environment).
