@@ -52,6 +52,8 @@ from distill.views import VIEWS, apply_view
 REFLECT = cv2.BORDER_REFLECT_101
 D4 = tuple(VIEWS)
 INTERPOLATION_MARGIN = 2  # pixels a bilinear sample reads beyond its source point, rounded up
+# Every albumentations warp: images and maps bilinear, masks nearest, borders reflected.
+WARP = {"interpolation": cv2.INTER_LINEAR, "mask_interpolation": cv2.INTER_NEAREST, "border_mode": REFLECT}
 
 
 def sample_rng(seed: int, number: int) -> np.random.Generator:
@@ -86,11 +88,9 @@ class AffineSpec:
         return A.Affine(
             scale=(1 - self.scale, 1 + self.scale),
             rotate=(-self.degrees, self.degrees),
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
-            border_mode=REFLECT,
             p=self.p,
             **shift,
+            **WARP,
         )
 
     def kornia(self, output: int, window: int) -> Any:
@@ -118,14 +118,7 @@ class ElasticSpec:
         return side + 2 * math.ceil(self.alpha) + 2 * INTERPOLATION_MARGIN
 
     def albumentations(self, output: int | None) -> A.ElasticTransform:
-        return A.ElasticTransform(
-            alpha=self.alpha,
-            sigma=self.sigma,
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
-            border_mode=REFLECT,
-            p=self.p,
-        )
+        return A.ElasticTransform(alpha=self.alpha, sigma=self.sigma, p=self.p, **WARP)
 
     def kornia(self, output: int, window: int) -> Any:
         import kornia.augmentation as K
@@ -268,11 +261,20 @@ def cut(array: np.ndarray, window: Window | None) -> np.ndarray:
         return array
     top, left, side = window
     height, width = array.shape[:2]
-    if 0 <= top <= height - side and 0 <= left <= width - side:
-        return array[top : top + side, left : left + side]
-    rows = reflect(np.arange(top, top + side), height)
-    cols = reflect(np.arange(left, left + side), width)
-    return array[rows[:, None], cols]
+    rows, cols = slice(max(top, 0), min(top + side, height)), slice(max(left, 0), min(left + side, width))
+    pad = ((rows.start - top, top + side - rows.stop), (cols.start - left, left + side - cols.stop))
+    if not any(any(p) for p in pad):
+        return array[rows, cols]
+    inside = array[rows, cols]
+    if all(
+        p < n
+        for p, n in zip((*pad[0], *pad[1]), (*[inside.shape[0]] * 2, *[inside.shape[1]] * 2), strict=True)
+    ):
+        # The part inside touches the image border it is reflected about: mirroring it is mirroring the image.
+        return np.pad(inside, pad + ((0, 0),) * (array.ndim - 2), mode="reflect")
+    return array[
+        reflect(np.arange(top, top + side), height)[:, None], reflect(np.arange(left, left + side), width)
+    ]
 
 
 def mean_map(maps: Sequence[np.ndarray]) -> np.ndarray:
