@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -31,6 +32,8 @@ from distill.data.datamodule import (
 )
 from distill.data.writers import write_dataset
 from distill.errors import CacheError, ConfigError, DatasetError
+from distill.module import DistillModule
+from distill.students import StudentConfig
 from distill.synth import generate_sample
 from distill.views import apply_view
 
@@ -401,3 +404,51 @@ def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_
             else:
                 assert (batch["teacher"][i] != NO_MAP_LOGIT).any()
         assert set(batch["id"]) & missing
+
+
+class _Drawn(pl.Callback):
+    """Records the split positions of every training batch."""
+
+    def __init__(self):
+        self.indices = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.indices.append(batch["index"].tolist())
+
+
+def _fit_steps(data: dict, max_steps: int, root, ckpt_path=None) -> tuple[list, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    student = StudentConfig(
+        name="unet", encoder="resnet18", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+    )
+    drawn = _Drawn()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[drawn],
+    )
+    dm = VesselDataModule(
+        data_format=FORMAT,
+        data_root=data["root"],
+        num_workers=0,
+        batch_size=2,
+        crop_size=32,
+        samples_per_epoch=6,
+    )
+    trainer.fit(DistillModule(student=student, loss={"kd_alpha": 0.0}), datamodule=dm, ckpt_path=ckpt_path)
+    return drawn.indices, trainer
+
+
+def test_a_run_resumed_mid_epoch_continues_the_stream_where_it_stopped(data, tmp_path):
+    whole, _ = _fit_steps(data, 7, tmp_path / "whole")  # epochs of 3 steps
+    first, trainer = _fit_steps(data, 4, tmp_path / "first")  # stops inside the second epoch
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    rest, _ = _fit_steps(data, 7, tmp_path / "rest", ckpt_path=tmp_path / "mid.ckpt")
+    assert first == whole[:4] and rest == whole[4:]
