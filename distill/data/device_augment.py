@@ -189,8 +189,9 @@ class DeviceAugment:
         )
         self.colour = K.ImageSequential(*colour) if colour else None
 
-    def __call__(self, store: ResidentSplit, draws: Sequence[Draw], seed: int) -> dict[str, Any]:
-        """The batch of `draws` (see the DataModule's contract), made on this augmenter's device."""
+    def plan(self, store: ResidentSplit, draws: Sequence[Draw], seed: int) -> tuple[Tensor, int]:
+        """Per sample (index, top, left, D4 flags x3, teacher channel) as an int64 [B, 7] CPU tensor,
+        drawn as the worker path draws them, and a seed for the batch's kornia transforms."""
         rngs = [sample_rng(seed, draw.number) for draw in draws]
         among = store.teacher_views if store.teacher is not None else None  # match: only cached views
         rows = []
@@ -199,8 +200,12 @@ class DeviceAugment:
             top, left, _ = self.augment.sample_window(store.shapes[draw.index], rng)
             channel = store.teacher_views.index(view) if among else 0
             rows.append((draw.index, top, left, *D4_FLAGS[view], channel))
-        batch_seed = int(rngs[0].integers(2**62))
-        plan = _to(torch.tensor(rows, dtype=torch.int64), store.device)
+        return torch.tensor(rows, dtype=torch.int64), int(rngs[0].integers(2**62))
+
+    def __call__(self, store: ResidentSplit, draws: Sequence[Draw], seed: int) -> dict[str, Any]:
+        """The batch of `draws` (see the DataModule's contract), made on this augmenter's device."""
+        plan, batch_seed = self.plan(store, draws, seed)
+        plan = _to(plan, store.device)
         windows = store.cut(plan[:, 0], plan[:, 1], plan[:, 2], self.window)
         windows = {key: _to(value, self.device) for key, value in windows.items()}
         plan = _to(plan, self.device)
@@ -208,8 +213,8 @@ class DeviceAugment:
         x = windows["image"].permute(0, 3, 1, 2).float() / 255
         planes = windows["planes"].permute(0, 3, 1, 2).float()
         if "teacher" in windows:  # the channel of each sample's view (the only one for "mean")
-            channel = plan[:, 6].view(-1, 1, 1, 1).expand(-1, self.window, self.window, 1)
-            teacher = windows["teacher"].gather(-1, channel)
+            pick = plan[:, 6].view(-1, 1, 1, 1).expand(-1, self.window, self.window, 1)
+            teacher = windows["teacher"].gather(-1, pick)
             x = torch.cat([x, teacher.permute(0, 3, 1, 2).float()], dim=1)
         flags = plan[:, 3:6].bool()
         x, planes = apply_views(x, flags), apply_views(planes, flags)
