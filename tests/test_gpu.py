@@ -41,9 +41,16 @@ def test_prefetched_batches_arrive_on_the_device_intact_and_in_order():
 
 
 def test_the_epoch_stream_prefetches_across_epochs_on_cuda():
+    class Draws(torch.utils.data.Dataset):  # the sampler yields Draw(index, number) per sample
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, draw):
+            return draw
+
     batches = EndlessBatches(n=6, batch_size=2, seed=0)
     loader = torch.utils.data.DataLoader(
-        list(range(6)),
+        Draws(),
         batch_sampler=batches,
         pin_memory=True,
         collate_fn=lambda draws: {"x": torch.tensor([d.index for d in draws])},
