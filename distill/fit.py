@@ -98,7 +98,12 @@ class DistillCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from it")
         parser.add_argument("--wandb", type=bool, default=True, help="log to W&B when wandb is installed")
         parser.add_argument(
-            "--overwrite", type=bool, default=False, help="clear runs_dir/run_name first if it holds a run"
+            "--overwrite",
+            type=bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help="clear runs_dir/run_name first if it holds a run (--overwrite, or --overwrite=true)",
         )
         parser.add_argument(
             "--progress_every_s",
@@ -127,6 +132,11 @@ class DistillCLI(LightningCLI):
         run resumes (--ckpt_path) or --overwrite clears it. Rank 0 only (the others follow it)."""
         if rank_zero_only.rank != 0 or not run_dir.is_dir() or not any(run_dir.iterdir()):
             return
+        if not _holds_results(run_dir):  # an attempt that failed before saving anything: nothing to lose
+            left = ", ".join(sorted(p.name for p in run_dir.iterdir()))
+            print(f"note: {run_dir} held only what a failed attempt left ({left}); cleared", flush=True)
+            shutil.rmtree(run_dir)
+            return
         ckpt_path = self.config["ckpt_path"]
         if self.config["overwrite"]:
             if ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):
@@ -136,9 +146,10 @@ class DistillCLI(LightningCLI):
             shutil.rmtree(run_dir)
         elif not ckpt_path:
             held = ", ".join(sorted(p.name for p in run_dir.iterdir()))
+            last = run_dir / "checkpoints" / "last.ckpt"
+            resume = f"resume it with --ckpt_path {last}, " if last.is_file() else ""
             raise ConfigError(
-                f"{run_dir} already holds a run ({held}): resume it with --ckpt_path "
-                f"{run_dir / 'checkpoints' / 'last.ckpt'}, pick a new --run_name, or pass --overwrite to "
+                f"{run_dir} already holds a run ({held}): {resume}pick a new --run_name, or pass --overwrite to "
                 "clear it first"
             )
 
@@ -192,6 +203,13 @@ class DistillCLI(LightningCLI):
                     offline=_wandb_offline(),
                 )
         return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """Whether a run directory holds something a run produced: a checkpoint or a metrics/report file."""
+    checkpoints = run_dir / "checkpoints"
+    saved = checkpoints.is_dir() and any(checkpoints.iterdir())
+    return saved or any(run_dir.glob("metrics_*.json")) or any(run_dir.glob("*.png"))
 
 
 def _wandb_available() -> bool:

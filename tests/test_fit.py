@@ -16,7 +16,7 @@ import yaml
 
 from distill.cache import CacheWriter, TeacherCache
 from distill.data.datamodule import TeacherMaps
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DistillError
 from distill.evaluate import evaluate
 from distill.fit import _command_line as _fit_command_line
 from distill.fit import main
@@ -114,10 +114,25 @@ def test_a_run_directory_of_another_run_is_refused_unless_resumed_or_overwritten
     with pytest.raises(ConfigError, match="--overwrite would delete"):
         main([*resumed, "--overwrite=true"])
 
-    main([*args[:2], "--overwrite=true", "--wandb=false"])
+    main([*args[:2], "--overwrite", "--wandb=false"])  # the bare flag, as the message says
     assert not (runs / "tiny" / "student.onnx").exists()  # cleared, then written afresh
     assert (runs / "tiny" / "metrics_test.json").is_file()
     assert "overwrite: false" in (runs / "tiny" / "config.yaml").read_text()
+
+
+def test_a_run_that_failed_before_saving_anything_does_not_block_its_retry(
+    tiny_data_and_cache, tmp_path, capsys
+):
+    """A failed setup (here: a cache that does not exist) left config.yaml and logs/, and the retry was
+    refused with advice to resume from a checkpoint that was never written."""
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=retry", "--trainer.max_epochs=1", "--wandb=false")
+    with pytest.raises(DistillError):
+        main([*args, f"--data.cache_dir={tmp_path / 'no_such_cache'}"])
+    assert (tmp_path / "retry").is_dir() and not (tmp_path / "retry" / "checkpoints").exists()
+    main(args)
+    assert "held only what a failed attempt left" in capsys.readouterr().out
+    assert (tmp_path / "retry" / "metrics_test.json").is_file()
 
 
 def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):
