@@ -294,6 +294,8 @@ def forced_line(forced: dict[str, Any]) -> str:
         f"  teacher-forced: {forced['forced']} image(s) forced, {forced['fallback']} fell back to generate "
         f"(greedy answer differed), {forced['sampled']} sampled against predict_forward"
     )
+    if forced["fallback"] and not forced["forced"]:
+        line += "; every image fell back: the expected answer (--teacher-option answer) is not what the model says"
     if forced["sample_agreement"] is not None:
         line += (
             f": masks agree on {100 * forced['sample_agreement']:.4f}% of pixels "

@@ -92,8 +92,16 @@ def create_job_teacher(job: CacheJob, devices: list[int] | None) -> Teacher:
     """The job's teacher, constructed only (cheap by the teacher contract: heavy loading waits for the
     first `predict_logits`), with `devices` for teachers that place themselves on GPUs."""
     options = dict(job.teacher_options)
-    if devices is not None and "devices" in inspect.signature(teacher_factory(job.teacher)).parameters:
+    parameters = inspect.signature(teacher_factory(job.teacher)).parameters
+    if devices is not None and "devices" in parameters:
         options["devices"] = devices
+    missing = [
+        name for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name not in options
+    ]  # fmt: skip
+    if missing:
+        flags = ", ".join(f"--teacher-option {name}=... (or --{name.replace('_', '-')})" for name in missing)
+        raise ConfigError(f"--teacher {job.teacher} needs {flags}")
     try:
         return create_teacher(job.teacher, **options)
     except TypeError as err:
@@ -458,16 +466,52 @@ def gpu_groups(job: CacheJob) -> list[list[str] | None]:
     return [physical[w * k : (w + 1) * k] for w in range(n)]
 
 
-def _spawned_worker(job: CacheJob, worker: int, n: int, group: list[str] | None, results: Any) -> None:
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the process that started it dies (even by SIGKILL),
+    so that a killed `cache_teacher` leaves no worker holding GPUs and writing to its shard."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _spawned_worker(
+    job: CacheJob, worker: int, n: int, group: list[str] | None, parent: int, results: Any
+) -> None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above
+        return
     try:
         results.put((worker, run_worker(job, worker, n, group), None))
+    except DistillError as err:  # the user's to fix: re-raised as itself in the parent
+        results.put((worker, None, err))
     except BaseException:
         results.put((worker, None, traceback.format_exc()))
 
 
+def _collect(processes: list[Any], results: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Each worker's (summary or error); a worker that dies without reporting is an error, not a hang."""
+    summaries, errors, reported = [], [], set()
+    while len(reported) < len(processes):
+        try:
+            worker, summary, error = results.get(timeout=5)
+        except queue.Empty:
+            for w, process in enumerate(processes):
+                if w not in reported and not process.is_alive() and results.empty():
+                    reported.add(w)
+                    errors.append(f"worker {w} died without a result (exit code {process.exitcode})")
+            continue
+        reported.add(worker)
+        (errors.append(error if isinstance(error, DistillError) else f"worker {worker}:\n{error}")
+         if error is not None else summaries.append(summary))  # fmt: skip
+    return summaries, errors
+
+
 def run_job(job: CacheJob) -> dict[str, Any]:
     """Run `job` on all its workers (in this process when there is one, else one spawned process
-    each); the combined summary. Raises DistillError for bad input, RuntimeError for a failed teacher."""
+    each, killed with this one); the combined summary. Raises DistillError for bad input (a worker's
+    own included), RuntimeError for a failed teacher or a worker that died."""
     groups = gpu_groups(job)
     if len(groups) == 1:
         return combine([run_worker(job, 0, 1, groups[0])])
@@ -476,17 +520,17 @@ def run_job(job: CacheJob) -> dict[str, Any]:
     context = mp.get_context("spawn")
     results = context.Queue()
     processes = [
-        context.Process(target=_spawned_worker, args=(job, w, len(groups), group, results))
+        context.Process(target=_spawned_worker, args=(job, w, len(groups), group, os.getpid(), results))
         for w, group in enumerate(groups)
     ]
     for process in processes:
         process.start()
-    summaries, errors = [], []
-    for _ in processes:
-        worker, summary, error = results.get()
-        (errors.append(f"worker {worker}:\n{error}") if error else summaries.append(summary))
+    summaries, errors = _collect(processes, results)
     for process in processes:
         process.join()
+    user_errors = [e for e in errors if isinstance(e, DistillError)]
+    if user_errors:
+        raise user_errors[0]
     if errors:
         raise RuntimeError("teacher workers failed:\n" + "\n".join(errors))
     return combine(summaries)

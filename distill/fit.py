@@ -18,26 +18,39 @@ import os
 import shutil
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from distill.cli import none_as_null, reports_user_errors
 from distill.data.datamodule import VesselDataModule
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DistillError
 from distill.losses import LossSettings, loss_terms
 from distill.module import DistillModule
+from distill.progress import ProgressLog, ThroughputBar
 from distill.report import WHO, format_table, write_outputs
 from distill.students import count_parameters
 
 MONITOR = "val/student/dice@best"
 _RUN_NAME_ENV = "DISTILL_RUN_NAME"  # so that DDP ranks started later agree on a timestamped name
+# Lightning warns when an epoch has fewer batches than log_every_n_steps, as if logging restarted
+# each epoch; it counts steps over the whole run (and so does DistillModule), so short epochs of a
+# steps-based schedule lose no logs.
+WRONG_LOGGING_INTERVAL_WARNING = (
+    r"The number of training batches \(\d+\) is smaller than the logging interval"
+)
 
 
 def _wandb_offline() -> bool:
@@ -85,7 +98,24 @@ class DistillCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from it")
         parser.add_argument("--wandb", type=bool, default=True, help="log to W&B when wandb is installed")
         parser.add_argument(
-            "--overwrite", type=bool, default=False, help="clear runs_dir/run_name first if it holds a run"
+            "--overwrite",
+            type=bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help="clear runs_dir/run_name first if it holds a run (--overwrite, or --overwrite=true)",
+        )
+        parser.add_argument(
+            "--progress_every_s",
+            type=float,
+            default=60.0,
+            help="when stdout is not a terminal: seconds between progress lines (img/s, elapsed, remaining)",
+        )
+        parser.add_argument(
+            "--ddp_timeout_s",
+            type=float,
+            default=600.0,
+            help="multi-process runs fail when a collective waits this long (a process stopped making progress)",
         )
         add_loss_arguments(parser)
 
@@ -102,6 +132,11 @@ class DistillCLI(LightningCLI):
         run resumes (--ckpt_path) or --overwrite clears it. Rank 0 only (the others follow it)."""
         if rank_zero_only.rank != 0 or not run_dir.is_dir() or not any(run_dir.iterdir()):
             return
+        if not _holds_results(run_dir):  # an attempt that failed before saving anything: nothing to lose
+            left = ", ".join(sorted(p.name for p in run_dir.iterdir()))
+            print(f"note: {run_dir} held only what a failed attempt left ({left}); cleared", flush=True)
+            shutil.rmtree(run_dir)
+            return
         ckpt_path = self.config["ckpt_path"]
         if self.config["overwrite"]:
             if ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):
@@ -111,9 +146,10 @@ class DistillCLI(LightningCLI):
             shutil.rmtree(run_dir)
         elif not ckpt_path:
             held = ", ".join(sorted(p.name for p in run_dir.iterdir()))
+            last = run_dir / "checkpoints" / "last.ckpt"
+            resume = f"resume it with --ckpt_path {last}, " if last.is_file() else ""
             raise ConfigError(
-                f"{run_dir} already holds a run ({held}): resume it with --ckpt_path "
-                f"{run_dir / 'checkpoints' / 'last.ckpt'}, pick a new --run_name, or pass --overwrite to "
+                f"{run_dir} already holds a run ({held}): {resume}pick a new --run_name, or pass --overwrite to "
                 "clear it first"
             )
 
@@ -133,11 +169,23 @@ class DistillCLI(LightningCLI):
             auto_insert_metric_name=False,
             enable_version_counter=False,
         )
-        kwargs["callbacks"] = [*callbacks, best]
+        kwargs["callbacks"] = [*callbacks, best, *self._progress(trainer_config, kwargs)]
         kwargs["default_root_dir"] = str(run_dir)
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = self._make_logger(run_dir)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and strategy._timeout == default_pg_timeout:
+            # Lightning's default waits 30 minutes; the process group is made in fit, from this value.
+            strategy._timeout = timedelta(seconds=self.config["ddp_timeout_s"])
+        return trainer
+
+    def _progress(self, trainer_config: dict, kwargs: dict) -> list[pl.Callback]:
+        """img/s and remaining time: in the progress bar on a terminal, as periodic lines in a log."""
+        if sys.stdout.isatty():
+            return [ThroughputBar()] if trainer_config.get("enable_progress_bar") is not False else []
+        kwargs["enable_progress_bar"] = False
+        return [ProgressLog(every_s=self.config["progress_every_s"], monitor=MONITOR)]
 
     def _make_logger(self, run_dir: Path) -> Logger:
         if self.config["wandb"]:
@@ -155,6 +203,13 @@ class DistillCLI(LightningCLI):
                     offline=_wandb_offline(),
                 )
         return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """Whether a run directory holds something a run produced: a checkpoint or a metrics/report file."""
+    checkpoints = run_dir / "checkpoints"
+    saved = checkpoints.is_dir() and any(checkpoints.iterdir())
+    return saved or any(run_dir.glob("metrics_*.json")) or any(run_dir.glob("*.png"))
 
 
 def _wandb_available() -> bool:
@@ -180,6 +235,25 @@ def _log_pictures_and_tables(
         logger.log_table(key=f"{split}/thresholds", columns=columns, data=rows)
     for key, path in pictures.items():
         logger.log_image(key=key, images=[str(path)])
+
+
+@contextmanager
+def _collective_timeout_explained(trainer: pl.Trainer, timeout_s: float) -> Iterator[None]:
+    """A timed-out collective says what it means (gloo raises one; NCCL's watchdog aborts the process
+    with its own "Watchdog caught collective operation timeout" line)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if trainer.world_size == 1 or not any(
+            word in str(error).lower() for word in ("timed out", "timeout")
+        ):
+            raise
+        raise DistillError(
+            f"rank {trainer.global_rank}: a collective operation across the {trainer.world_size} processes waited "
+            f"{timeout_s:.0f} s (--ddp_timeout_s) for another process, which stopped making progress: it "
+            f"crashed, hung, or is far slower; its own output says which ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[-1]})"
+        ) from error
 
 
 def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -213,7 +287,9 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         config["overwrite"] = False  # reusing this file must never clear a run directory
         cli.parser.save(config, run_dir / "config.yaml", overwrite=True, multifile=False)
 
-    trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
+    with _collective_timeout_explained(trainer, cli.config["ddp_timeout_s"]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=WRONG_LOGGING_INTERVAL_WARNING)
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
     best = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)
     if not best.is_file():
         raise ConfigError(f"no checkpoint was written under {run_dir / 'checkpoints'}: did validation run?")

@@ -313,11 +313,12 @@ class GroundTruthBCE(LossTerm):
         super().__init__()
         _require(pos_weight > 0, "pos_weight", pos_weight, "must be > 0")
         self.pos_weight = pos_weight
+        # A buffer, not a tensor made per step: a CUDA tensor from a Python number is a host sync.
+        self.register_buffer("pos_weight_tensor", torch.tensor(float(pos_weight)), persistent=False)
 
     def forward(self, inputs: LossInputs) -> Tensor:
-        pos_weight = inputs.logits.new_tensor(self.pos_weight)
         bce = F.binary_cross_entropy_with_logits(
-            inputs.logits, inputs.target, pos_weight=pos_weight, reduction="none"
+            inputs.logits, inputs.target, pos_weight=self.pos_weight_tensor, reduction="none"
         )
         return weighted_mean(bce, inputs.roi)
 

@@ -177,17 +177,28 @@ class DistillModule(pl.LightningModule):
             return []
         return [EMAWeights(self.hparams.ema_decay, self.trainer.strategy.root_device)]
 
-    def on_fit_start(self) -> None:
-        if self.hparams.channels_last and self.device.type == "cuda":
+    @property
+    def trains_on_teacher(self) -> bool:
+        """Whether training batches need teacher logits (the DataModule reads them for training only then)."""
+        return bool(self.loss.terms_needing("teacher_logits"))
+
+    def setup(self, stage: str) -> None:
+        # Here, before DDP wraps the student: its gradient buckets keep the parameter strides they see
+        # (converted later, every gradient is copied strided into its bucket at every step).
+        if self.hparams.channels_last and self.trainer.strategy.root_device.type == "cuda":
             self.student.to(memory_format=torch.channels_last)
+
+    def on_fit_start(self) -> None:
         if self.hparams.compile:
             # Kept off the module tree, so that state_dict keys stay "student.*".
             object.__setattr__(self, "_compiled", torch.compile(self.student))
 
     def forward(self, images: Tensor) -> Tensor:
+        """Student logits; compiled in training only (evaluation's full-size images would recompile it)."""
         if self.hparams.channels_last and images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        return (self.student if self._compiled is None else self._compiled)(images)
+        student = self._compiled if self._compiled is not None and self.training else self.student
+        return student(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])

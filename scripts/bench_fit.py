@@ -1,20 +1,25 @@
-"""Is the data path ever the bottleneck? Training throughput of students with and without the real pipeline.
+"""How close does training get to what the GPU can do? Students trained three ways, per model and regime.
 
-For each student (UNet-ResNet34, SegFormer-B0) at 512x512, batch 32, bf16-mixed:
-  (a) pure_step_img_s: forward + DistillLoss + backward + clipping + AdamW on a batch already on the GPU
-      (the ceiling);
-  (b) pipeline_img_s: the real fit path (VesselDataModule: decoded records, augmentation, teacher-cache
-      reads, collate, host->GPU copy; DistillModule under a Lightning Trainer), timed over a fixed
-      number of steps after warm-up by a callback;
-  (c) inference latency at batch 1 and throughput at batch 32, parameters, peak GPU memory;
-  (d) loop_img_s: the same Lightning loop on one pre-made batch (data free, host->GPU copy kept), and
-      loader_img_s: the DataLoader alone; together they say whether a gap is the loop's or the data's.
-It makes its own synthetic 512x512 data and a teacher cache of synthetic logits (written with CacheWriter).
-Writes benchmarks/fit_<gpu>.json (pure_step_img_s, pipeline_img_s, ratio per model) and prints a table.
+  bare      the closest practical ceiling: the student network (smp/timm model with its input
+            normalisation), torch.compile'd, plain BCE, backward, fused AdamW, on one batch already
+            on the GPU; no loss terms, clipping, module or Trainer.
+  pure      DistillModule's training step (DistillLoss with KD, clipping at 1.0, AdamW) on that batch.
+  pipeline  the real `Trainer.fit` path: VesselDataModule (decoded records, teacher cache, `default`
+            augmentation made on the device or by DataLoader workers, see --augment-on), the
+            module's step, logging; no validation. Timed over steps warmup..warmup+steps by a callback.
+  loop, loader, inference (on request): the Lightning loop on one pre-made batch (data free), the
+            train loader alone, and inference latency/throughput.
 
-    python scripts/bench_fit.py                 # one GPU, < 8 minutes on an H100
-    python scripts/bench_fit.py --devices 2     # the pipeline under DDP on 2 GPUs (ddp_spawn)
-    python scripts/bench_fit.py --tiny          # CPU smoke test: 64 px, a few steps
+Ratios: pipeline/bare (the target is >= 0.8), pure/bare, pipeline/pure; with `--devices 1 2`, the
+2-GPU pipeline (DDP) over the 1-GPU one. `--profile` runs torch.profiler over a few more steps of
+`bare` and of each pipeline and records kernel time against wall time, GPU-busy share, kernel
+launches, host syncs and the top operators. The script makes its own synthetic 512x512 data and a
+cache of synthetic teacher logits. Results go to <out>/fit_<gpu>[_<tag>].json, rewritten after every
+model and regime, so a run cut short keeps what it measured.
+
+    python scripts/bench_fit.py --compile --profile            # 3 models x 2 regimes on one GPU
+    python scripts/bench_fit.py --devices 1 2 --regimes 512x32  # DDP scaling on two GPUs
+    python scripts/bench_fit.py --tiny                          # CPU smoke test: 64 px, a few steps
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -35,6 +42,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
@@ -42,20 +52,60 @@ from distill.data import open_dataset  # noqa: E402
 from distill.data.datamodule import VesselDataModule  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
 from distill.module import DistillModule  # noqa: E402
-from distill.students import StudentConfig, count_parameters  # noqa: E402
+from distill.students import StudentConfig, count_parameters, create_student  # noqa: E402
 from distill.synth import generate_sample  # noqa: E402
 
 MODELS = {
     "unet_r34": StudentConfig(name="unet", encoder="resnet34"),
     "segformer_b0": StudentConfig(name="segformer", encoder="mit_b0"),
-}
-GRADIENT_CLIP = 1.0  # as in configs/fit/*_kd.yaml
-TINY_MODELS = {
-    "unet_r34": StudentConfig(
-        name="unet", encoder="resnet18", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+    # The <= 5M student of the small-data recipe: 4.5M parameters.
+    "unet_mnv3": StudentConfig(
+        name="unet", encoder="tu-mobilenetv3_large_100", extra={"decoder_channels": [128, 64, 32, 16, 8]}
     ),
-    "segformer_b0": StudentConfig(name="segformer", encoder="mit_b0"),
 }
+TINY_MODELS = {
+    "unet_r34": StudentConfig(name="unet", encoder="resnet18", extra={"decoder_channels": [16, 8, 8, 4, 4]}),
+    "segformer_b0": MODELS["segformer_b0"],
+    "unet_mnv3": MODELS["unet_mnv3"],
+}
+GRADIENT_CLIP = 1.0  # as in configs/fit/*.yaml
+FIGURES = ("bare", "pure", "pipeline", "loop", "loader", "inference")
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cuLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+)
+SYNC_CALLS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cuStreamSynchronize",
+    "cuCtxSynchronize",
+    "cudaMemcpy",  # the synchronous one (cudaMemcpyAsync is not a host sync)
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """Training crops of `size` x `size` pixels, `batch` of them per step and GPU."""
+
+    size: int
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Regime:
+        match = re.fullmatch(r"(\d+)x(\d+)", text)
+        if match is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: a regime is SIZExBATCH, e.g. 256x16")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.size}x{self.batch}"
+
+
+# -- data -------------------------------------------------------------------------------------------
 
 
 def make_data(root: Path, n_images: int, n_unique: int, size: int) -> tuple[Path, Path]:
@@ -85,90 +135,283 @@ def make_data(root: Path, n_images: int, n_unique: int, size: int) -> tuple[Path
     return data, cache
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def datamodule(
+    args: argparse.Namespace, regime: Regime, augment_on: str, data: Path, cache: Path
+) -> VesselDataModule:
+    """The data path of the pipeline: the synthetic set, its cache, `default` augmentation, crops of the regime."""
+    return VesselDataModule(
+        data_format="merged",
+        data_root=str(data),
+        cache_dir=str(cache),
+        batch_size=regime.batch,
+        num_workers=args.num_workers,
+        crop_size=regime.size,
+        augment="default",
+        augment_on=augment_on,
+    )
 
 
-def fake_batch(batch: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+def fake_batch(regime: Regime, device: torch.device) -> dict[str, torch.Tensor]:
+    size, batch = regime.size, regime.batch
     mask = (torch.rand(batch, 1, size, size, device=device) > 0.85).to(torch.uint8)
+    image = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     return {
-        "image": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device),
+        "image": image.contiguous(memory_format=torch.channels_last),
         "mask": mask,
         "roi": torch.ones_like(mask),
         "teacher": (4 * mask.float() - 2).half(),
     }
 
 
+# -- timing and profiling ---------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def autocast(device: torch.device, precision: str):
-    enabled = precision.startswith("bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+
+
+def profile_summary(profiler: torch.profiler.profile, wall_s: float, steps: int) -> dict:
+    """Per step: wall vs GPU-busy time, kernel time and count, launch calls, host syncs; the top operators.
+
+    GPU busy = the union of the intervals in which any kernel or copy ran (overlapping streams
+    counted once). On a CPU run the GPU figures are None.
+    """
+    events = profiler.events()
+    device = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+    )
+    kernels = [
+        e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    busy_us, reach = 0.0, float("-inf")
+    for start, end in device:  # union of intervals
+        if end > reach:
+            busy_us += end - max(start, reach)
+            reach = end
+    syncs = [e for e in events if e.name in SYNC_CALLS]
+    per_step = 1000 / steps  # seconds (or microseconds / 1000) per step, in ms
+    table = profiler.key_averages()
+
+    def top(key: str) -> list[dict]:
+        rows = sorted(table, key=lambda row: getattr(row, key), reverse=True)[:12]
+        return [
+            {"op": row.key, "calls": row.count, "ms_per_step": getattr(row, key) / 1000 / steps}
+            for row in rows
+            if getattr(row, key) > 0
+        ]
+
+    has_gpu = bool(device)
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_s * per_step,
+        "gpu_busy_ms_per_step": busy_us / 1000 / steps if has_gpu else None,
+        "gpu_busy_fraction": busy_us / 1e6 / wall_s if has_gpu else None,
+        "kernel_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 1000 / steps
+        if has_gpu
+        else None,
+        "kernels_per_step": len(kernels) / steps if has_gpu else None,
+        "launch_calls_per_step": sum(e.name.startswith(LAUNCH_CALLS) for e in events) / steps,
+        "host_syncs_per_step": len(syncs) / steps,
+        "host_sync_ms_per_step": sum(e.time_range.elapsed_us() for e in syncs) / 1000 / steps,
+        "top_device_ops": top("self_device_time_total") if has_gpu else [],
+        "top_host_ops": top("self_cpu_time_total"),
+    }
+
+
+def profiler(device: torch.device) -> torch.profiler.profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def time_steps(step: Callable[[], None], args: argparse.Namespace, device: torch.device, images: int) -> dict:
+    """images/s of `step` over args.steps after args.warmup; with --profile, a profile of args.profile_steps more."""
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    result = {"img_s": args.steps * images / (time.perf_counter() - start)}
+    if args.profile:
+        with profiler(device) as prof:
+            start = time.perf_counter()
+            for _ in range(args.profile_steps):
+                step()
+            synchronize(device)
+            wall = time.perf_counter() - start
+        result["profile"] = profile_summary(prof, wall, args.profile_steps)
+    return result
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# -- the figures ------------------------------------------------------------------------------------
+
+
+def bench_bare(
+    student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """The network alone, compiled, BCE + fused AdamW on a batch on the GPU: the closest practical ceiling."""
+    network = create_student(**student.kwargs()).to(device)
+    if device.type == "cuda":
+        network.to(memory_format=torch.channels_last)
+    compiled = torch.compile(network) if args.compile_bare else network
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, fused=device.type == "cuda")
+    batch = fake_batch(regime, device)
+    target = batch["mask"].float()
+
+    def step() -> None:
+        with autocast(device, args.precision):
+            logits = compiled(batch["image"])
+        F.binary_cross_entropy_with_logits(logits.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak(device)
+    result = time_steps(step, args, device, regime.batch)
+    return {**result, "peak_gib": peak_gib(device)}
 
 
 def training_module(student: StudentConfig, args: argparse.Namespace) -> DistillModule:
-    """The module all three training figures use: KD on, torch.compile with --compile."""
+    """The module the pure and pipeline figures train: KD on, torch.compile with --compile."""
     return DistillModule(student=student, loss={"kd_alpha": 0.5}, compile=args.compile)
 
 
-def bench_pure_step(student: StudentConfig, args: argparse.Namespace, device: torch.device) -> dict:
-    """The same module and loss as fit, without loader, Trainer or logging: the ceiling."""
+def bench_pure(
+    student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """DistillModule's step (loss, clipping, AdamW) on a batch already on the GPU, without Trainer or data."""
     module = training_module(student, args).to(device)
-    module.on_fit_start()  # channels_last and torch.compile, as under the Trainer
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    optimizer = module.make_optimizer()  # the one fit uses
-    batch = fake_batch(args.batch, args.size, device)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            synchronize(device)
-            start = time.perf_counter()
+        module.student.to(memory_format=torch.channels_last)  # as DistillModule.setup does under the Trainer
+    module.on_fit_start()  # torch.compile, as under the Trainer
+    optimizer = module.make_optimizer()
+    batch = fake_batch(regime, device)
+
+    def step() -> None:
         with autocast(device, args.precision):  # around the loss too, as Lightning's precision plugin does
-            logits = module(batch["image"])
-            total, _ = module.loss(logits, batch["mask"], batch["roi"], batch["teacher"])
+            total, _ = module.loss(module(batch["image"]), batch["mask"], batch["roi"], batch["teacher"])
         total.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), GRADIENT_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"pure_step_img_s": args.steps * args.batch / seconds, "train_peak_mem_gib": peak}
+
+    reset_peak(device)
+    result = time_steps(step, args, device, regime.batch)
+    return {**result, "peak_gib": peak_gib(device)}
 
 
 class StepTimer(pl.Callback):
-    """Times steps warmup .. warmup+steps on rank 0 and writes images/s (all ranks) to a JSON file.
+    """Times steps warmup..warmup+steps and profiles the `profile_steps` after them; rank 0 writes `out` (JSON).
 
-    Also `between_steps_ms`: the host's mean time from one step's end to the next one's start, which
-    is where the loop fetches batches; the pipeline's figure minus the loop's is time spent waiting
-    for data (a GPU-bound run waits inside the step instead, for the previous step's loss check).
+    `between_steps_ms`: the host's mean time from one step's end to the next one's start, where the
+    loop fetches batches.
     """
 
-    def __init__(self, warmup: int, steps: int, batch: int, out: Path):
-        self.warmup, self.steps, self.batch, self.out = warmup, steps, batch, out
+    def __init__(self, warmup: int, steps: int, profile_steps: int, batch: int, out: Path):
+        self.warmup, self.steps, self.profile_steps, self.batch, self.out = (
+            warmup,
+            steps,
+            profile_steps,
+            batch,
+            out,
+        )
         self.last_end: float | None = None
         self.between = 0.0
+        self.result: dict = {}
+        self.profiler: torch.profiler.profile | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if trainer.global_step == self.warmup:
+        step, now = trainer.global_step, time.perf_counter()
+        if step == self.warmup:
             synchronize(pl_module.device)
             self.start = time.perf_counter()
-        elif trainer.global_step > self.warmup:
+        elif self.warmup < step < self.warmup + self.steps:
             self.between += now - self.last_end
+        elif step == self.warmup + self.steps and self.profile_steps:
+            self.profiler = profiler(pl_module.device)
+            self.profiler.__enter__()
+            self.profile_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.last_end = time.perf_counter()
-        if trainer.global_step == self.warmup + self.steps:
+        step = trainer.global_step  # already counts this step
+        if step == self.warmup + self.steps:
             synchronize(pl_module.device)
             seconds = time.perf_counter() - self.start
-            if trainer.is_global_zero:
-                images = self.steps * self.batch * trainer.world_size
-                result = {
-                    "pipeline_img_s": images / seconds,
-                    "world_size": trainer.world_size,
-                    "between_steps_ms": 1000 * self.between / max(1, self.steps - 1),
-                }
-                self.out.write_text(json.dumps(result))
+            images = self.steps * self.batch * trainer.world_size
+            self.result = {
+                "img_s": images / seconds,
+                "world_size": trainer.world_size,
+                "between_steps_ms": 1000 * self.between / max(1, self.steps - 1),
+            }
+        elif self.profiler is not None and step == self.warmup + self.steps + self.profile_steps:
+            synchronize(pl_module.device)
+            wall = time.perf_counter() - self.profile_start
+            self.profiler.__exit__(None, None, None)
+            self.result["profile"] = profile_summary(self.profiler, wall, self.profile_steps)
+            self.profiler = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.out.write_text(json.dumps(self.result))
+
+
+def timed_trainer(args: argparse.Namespace, regime: Regime, devices: int, out: Path) -> pl.Trainer:
+    """The Trainer of the Lightning figures: no validation, logger or checkpoints; StepTimer writes `out`.
+
+    Several devices: DDP with spawned processes (this script does more than fit), which time out
+    after 5 minutes rather than hang when one of them stops.
+    """
+    profile_steps = args.profile_steps if args.profile and devices == 1 else 0
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(minutes=5)) if devices > 1 else "auto"
+    return pl.Trainer(
+        accelerator=args.accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=args.precision,
+        max_steps=args.warmup + args.steps + profile_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        gradient_clip_val=GRADIENT_CLIP,
+        callbacks=[StepTimer(args.warmup, args.steps, profile_steps, regime.batch, out)],
+    )
+
+
+def bench_pipeline(
+    student: StudentConfig,
+    regime: Regime,
+    augment_on: str,
+    devices: int,
+    args: argparse.Namespace,
+    data: Path,
+    cache: Path,
+) -> dict:
+    out = args.work / "pipeline.json"
+    out.unlink(missing_ok=True)
+    trainer = timed_trainer(args, regime, devices, out)
+    trainer.fit(training_module(student, args), datamodule=datamodule(args, regime, augment_on, data, cache))
+    return json.loads(out.read_text())
 
 
 class SameBatch:
@@ -187,73 +430,26 @@ class SameBatch:
             yield self.batch
 
 
-def timed_trainer(args: argparse.Namespace, out: Path) -> pl.Trainer:
-    """The Trainer both Lightning figures use: no validation, logger or checkpoints; StepTimer writes `out`."""
-    return pl.Trainer(
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy="ddp_spawn" if args.devices > 1 else "auto",
-        precision=args.precision,
-        max_steps=args.warmup + args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-        gradient_clip_val=GRADIENT_CLIP,
-        callbacks=[StepTimer(args.warmup, args.steps, args.batch, out)],
-    )
-
-
-def bench_loop(student: StudentConfig, args: argparse.Namespace, work: Path) -> dict:
+def bench_loop(student: StudentConfig, regime: Regime, args: argparse.Namespace) -> dict:
     """The Lightning loop (module, logging, host->GPU copy) on free data: what the data path could reach."""
-    out = work / "loop.json"
+    out = args.work / "loop.json"
     out.unlink(missing_ok=True)
-    batch = fake_batch(args.batch, args.size, torch.device("cpu"))
-    module = training_module(student, args)
-    timed_trainer(args, out).fit(module, train_dataloaders=SameBatch(batch, args.warmup + args.steps))
+    trainer = timed_trainer(args, regime, 1, out)
+    batches = SameBatch(fake_batch(regime, torch.device("cpu")), trainer.max_steps)
+    trainer.fit(training_module(student, args), train_dataloaders=batches)
     timed = json.loads(out.read_text())
-    return {"loop_img_s": timed["pipeline_img_s"], "loop_between_steps_ms": timed["between_steps_ms"]}
+    return {"img_s": timed["img_s"], "between_steps_ms": timed["between_steps_ms"]}
 
 
-def bench_datamodule(args: argparse.Namespace, data: Path, cache: Path) -> VesselDataModule:
-    """The DataModule both pipeline figures use: the synthetic set, its cache, default augmentation."""
-    return VesselDataModule(
-        data_format="merged",
-        data_root=str(data),
-        cache_dir=str(cache),
-        batch_size=args.batch,
-        num_workers=args.num_workers,
-        augment="default",
-    )
-
-
-def bench_pipeline(
-    student: StudentConfig, args: argparse.Namespace, data: Path, cache: Path, work: Path
+def bench_loader(
+    regime: Regime, augment_on: str, args: argparse.Namespace, data: Path, cache: Path, device: torch.device
 ) -> dict:
-    out = work / "pipeline.json"
-    out.unlink(missing_ok=True)
-    datamodule = bench_datamodule(args, data, cache)
-    module = training_module(student, args)
-    trainer = timed_trainer(args, out)
-    trainer.fit(module, datamodule=datamodule)
-    return json.loads(out.read_text())
-
-
-def bench_loader(args: argparse.Namespace, data: Path, cache: Path, device: torch.device) -> dict:
-    """The data path alone: train batches out of the DataLoader and onto the device, images/s.
-
-    Iterates across epoch boundaries as training does, so the restart of the workers' pipeline at
-    each epoch is part of the figure.
-    """
-    datamodule = bench_datamodule(args, data, cache)
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    seen, start = 0, None
+    """The train stream alone, batches on the device, across epoch boundaries as training runs it."""
+    dm = datamodule(args, regime, augment_on, data, cache)
+    dm.setup("fit")
+    stream, seen = dm.train_dataloader(), 0
     while seen < args.warmup + args.steps:
-        for batch in loader:
+        for batch in stream:
             if seen == args.warmup:
                 synchronize(device)
                 start = time.perf_counter()
@@ -263,146 +459,229 @@ def bench_loader(args: argparse.Namespace, data: Path, cache: Path, device: torc
             if seen == args.warmup + args.steps:
                 break
     synchronize(device)
-    return {
-        "loader_img_s": args.steps * args.batch / (time.perf_counter() - start),
-        "batches_per_epoch": len(loader),
-    }
+    dm.close_train_stream()
+    return {"img_s": args.steps * regime.batch / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
-def bench_inference(student: StudentConfig, args: argparse.Namespace, device: torch.device) -> dict:
-    module = DistillModule(student=student).to(device).eval()
+def bench_inference(
+    student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
+) -> dict:
+    network = create_student(**student.kwargs()).to(device).eval()
     if device.type == "cuda":
-        module.student.to(memory_format=torch.channels_last)
-        torch.cuda.reset_peak_memory_stats(device)
-    result = {"params": count_parameters(module.student)}
-    for batch, key in ((1, "latency_b1_ms"), (args.batch, "infer_img_s")):
-        images = torch.randint(0, 256, (batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
-        repeats = max(3, args.steps)
+        network.to(memory_format=torch.channels_last)
+    result = {}
+    for batch, key in ((1, "latency_b1_ms"), (regime.batch, "img_s")):
+        images = torch.randint(0, 256, (batch, 3, regime.size, regime.size), dtype=torch.uint8, device=device)
         for _ in range(args.warmup):
             with autocast(device, args.precision):
-                module(images)
+                network(images)
         times = []
-        for _ in range(repeats):
+        for _ in range(max(3, args.steps)):
             synchronize(device)
             start = time.perf_counter()
             with autocast(device, args.precision):
-                module(images)
+                network(images)
             synchronize(device)
             times.append(time.perf_counter() - start)
         median = float(np.median(times))
         result[key] = median * 1000 if batch == 1 else batch / median
-    result["infer_peak_mem_gib"] = (
-        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    )
     return result
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def measure(
+    name: str, student: StudentConfig, regime: Regime, args: argparse.Namespace, data: Path, cache: Path
+) -> dict:
+    """Every requested figure of one model in one regime, with the wall time each took (compiling included)."""
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    entry: dict = {
+        "model": name,
+        "regime": str(regime),
+        "params": count_parameters(create_student(**student.kwargs())),
+    }
+    seconds: dict[str, float] = {}
+
+    def run(figure: str, bench: Callable[..., dict], *bench_args: object) -> None:
+        print(f"--- {name} {regime} {figure}", flush=True)
+        start = time.perf_counter()
+        entry[figure] = bench(*bench_args)
+        seconds[figure] = time.perf_counter() - start
+
+    # Compiled graphs are shared by bare, pure and pipeline (one network, one shape) but not kept
+    # for the next model or regime: a second shape would make dynamo recompile with dynamic sizes.
+    torch._dynamo.reset()
+    if "bare" in args.figures:
+        run("bare", bench_bare, student, regime, args, device)
+    if "pure" in args.figures:
+        run("pure", bench_pure, student, regime, args, device)
+    if "pipeline" in args.figures:
+        for augment_on in args.augment_on:
+            for devices in args.devices:
+                figure = f"pipeline_{augment_on}" + (f"_{devices}gpu" if devices > 1 else "")
+                run(figure, bench_pipeline, student, regime, augment_on, devices, args, data, cache)
+    if "loop" in args.figures:
+        run("loop", bench_loop, student, regime, args)
+    if "loader" in args.figures:
+        for augment_on in args.augment_on:
+            run(f"loader_{augment_on}", bench_loader, regime, augment_on, args, data, cache, device)
+    if "inference" in args.figures:
+        run("inference", bench_inference, student, regime, args, device)
+    entry["seconds"] = seconds
+    entry["ratios"] = ratios(entry, args)
+    return entry
+
+
+def ratios(entry: dict, args: argparse.Namespace) -> dict[str, float]:
+    """pipeline/bare, pure/bare, pipeline/pure per augmentation path; N-GPU pipeline over 1-GPU (scaling)."""
+    rate = {
+        figure: value["img_s"]
+        for figure, value in entry.items()
+        if isinstance(value, dict) and "img_s" in value
+    }
+    out = {}
+    if "bare" in rate and "pure" in rate:
+        out["pure/bare"] = rate["pure"] / rate["bare"]
+    for augment_on in args.augment_on:
+        one = rate.get(f"pipeline_{augment_on}")
+        for base in ("bare", "pure"):
+            if one is not None and base in rate:
+                out[f"pipeline_{augment_on}/{base}"] = one / rate[base]
+        for devices in args.devices:
+            many = rate.get(f"pipeline_{augment_on}_{devices}gpu")
+            if one is not None and many is not None:
+                out[f"pipeline_{augment_on}_{devices}gpu/1gpu"] = many / one
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        type=Regime.parse,
+        default=[Regime(256, 16), Regime(512, 32)],
+        help="SIZExBATCH",
+    )
+    parser.add_argument("--figures", nargs="+", default=["bare", "pure", "pipeline"], choices=FIGURES)
+    parser.add_argument("--augment-on", nargs="+", default=["device"], choices=["device", "workers"])
+    parser.add_argument(
+        "--devices", nargs="+", type=int, default=[1], help="GPU counts for the pipeline (>1: DDP)"
+    )
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps")
-    parser.add_argument("--images", type=int, default=384, help="dataset size (train split is ~70%%)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile bare and the pipelines (torch.profiler)"
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument(
+        "--images", type=int, default=384, help="dataset size at 512 px (the train split is ~70%%)"
+    )
     parser.add_argument(
         "--unique", type=int, default=16, help="distinct synthetic images (repeated under new ids)"
     )
     parser.add_argument("--num-workers", type=int, default=8)
-    parser.add_argument("--devices", type=int, default=1, help="GPUs for the pipeline run (>1: DDP)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student (model.compile)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the student in pure and pipeline"
+    )
+    parser.add_argument(
+        "--no-compile-bare", dest="compile_bare", action="store_false", help="bare uncompiled"
+    )
+    parser.add_argument("--tag", default="", help="added to the JSON's name")
     parser.add_argument("--out", default="benchmarks")
-    parser.add_argument("--work", default=None, help="where data and cache go (default: a temp dir)")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 64 px, batch 4, a few steps")
+    parser.add_argument(
+        "--work", default=None, help="where data and cache go (default: a temporary directory)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 64 px, tiny models, a few steps")
     args = parser.parse_args(argv)
     args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    args.size = 64 if args.tiny else 512  # of the synthetic images
+    args.regimes = args.regimes or ([Regime(64, 4)] if args.tiny else [Regime(256, 16), Regime(512, 32)])
     if args.tiny:
-        args.size, args.batch, args.warmup, args.steps, args.images, args.unique = 64, 4, 1, 3, 24, 4
+        args.warmup, args.steps, args.profile_steps, args.images, args.unique = 1, 2, 2, 24, 4
         args.num_workers, args.precision = 0, "32-true"
+    if "pipeline" not in args.figures and args.devices != [1]:
+        parser.error("--devices concerns the pipeline figure")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    if device.type == "cuda":
+    gpu = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu"
+    if args.accelerator == "gpu":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     models = TINY_MODELS if args.tiny else MODELS
-    pl.seed_everything(0, verbose=False)
-    results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:
-        work = Path(args.work or tmp)
-        data, cache = make_data(work, args.images, args.unique, args.size)
-        for name in args.models:
-            student = models[name]
-            print(f"--- {name}", flush=True)
-            entry = {**bench_inference(student, args, device), **bench_pure_step(student, args, device)}
-            entry.update(bench_pipeline(student, args, data, cache, work))
-            if args.devices == 1:
-                entry.update(bench_loop(student, args, work))
-            entry.update(bench_loader(args, data, cache, device))
-            entry["ratio"] = entry["pipeline_img_s"] / (entry["pure_step_img_s"] * entry["world_size"])
-            results[name] = entry
+    name = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
+    out = (
+        Path(args.out) / f"fit_{name}{'_' + args.tag if args.tag else ''}{'_tiny' if args.tiny else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "device": gpu,
+        "gpus": torch.cuda.device_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
         "lightning": pl.__version__,
+        "cpu_count": os.cpu_count(),
         "settings": {
-            k: getattr(args, k)
-            for k in (
-                "size",
-                "batch",
+            key: getattr(args, key)
+            for key in (
                 "precision",
                 "warmup",
                 "steps",
                 "images",
                 "num_workers",
-                "devices",
                 "compile",
+                "compile_bare",
+                "devices",
             )
         },
-        "cpu_count": os.cpu_count(),
-        "models": results,
+        "results": [],
     }
-    out = (
-        Path(args.out)
-        / f"fit_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}{'_compile' if args.compile else ''}{'_tiny' if args.tiny else ''}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"\n{gpu}, {args.size}px, batch {args.batch}, {args.precision}, pipeline on {args.devices} device(s)"
-    )
-    columns = [  # (header, width, format, JSON key)
-        ("params M", 9, ".1f", "params_m"),
-        ("pure img/s", 11, ".1f", "pure_step_img_s"),
-        ("pipe img/s", 11, ".1f", "pipeline_img_s"),
-        ("ratio", 6, ".2f", "ratio"),
-        ("loop img/s", 11, ".1f", "loop_img_s"),
-        ("gap ms pipe", 12, ".2f", "between_steps_ms"),
-        ("gap ms loop", 12, ".2f", "loop_between_steps_ms"),
-        ("loader img/s", 13, ".1f", "loader_img_s"),
-        ("b1 ms", 7, ".2f", "latency_b1_ms"),
-        ("infer img/s", 12, ".1f", "infer_img_s"),
-        ("peak GiB", 9, ".1f", "train_peak_mem_gib"),
-    ]
-    print(f"{'model':<14}" + "".join(f"{header:>{width}}" for header, width, _, _ in columns))
-    for name, r in results.items():
-        r = {**r, "params_m": r["params"] / 1e6}
-        cells = (
-            f"{r[key]:>{width}{fmt}}" if r.get(key) is not None else f"{'-':>{width}}"
-            for _, width, fmt, key in columns
-        )
-        print(f"{name:<14}" + "".join(cells))
-    print(f"wrote {out}")
+    pl.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:
+        args.work = Path(args.work or tmp)
+        data, cache = make_data(args.work, args.images, args.unique, args.size)
+        for regime in args.regimes:
+            for model in args.models:
+                report["results"].append(measure(model, models[model], regime, args, data, cache))
+                out.write_text(json.dumps(report, indent=2) + "\n")
+                print_table(report, out)
     return report
+
+
+def print_table(report: dict, out: Path) -> None:
+    rows = report["results"]
+    figures = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict) and "img_s" in v})
+    ratio_names = sorted({k for r in rows for k in r["ratios"]})
+    print(f"\n{report['device']}, {report['settings']['precision']}  (img/s; ratios)")
+    print(
+        f"{'model':<14}{'regime':>8}"
+        + "".join(f"{f:>22}" for f in figures)
+        + "".join(f"{n:>30}" for n in ratio_names)
+    )
+    for r in rows:
+        cells = [f"{r[f]['img_s']:>22.1f}" if f in r else f"{'-':>22}" for f in figures]
+        cells += [f"{r['ratios'][n]:>30.2f}" if n in r["ratios"] else f"{'-':>30}" for n in ratio_names]
+        print(f"{r['model']:<14}{r['regime']:>8}" + "".join(cells))
+    for r in rows:
+        for figure, value in r.items():
+            if isinstance(value, dict) and "profile" in value:
+                p = value["profile"]
+                busy = "-" if p["gpu_busy_fraction"] is None else f"{p['gpu_busy_fraction']:.2f}"
+                print(
+                    f"profile {r['model']} {r['regime']} {figure}: wall {p['wall_ms_per_step']:.2f} ms/step, "
+                    f"GPU busy {busy}, {p['launch_calls_per_step']:.0f} launches, "
+                    f"{p['host_syncs_per_step']:.1f} host syncs per step"
+                )
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

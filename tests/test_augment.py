@@ -8,10 +8,13 @@ the map's coordinates (away from pattern edges, where nearest and bilinear may l
 
 import copy
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 
-from distill.data.augment import Augment, Preset, build_augment, list_presets
+import distill.data.augment as augment_module
+from distill.data.augment import D4, AffineSpec, Augment, ColourSpec, Preset, build_augment, list_presets
 from distill.errors import ConfigError
 from distill.views import VIEWS
 
@@ -52,7 +55,7 @@ def check_aligned(out: dict, margin: float = 0.6, min_checked: float = 0.2) -> N
 def only(transform, views=("identity",), crop_size=None) -> Augment:
     transform = copy.deepcopy(transform)
     transform.p = 1.0
-    return Augment(Preset(views=views, spatial=[transform], photometric=[]), crop_size=crop_size, seed=0)
+    return Augment(Preset(views=views, spatial=(transform,)), crop_size=crop_size)
 
 
 def spatial_transforms(preset: str) -> list:
@@ -61,9 +64,9 @@ def spatial_transforms(preset: str) -> list:
 
 @pytest.mark.parametrize("view", list(VIEWS))
 def test_each_d4_view_keeps_alignment(view):
-    augment = build_augment("none", seed=0)
+    augment = build_augment("none")
     augment.views = tuple(VIEWS)
-    out = augment(**probe(), view=view)
+    out = augment(**probe(), view=view, rng=0)
     assert out["view"] == view
     expected_shape = (W, H) if view in ("rot90", "rot270", "transpose", "antitranspose") else (H, W)
     assert out["mask"].shape == expected_shape
@@ -73,9 +76,7 @@ def test_each_d4_view_keeps_alignment(view):
 @pytest.mark.parametrize("transform", spatial_transforms("strong"), ids=lambda t: type(t).__name__)
 def test_each_spatial_transform_alone_keeps_alignment(transform):
     for seed in range(3):
-        augment = only(transform)
-        augment.reseed(seed)
-        out = augment(**probe())
+        out = only(transform)(**probe(), rng=seed)
         check_aligned(out)
         # Bilinear, not nearest: a resampled coordinate map takes values between the integer grid.
         fractional = np.abs(out["teacher"] - np.round(out["teacher"])) > 0.05
@@ -83,12 +84,12 @@ def test_each_spatial_transform_alone_keeps_alignment(transform):
 
 
 def test_crop_alone_keeps_alignment_and_pads_small_images():
-    augment = Augment(Preset(views=("identity",), spatial=[], photometric=[]), crop_size=48, seed=1)
-    out = augment(**probe())
+    augment = Augment(Preset(views=("identity",)), crop_size=48)
+    out = augment(**probe(), rng=1)
     assert out["image"].shape == (48, 48, 3)
     check_aligned(out)
-    big = Augment(Preset(views=("identity",), spatial=[], photometric=[]), crop_size=80, seed=1)
-    out = big(**probe())  # H=64 < 80: reflect-padded, still aligned
+    big = Augment(Preset(views=("identity",)), crop_size=80)
+    out = big(**probe(), rng=1)  # H=64 < 80: reflect-padded, still aligned
     assert out["mask"].shape == (80, 80)
     check_aligned(out)
 
@@ -100,19 +101,17 @@ def test_full_pipeline_keeps_alignment_over_seeds(preset, margin):
     augment = build_augment(preset, crop_size=48)
     views_seen = set()
     for seed in range(8):
-        augment.reseed(seed)
         sample = probe()
         sample["image"] = sample["image"].copy()
         # Photometric transforms would scramble the coordinates read from the image, so the
         # alignment check needs the colours untouched: compare against a colour-free twin.
         twin = copy.deepcopy(augment)
         twin.photometric.transforms = []
-        out = twin(**sample)
+        out = twin(**sample, rng=seed)
         check_aligned(out, margin=margin)
         views_seen.add(out["view"])
         # The real pipeline (with colour) draws the same geometry: identical mask, roi and map.
-        augment.reseed(seed)
-        real = augment(**sample)
+        real = augment(**sample, rng=seed)
         assert real["view"] == out["view"]
         for key in ("mask", "roi", "teacher"):
             np.testing.assert_array_equal(real[key], out[key])
@@ -123,7 +122,7 @@ def test_photometric_transforms_touch_the_image_only():
     transforms = copy.deepcopy(build_augment("default").photometric.transforms)
     for transform in transforms:
         transform.p = 1.0
-    augment = Augment(Preset(views=("identity",), spatial=[], photometric=transforms), seed=3)
+    augment = Augment(Preset(views=("identity",), photometric=tuple(transforms)))
     rng = np.random.default_rng(0)
     sample = {
         "image": rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
@@ -131,7 +130,7 @@ def test_photometric_transforms_touch_the_image_only():
         "roi": np.ones((H, W), np.uint8),
         "teacher": rng.normal(0, 5, (H, W)).astype(np.float16),
     }
-    out = augment(**{key: value.copy() for key, value in sample.items()})
+    out = augment(**{key: value.copy() for key, value in sample.items()}, rng=3)
     assert not np.array_equal(out["image"], sample["image"])
     for key in ("mask", "roi", "teacher"):
         np.testing.assert_array_equal(out[key], sample[key])
@@ -142,7 +141,7 @@ def test_float16_map_comes_back_float16_with_logit_range_intact():
     augment = only(affine)
     sample = probe()
     logits = (sample["teacher"][..., 0] * 0.5 - 24.0).astype(np.float16)  # -24 .. +23.5, no clipping
-    out = augment(sample["image"], sample["mask"], sample["roi"], teacher=logits)
+    out = augment(sample["image"], sample["mask"], sample["roi"], teacher=logits, rng=0)
     assert out["teacher"].dtype == np.float16 and out["teacher"].shape == (H, W)
     assert out["teacher"].min() < -20 and out["teacher"].max() > 20
 
@@ -150,10 +149,98 @@ def test_float16_map_comes_back_float16_with_logit_range_intact():
 def test_presets_and_bad_settings():
     assert list_presets() == ["default", "light", "none", "strong"]
     assert build_augment("none").views == ("identity",)
-    assert build_augment("default").sample_view(among=["identity", "hflip"]) in ("identity", "hflip")
+    rng = np.random.default_rng(0)
+    assert build_augment("default").sample_view(rng, among=["identity", "hflip"]) in ("identity", "hflip")
     with pytest.raises(ConfigError, match="data.augment"):
         build_augment("heavy")
     with pytest.raises(ConfigError, match="data.crop_size"):
         build_augment("default", crop_size=0)
     with pytest.raises(ConfigError, match="identity"):
-        build_augment("none").sample_view(among=["hflip"])
+        build_augment("none").sample_view(rng, among=["hflip"])
+
+
+def test_the_same_generator_gives_the_same_sample_and_another_a_different_one():
+    augment = build_augment("strong", crop_size=48)
+    first, again, other = (augment(**probe(), rng=seed) for seed in (5, 5, 6))
+    for key in ("image", "mask", "roi", "teacher"):
+        np.testing.assert_array_equal(first[key], again[key])
+    assert not np.array_equal(first["teacher"], other["teacher"])
+
+
+def test_cached_views_are_averaged_on_the_window_not_on_the_whole_map(monkeypatch):
+    shapes = []
+    original = augment_module.mean_map
+    monkeypatch.setattr(
+        augment_module, "mean_map", lambda maps: shapes.append(maps[0].shape) or original(maps)
+    )
+    augment = build_augment("default", crop_size=32)
+    sample = probe()
+    views = [sample["teacher"][..., 0] + k for k in range(8)]  # eight cached views, H x W each
+    out = augment(sample["image"], sample["mask"], sample["roi"], teacher=views, view="identity", rng=0)
+    assert shapes == [(augment.window, augment.window)] and augment.window < W
+    # The same as averaging first (the window is cut the same way from every view).
+    mean = (sample["teacher"][..., 0] + 3.5).astype(np.float32)
+    expected = augment(sample["image"], sample["mask"], sample["roi"], teacher=mean, view="identity", rng=0)
+    np.testing.assert_allclose(out["teacher"], expected["teacher"], atol=1e-4)
+
+
+def test_the_window_holds_every_pixel_the_most_extreme_affine_reads():
+    """Cut a window, warp it, keep its centre: the centre never shows the window's (reflected) border."""
+    spec = AffineSpec(scale=0.15, degrees=20, shift=0.05, p=1.0)
+    augment = Augment(Preset(views=("identity",), geometry=(spec,)), crop_size=48)
+    shift = round(spec.shift * 48)
+    extreme = A.Affine(
+        scale=(0.85, 0.85),
+        rotate=(20, 20),
+        translate_px=(shift, shift),
+        border_mode=cv2.BORDER_REFLECT_101,
+        p=1,
+    )
+    augment.spatial = A.Compose([extreme], additional_targets={"roi": "mask", "teacher": "image"})
+    size = 400
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    sample = {
+        "image": np.zeros((size, size, 3), np.uint8),
+        "mask": np.zeros((size, size), np.uint8),
+        "roi": np.ones((size, size), np.uint8),
+        "teacher": np.stack([xx, yy], axis=-1),
+    }
+
+    def fold(seed: int) -> float:
+        """How far the source coordinates of the output stray from one affine map (0: no reflected pixel)."""
+        out = augment(**sample, view="identity", rng=seed)["teacher"].reshape(-1, 2)
+        rows, cols = np.mgrid[0:48, 0:48].reshape(2, -1)
+        design = np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64)
+        fit = np.linalg.lstsq(design, out, rcond=None)[0]
+        return float(np.abs(design @ fit - out).max())
+
+    interior = [
+        seed
+        for seed in range(20)
+        if min(augment.sample_window((size, size), np.random.default_rng(seed))[:2]) > 0
+        and max(augment.sample_window((size, size), np.random.default_rng(seed))[:2]) + augment.window < size
+    ]
+    assert len(interior) > 10
+    assert max(fold(seed) for seed in interior) < 0.05
+    augment.window -= 20  # a window too small for this affine: its reflected border shows
+    assert max(fold(seed) for seed in interior) > 1
+
+
+def test_extra_albumentations_spatial_transforms_see_the_whole_image_before_a_random_crop():
+    transform = A.Perspective(scale=(0.05, 0.1), p=1.0, border_mode=cv2.BORDER_REFLECT_101)
+    augment = Augment(Preset(views=("identity",), spatial=(transform,)), crop_size=40)
+    assert augment.window is None and Preset(views=D4, spatial=(transform,)).window_side(40) is None
+    for seed in range(3):
+        out = augment(**probe(), rng=seed)
+        assert out["mask"].shape == (40, 40)
+        check_aligned(out, margin=1.0)
+
+
+def test_colour_specs_build_both_paths_from_the_same_numbers():
+    colour = ColourSpec(strength=1.0, p=0.5)
+    assert (
+        len(colour.albumentations()) == 6 and len(colour.kornia()) == 7
+    )  # brightness/contrast split in kornia
+    assert build_augment("default", crop_size=64).window == Preset(
+        views=D4, geometry=(AffineSpec(scale=0.15, degrees=20, shift=0.05, p=0.5),)
+    ).window_side(64)

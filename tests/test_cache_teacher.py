@@ -120,6 +120,51 @@ def test_kill_midway_then_resume_equals_uninterrupted_run(data, tmp_path):
     assert run("--verify", killed) == 0
 
 
+def test_killing_a_run_with_worker_processes_kills_its_workers(data, tmp_path):
+    """Spawned workers used to outlive a SIGKILLed parent, keep writing (and holding GPUs), and make the
+    rerun fail with "writer id ... is in use by another running process"."""
+    common = [
+        *PLUGIN,
+        "--teacher",
+        "pixel",
+        "--data-format",
+        "merged",
+        "--data-root",
+        data,
+        "--batch-size",
+        1,
+    ]
+    out = tmp_path / "cache"
+    process = popen(*common, "--out", out, "--workers", 2, "--teacher-option", "delay=4")  # 16 s per worker
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # both workers are writing
+            if len(list(out.glob("*.index"))) == 2 and TeacherCache(out).index.rows:
+                break
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                      text=True).stdout.split()]  # fmt: skip
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert workers, "the run had worker processes"
+    deadline = time.monotonic() + 6  # far less than the workers' remaining work
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [
+            pid
+            for pid in alive
+            if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        ]
+        time.sleep(0.2)
+    assert not alive, f"worker processes {alive} outlived their killed parent"
+    assert (
+        run(*common, "--out", out, "--workers", 2, "--teacher-option", "delay=0") == 0
+    )  # the rerun completes it
+    assert run("--verify", out) == 0
+
+
 def test_two_shard_processes_into_one_cache_and_merge(data, tmp_path):
     common = [
         *PLUGIN,

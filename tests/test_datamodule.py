@@ -6,10 +6,12 @@ a batch's teacher tells which id and which view it came from, and must line up w
 
 import dataclasses
 import gc
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,8 @@ from distill.data.datamodule import (
 )
 from distill.data.writers import write_dataset
 from distill.errors import CacheError, ConfigError, DatasetError
+from distill.module import DistillModule
+from distill.students import StudentConfig
 from distill.synth import generate_sample
 from distill.views import apply_view
 
@@ -160,37 +164,39 @@ def test_a_cache_serves_a_smaller_dataset_and_refuses_a_changed_image_by_id(data
         module({**data, "root": str(smaller)}, cache_dir=data["cache"])
 
 
-def test_match_mode_uses_the_sampled_view_among_the_cached_ones(data):
-    dm = module(data, cache_dir=data["cache"], teacher_views="match", augment="light", batch_size=1)
+PATHS = pytest.mark.parametrize("augment_on", ["workers", "device"])
+
+
+@PATHS
+def test_match_mode_uses_the_sampled_view_among_the_cached_ones(data, augment_on):
+    options = {"teacher_views": "match", "augment": "light", "crop_size": 64, "augment_on": augment_on}
+    dm = module(data, cache_dir=data["cache"], batch_size=1, **options)
     views_seen = set()
-    for _ in range(3):
-        for batch in dm.train_dataloader():
-            (item_id,) = batch["id"]
-            record = data["dataset"].get(item_id)
-            mask = batch["mask"][0, 0].numpy()
-            # 10 k + mask + offset(id), moved with the mask: constant once mask and offset are removed.
-            residual = batch["teacher"][0, 0].numpy().astype(np.float32) - mask - offset(item_id)
-            k = int(round(residual[0, 0] / 10))
-            np.testing.assert_array_equal(residual, np.full_like(residual, 10 * k))
-            view = VIEWS[k]
+    for batch in stream_batches(dm, 3 * len(dm.train_ids)):
+        (item_id,) = batch["id"]
+        record = data["dataset"].get(item_id)
+        mask = batch["mask"][0, 0].numpy()
+        # 10 k + mask + offset(id), moved with the mask: constant once mask and offset are removed.
+        residual = batch["teacher"][0, 0].numpy().astype(np.float32) - mask - offset(item_id)
+        k = int(round(residual[0, 0] / 10))
+        np.testing.assert_array_equal(residual, np.full_like(residual, 10 * k))
+        view = VIEWS[k]
+        if record.mask.shape == mask.shape:  # a 64 px image: the crop is all of it
             np.testing.assert_array_equal(mask, apply_view(record.mask, view))
             np.testing.assert_array_equal(batch["roi"][0, 0].numpy(), apply_view(record.roi, view))
-            views_seen.add(view)
+        views_seen.add(view)
     assert views_seen == set(VIEWS)
 
 
-def test_mean_mode_trains_on_the_averaged_map(data):
-    dm = module(data, cache_dir=data["cache"], teacher_views="mean", augment="light", batch_size=1)
-    batch = next(iter(dm.train_dataloader()))
-    (item_id,) = batch["id"]
-    residual = batch["teacher"][0, 0].numpy() - batch["mask"][0, 0].numpy() - offset(item_id)
-    np.testing.assert_array_equal(residual, np.full_like(residual, 10.0))  # mean of 10 k over k = 0, 1, 2
-
-
-def view_of(batch: dict) -> str:
-    """The view a (batch of one) teacher map was read for, from its 10 k level."""
-    residual = batch["teacher"][0, 0].float() - batch["mask"][0, 0].float() - offset(batch["id"][0])
-    return VIEWS[int(round(residual[0, 0].item() / 10))]
+@PATHS
+def test_mean_mode_trains_on_the_averaged_map(data, augment_on):
+    dm = module(
+        data, cache_dir=data["cache"], augment="light", batch_size=1, crop_size=64, augment_on=augment_on
+    )
+    for batch in stream_batches(dm, 4):
+        (item_id,) = batch["id"]
+        residual = batch["teacher"][0, 0].numpy() - batch["mask"][0, 0].numpy() - offset(item_id)
+        np.testing.assert_array_equal(residual, np.full_like(residual, 10.0))  # mean of 10 k over k = 0, 1, 2
 
 
 def test_workers_and_in_memory_give_the_same_validation_batches(data):
@@ -207,14 +213,41 @@ def test_workers_and_in_memory_give_the_same_validation_batches(data):
         check_contract(batch, teacher=True, skeleton=True)
 
 
-def test_each_worker_draws_its_own_augmentations(data):
-    torch.manual_seed(0)
-    dm = module(
-        data, cache_dir=data["cache"], teacher_views="match", augment="light", batch_size=1, num_workers=2
-    )
-    for _ in range(2):  # batches alternate between the two workers; copies of one RNG would agree
-        views = [view_of(batch) for batch in dm.train_dataloader()]
-        assert views[0::2][:4] != views[1::2][:4]
+def stream_batches(dm: VesselDataModule, count: int) -> list[dict]:
+    """The first `count` train batches, across epoch boundaries."""
+    stream, batches = dm.train_dataloader(), []
+    while len(batches) < count:
+        batches.extend(stream)
+    dm.close_train_stream()
+    return batches[:count]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_the_same_seed_gives_the_same_batches_whatever_the_number_of_workers(data):
+    options = {"cache_dir": data["cache"], "teacher_views": "match", "augment": "strong", "crop_size": 40}
+    runs = {}
+    for workers in (0, 1, 3):
+        torch.manual_seed(0)
+        runs[workers] = stream_batches(module(data, num_workers=workers, batch_size=3, **options), 6)
+    for workers in (1, 3):
+        for ours, theirs in zip(runs[workers], runs[0], strict=True):
+            assert ours["id"] == theirs["id"]
+            for key in ("image", "mask", "roi", "teacher", "teacher_valid", "index"):
+                assert torch.equal(ours[key], theirs[key]), (workers, key)
+    torch.manual_seed(1)
+    other = stream_batches(module(data, num_workers=0, batch_size=3, **options), 1)[0]
+    assert not torch.equal(other["image"], runs[0][0]["image"])
+
+
+def test_an_epoch_is_samples_per_epoch_and_a_batch_may_exceed_the_split(data):
+    dm = module(data, samples_per_epoch=20, batch_size=4, crop_size=48)
+    assert len(dm.train_dataloader()) == 5
+    n = len(dm.train_ids)
+    big = module(data, batch_size=n + 3, crop_size=48)
+    batch = stream_batches(big, 1)[0]
+    assert batch["image"].shape[0] == n + 3 and len(set(batch["id"])) == n  # every image, three twice
+    with pytest.raises(ConfigError, match="data.samples_per_epoch=3 is less than one step's 4"):
+        module(data, samples_per_epoch=3, batch_size=4).train_dataloader()
 
 
 def test_mixed_sizes_pad_with_roi_zero(data):
@@ -272,9 +305,6 @@ class _Niceness(torch.utils.data.Dataset):
     def __len__(self):
         return 2
 
-    def reseed(self, seed):
-        pass
-
     def __getitem__(self, index):
         return os.nice(0)
 
@@ -300,9 +330,6 @@ class _MakesGarbage(torch.utils.data.Dataset):
     def __len__(self):
         return 4
 
-    def reseed(self, seed):
-        pass
-
     def __getitem__(self, index):
         for _ in range(5000):  # enough young cycles to run the worker's garbage collector
             cycle = []
@@ -323,7 +350,32 @@ def test_workers_never_free_garbage_inherited_from_the_training_process(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
 
 
-def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_0(data, tmp_path):
+class _SharedOnly(torch.utils.data.Dataset):
+    """A dataset that refuses to be pickled: workers can only have it by fork."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return index
+
+    def __reduce__(self):
+        raise TypeError("pickled: a worker was spawned")
+
+
+def test_workers_are_forked_even_where_spawn_is_the_default():
+    """Every rank of ddp_spawn defaults to spawn: workers would re-import the script and unpickle the dataset."""
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        loader = ForkSafeLoader(_SharedOnly(), batch_size=None, num_workers=2, worker_init_fn=init_worker)
+        assert sorted(loader) == [0, 1, 2, 3]
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
+@PATHS
+def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_0(data, tmp_path, augment_on):
     splits = module(data)
     missing = {splits.train_ids[0], splits.val_ids[0]}
     dataset = data["dataset"]
@@ -335,7 +387,13 @@ def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_
             else:
                 writer.write(item_id, "identity", cached_map(dataset.get(item_id), 0))
     with pytest.warns(UserWarning, match="no map for 2 of 12 id"):
-        dm = module(data, cache_dir=str(tmp_path / "cache"), batch_size=len(splits.train_ids), crop_size=48)
+        dm = module(
+            data,
+            cache_dir=str(tmp_path / "cache"),
+            batch_size=len(splits.train_ids),
+            crop_size=48,
+            augment_on=augment_on,
+        )
     assert dm.teacher_no_mask_ids == missing
     for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
         check_contract(batch, teacher=True, skeleton=False)
@@ -346,3 +404,51 @@ def test_ids_without_a_teacher_map_stay_with_an_empty_teacher_and_teacher_valid_
             else:
                 assert (batch["teacher"][i] != NO_MAP_LOGIT).any()
         assert set(batch["id"]) & missing
+
+
+class _Drawn(pl.Callback):
+    """Records the split positions of every training batch."""
+
+    def __init__(self):
+        self.indices = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.indices.append(batch["index"].tolist())
+
+
+def _fit_steps(data: dict, max_steps: int, root, ckpt_path=None) -> tuple[list, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    student = StudentConfig(
+        name="unet", encoder="resnet18", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+    )
+    drawn = _Drawn()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[drawn],
+    )
+    dm = VesselDataModule(
+        data_format=FORMAT,
+        data_root=data["root"],
+        num_workers=0,
+        batch_size=2,
+        crop_size=32,
+        samples_per_epoch=6,
+    )
+    trainer.fit(DistillModule(student=student, loss={"kd_alpha": 0.0}), datamodule=dm, ckpt_path=ckpt_path)
+    return drawn.indices, trainer
+
+
+def test_a_run_resumed_mid_epoch_continues_the_stream_where_it_stopped(data, tmp_path):
+    whole, _ = _fit_steps(data, 7, tmp_path / "whole")  # epochs of 3 steps
+    first, trainer = _fit_steps(data, 4, tmp_path / "first")  # stops inside the second epoch
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    rest, _ = _fit_steps(data, 7, tmp_path / "rest", ckpt_path=tmp_path / "mid.ckpt")
+    assert first == whole[:4] and rest == whole[4:]

@@ -1,8 +1,12 @@
 """`python -m distill.fit` end to end on tiny synthetic data with a real Frangi cache: files, contract, resume."""
 
+import contextlib
 import csv
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,7 +15,8 @@ import torch
 import yaml
 
 from distill.cache import CacheWriter, TeacherCache
-from distill.errors import ConfigError
+from distill.data.datamodule import TeacherMaps
+from distill.errors import ConfigError, DistillError
 from distill.evaluate import evaluate
 from distill.fit import _command_line as _fit_command_line
 from distill.fit import main
@@ -19,7 +24,7 @@ from distill.losses import DistillLoss
 from distill.students import load_student
 from distill.views import VIEWS
 from tests._loss_term_plugin import MeanProbability
-from tests.conftest import tiny_fit_args
+from tests.conftest import TINY_STUDENT, tiny_fit_args
 
 
 def test_fit_writes_contract_metrics_pictures_and_a_loadable_checkpoint(tiny_data_and_cache, tmp_path):
@@ -110,10 +115,25 @@ def test_a_run_directory_of_another_run_is_refused_unless_resumed_or_overwritten
     with pytest.raises(ConfigError, match="--overwrite would delete"):
         main([*resumed, "--overwrite=true"])
 
-    main([*args[:2], "--overwrite=true", "--wandb=false"])
+    main([*args[:2], "--overwrite", "--wandb=false"])  # the bare flag, as the message says
     assert not (runs / "tiny" / "student.onnx").exists()  # cleared, then written afresh
     assert (runs / "tiny" / "metrics_test.json").is_file()
     assert "overwrite: false" in (runs / "tiny" / "config.yaml").read_text()
+
+
+def test_a_run_that_failed_before_saving_anything_does_not_block_its_retry(
+    tiny_data_and_cache, tmp_path, capsys
+):
+    """A failed setup (here: a cache that does not exist) left config.yaml and logs/, and the retry was
+    refused with advice to resume from a checkpoint that was never written."""
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=retry", "--trainer.max_epochs=1", "--wandb=false")
+    with pytest.raises(DistillError):
+        main([*args, f"--data.cache_dir={tmp_path / 'no_such_cache'}"])
+    assert (tmp_path / "retry").is_dir() and not (tmp_path / "retry" / "checkpoints").exists()
+    main(args)
+    assert "held only what a failed attempt left" in capsys.readouterr().out
+    assert (tmp_path / "retry" / "metrics_test.json").is_file()
 
 
 def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):
@@ -123,13 +143,8 @@ def test_kd_without_a_cache_is_refused(tiny_data_and_cache, tmp_path):
         main([a if not a.startswith("--data.cache_dir") else "--data.cache_dir=null" for a in args])
 
 
-def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_and_cache, tmp_path):
-    """Two gloo processes on val/test splits of 3 images (not divisible by 2: a padded sampler would repeat one).
-
-    Two epochs, so that DDP's second step would fail on any parameter the first left without a gradient
-    (smp's unused deep encoder stages did), with an EMA of the weights kept on every rank.
-    """
-    data, cache = tiny_data_and_cache
+def three_image_eval_splits(data, tmp_path):
+    """A copy of the tiny data whose val and test splits hold 3 images each (2 processes need >= 1 each)."""
     odd = tmp_path / "data"
     shutil.copytree(data, odd)
     ids = sorted(json.loads((data / "splits.json").read_text())["splits"])
@@ -137,6 +152,18 @@ def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_
     (odd / "splits.json").write_text(
         json.dumps({"seed": 0, "fractions": [0.5, 0.25, 0.25], "splits": splits})
     )
+    return odd, splits
+
+
+def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_and_cache, tmp_path):
+    """Two gloo processes on val/test splits of 3 images (not divisible by 2: a padded sampler would repeat one).
+
+    Two epochs, so that DDP's second step would fail on any parameter the first left without a gradient
+    (smp's unused deep encoder stages did), with an EMA of the weights kept on every rank.
+    """
+    data, cache = tiny_data_and_cache
+    odd, splits = three_image_eval_splits(data, tmp_path)
+    ids = sorted(splits)
     args = tiny_fit_args(odd, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=2", "--wandb=false")
     args += ["--model.ema_decay=0.5"]
     args += ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=2"]
@@ -202,3 +229,85 @@ def test_fit_scores_the_student_with_and_without_views_each_at_its_own_val_thres
     live, averaged = checkpoint["current_model_state"], checkpoint["state_dict"]
     assert live.keys() == averaged.keys()
     assert any(not torch.equal(live[k], averaged[k]) for k in averaged if k.startswith("student."))
+
+
+def test_the_small_data_config_trains_by_steps_validates_every_k_steps_and_reports_progress(
+    tiny_data_and_cache, tmp_path, capsys, recwarn
+):
+    """configs/fit/small_data.yaml as shipped (device augmentation included), on CPU with a tiny budget."""
+    data, cache = tiny_data_and_cache
+    main(
+        [
+            "--config=configs/fit/small_data.yaml",
+            "--data.data_format=merged",
+            f"--data.data_root={data}",
+            f"--data.cache_dir={cache}",
+            f"--runs_dir={tmp_path}",
+            "--run_name=small",
+            "--wandb=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true",
+            "--trainer.max_steps=6",
+            "--trainer.val_check_interval=3",
+            "--data.samples_per_epoch=8",  # epochs of 2 steps of 4: validation runs mid-epoch
+            "--data.batch_size=4",
+            "--data.crop_size=32",
+            "--data.num_workers=0",
+            "--progress_every_s=0",
+            *TINY_STUDENT,
+        ]
+    )
+    with open(tmp_path / "small" / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    validated_at = [int(r["step"]) for r in rows if r.get("val/student/dice@best")]
+    # After steps 3 and 6 of the fit (Lightning logs the step index), then the best checkpoint's validate.
+    assert validated_at == [2, 5, 6]
+    assert not [w for w in recwarn if "logging interval" in str(w.message)]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 6  # one per step at progress_every_s=0; epochs of 2 steps
+    assert re.fullmatch(
+        r"step 6/6 \(100%\)  epoch 2  \d+ img/s  elapsed 0:\d\d:\d\d  remaining 0:00:00  loss \d+\.\d{4}",
+        lines[-1],
+    )
+    assert re.search(r"validation at step 3: student dice@best \d\.\d{4}  teacher dice@best \d\.\d{4}", out)
+
+
+def test_a_ground_truth_run_reads_no_teacher_map_for_training_and_still_scores_the_teacher(
+    tiny_data_and_cache, tmp_path, monkeypatch
+):
+    data, cache = tiny_data_and_cache
+    read = []
+    original = TeacherMaps.read
+    monkeypatch.setattr(TeacherMaps, "read", lambda self, id, *a: read.append(id) or original(self, id, *a))
+    reports = main(
+        tiny_fit_args(data, cache, tmp_path, "--run_name=gt", "--trainer.max_epochs=1", "--wandb=false")
+        + ["--loss.kd_alpha=0.0"]
+    )
+    train = {
+        i for i, split in json.loads((data / "splits.json").read_text())["splits"].items() if split == "train"
+    }
+    assert read and not set(read) & train
+    assert "teacher" in reports["val"] and "teacher" in reports["test"]
+
+
+def test_a_ddp_process_that_stops_makes_the_run_fail_with_a_message_not_hang(tiny_data_and_cache, tmp_path):
+    """Rank 1 stalls before its first step; rank 0 waits in the gradient all-reduce until --ddp_timeout_s."""
+    data, cache = tiny_data_and_cache
+    data, _ = three_image_eval_splits(data, tmp_path)
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=stall", "--trainer.max_epochs=1", "--wandb=false")
+    args += ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=2", "--ddp_timeout_s=20"]
+    args += ["--trainer.callbacks+=tests._stall.StallOnRank1"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:  # not a pipe: the stalled rank would hold it open
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "distill.fit", *args], stderr=stderr, start_new_session=True
+        )
+        try:
+            launcher.wait(timeout=400)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)  # the stalled rank too
+    stderr = log.read_text()
+    assert launcher.returncode != 0
+    assert "waited 20 s (--ddp_timeout_s) for another process, which stopped making progress" in stderr

@@ -1,12 +1,23 @@
 """CUDA-only paths (run on a GPU machine with `pytest -m gpu`; skipped elsewhere)."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import distill.data.device_augment as device_augment
+from distill.data.augment import Augment, Preset, build_augment
+from distill.data.device_augment import DeviceAugment, ResidentSplit
 from distill.data.prefetch import prefetch_to_device
-from distill.data.sampling import EndlessBatches, EpochStream
+from distill.data.sampling import Draw, EndlessBatches, EpochStream
 from distill.fit import main as fit
 from distill.losses import FiniteCheck
+from distill.module import DistillModule
+from distill.students import StudentConfig
+from tests.test_device_augment import check_aligned, probe_record
+from tests.test_fit import three_image_eval_splits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,16 +41,26 @@ def test_prefetched_batches_arrive_on_the_device_intact_and_in_order():
 
 
 def test_the_epoch_stream_prefetches_across_epochs_on_cuda():
+    class Draws(torch.utils.data.Dataset):  # the sampler yields Draw(index, number) per sample
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, draw):
+            return draw
+
     batches = EndlessBatches(n=6, batch_size=2, seed=0)
     loader = torch.utils.data.DataLoader(
-        list(range(6)), batch_sampler=batches, pin_memory=True, collate_fn=lambda i: {"x": torch.tensor(i)}
+        Draws(),
+        batch_sampler=batches,
+        pin_memory=True,
+        collate_fn=lambda draws: {"x": torch.tensor([d.index for d in draws])},
     )
-    stream = EpochStream(loader, batches.batches_per_pass, torch.device("cuda", 0))
+    stream = EpochStream(loader, 3, torch.device("cuda", 0))
     epochs = [[b["x"].cpu().tolist() for b in stream] for _ in range(2)]
     assert all(b["x"].is_cuda for b in stream)
     stream.close()
     expected = iter(EndlessBatches(n=6, batch_size=2, seed=0))
-    assert epochs == [[next(expected) for _ in range(3)] for _ in range(2)]
+    assert epochs == [[[d.index for d in next(expected)] for _ in range(3)] for _ in range(2)]
 
 
 def test_finite_check_names_a_nan_term_on_cuda():
@@ -48,13 +69,16 @@ def test_finite_check_names_a_nan_term_on_cuda():
     assert FiniteCheck({"gt_bce": torch.ones((), device="cuda")}).first_nonfinite() is None
 
 
-@pytest.mark.parametrize("config", ["unet_r34_kd", "segformer_b0_kd", "unet_r34_gt"])
+@pytest.mark.parametrize("config", ["unet_r34_kd", "segformer_b0_kd", "unet_r34_gt", "small_data"])
 def test_the_shipped_gpu_configs_train_and_report(config, tiny_data_and_cache, tmp_path):
-    """Their trainer settings as shipped (bf16-mixed, gradient clipping, channels_last) on tiny data."""
+    """Their trainer and augmentation settings as shipped (bf16-mixed, clipping, channels_last, batches made on the GPU) on tiny data."""
     data, cache = tiny_data_and_cache
     reports = fit(
         [
             f"--config=configs/fit/{config}.yaml",
+            "--data.data_format=merged",
+            "--data.crop_size=48",
+            "--trainer.max_steps=6",
             f"--data.data_root={data}",
             f"--data.cache_dir={cache}",
             f"--runs_dir={tmp_path}",
@@ -62,6 +86,8 @@ def test_the_shipped_gpu_configs_train_and_report(config, tiny_data_and_cache, t
             "--data.batch_size=4",
             "--data.num_workers=2",
             "--trainer.max_epochs=2",
+            "--trainer.val_check_interval=3",
+            "--trainer.check_val_every_n_epoch=null",
             "--trainer.enable_progress_bar=false",
             "--wandb=false",
         ]
@@ -70,3 +96,71 @@ def test_the_shipped_gpu_configs_train_and_report(config, tiny_data_and_cache, t
         assert reports[split]["n_images"] >= 1
         assert (tmp_path / "gpu" / f"metrics_{split}.json").is_file()
     assert (tmp_path / "gpu" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_device_batches_on_the_gpu_are_aligned_and_the_same_from_a_pinned_host_store(monkeypatch):
+    record, teacher = probe_record()
+    draws = [Draw(0, n) for n in range(16)]
+    default = build_augment("default", crop_size=40)
+    colourless = Augment(Preset(views=default.views, geometry=default.preset.geometry), crop_size=40)
+    on_gpu = ResidentSplit([record], [teacher], device="cuda")
+    assert on_gpu.images.is_cuda
+    batch = DeviceAugment(colourless, "cuda")(on_gpu, draws, seed=0)
+    assert batch["image"].is_cuda and batch["image"].is_contiguous(memory_format=torch.channels_last)
+    check_aligned({key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()})
+    monkeypatch.setattr(device_augment, "RESIDENT_SHARE", 0.0)  # "does not fit": pinned host memory
+    on_host = ResidentSplit([record], [teacher], device="cuda")
+    assert not on_host.images.is_cuda and on_host.images.is_pinned()
+    again = DeviceAugment(colourless, "cuda")(on_host, draws, seed=0)
+    for key in ("image", "mask", "roi", "teacher"):
+        assert again[key].is_cuda and torch.equal(again[key], batch[key]), key
+
+
+def test_a_training_step_and_a_device_batch_never_wait_for_the_gpu():
+    """Host syncs leave the GPU idle while the host catches up: none per step (torch's sync debug mode raises)."""
+    record, teacher = probe_record()
+    store = ResidentSplit([record], [teacher], device="cuda")
+    augment = DeviceAugment(build_augment("default", crop_size=64), "cuda")
+    module = DistillModule(
+        student=StudentConfig(name="unet", encoder="resnet18"), loss={"kd_alpha": 0.5}
+    ).cuda()
+    optimizer = module.make_optimizer()
+
+    def step(n: int) -> None:
+        batch = augment(store, [Draw(0, n + i) for i in range(8)], seed=0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, terms = module.loss(module(batch["image"]), batch["mask"], batch["roi"], batch["teacher"])
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        FiniteCheck(terms)
+
+    step(0)  # first calls allocate, autotune and may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n in range(1, 4):
+            step(8 * n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ddp_fit_on_two_gpus_counts_every_image_once(tiny_data_and_cache, tmp_path):
+    """python -m distill.fit --trainer.devices=2 --trainer.strategy=ddp on NCCL, batches made on the GPUs."""
+    data, cache = tiny_data_and_cache
+    odd, splits = three_image_eval_splits(data, tmp_path)
+    command = [
+        sys.executable, "-m", "distill.fit", "--config=configs/fit/small_data.yaml",
+        "--data.data_format=merged", f"--data.data_root={odd}", f"--data.cache_dir={cache}",
+        f"--runs_dir={tmp_path}", "--run_name=ddp", "--wandb=false", "--trainer.devices=2",
+        "--trainer.strategy=ddp", "--trainer.max_steps=6", "--trainer.val_check_interval=3",
+        "--data.batch_size=2", "--data.crop_size=48", "--data.samples_per_epoch=8", "--ddp_timeout_s=120",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, timeout=600)
+    for split in ("val", "test"):
+        metrics = json.loads((tmp_path / "ddp" / f"metrics_{split}.json").read_text())
+        assert metrics["n_images"] == 3 and metrics["per_image_ids"] == sorted(
+            i for i in splits if splits[i] == split
+        )

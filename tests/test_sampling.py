@@ -2,11 +2,12 @@
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from distill.data.sampling import EndlessBatches, EpochStream, EvalShard
+from distill.data.sampling import EndlessBatches, EpochStream, EvalShard, batches_per_epoch
 from distill.errors import ConfigError
 
 
@@ -15,45 +16,62 @@ def first_batches(sampler, count):
     return [next(stream) for _ in range(count)]
 
 
-def test_each_pass_is_a_fresh_permutation_cut_into_full_batches():
+def indices(batches):
+    return [[draw.index for draw in batch] for batch in batches]
+
+
+def test_the_stream_is_seeded_passes_cut_into_full_batches_that_may_span_two_passes():
     sampler = EndlessBatches(n=10, batch_size=3, seed=7)
-    assert sampler.batches_per_pass == 3  # 9 of 10 items; the short last batch is dropped
-    batches = first_batches(sampler, 6)
+    batches = first_batches(sampler, 7)  # 21 draws: two whole passes and one draw of the third
     assert all(len(b) == 3 for b in batches)
-    passes = [sum(batches[:3], []), sum(batches[3:], [])]
-    for items in passes:
-        assert len(set(items)) == 9 and set(items) <= set(range(10))
+    assert [draw.number for batch in batches for draw in batch] == list(range(21))
+    flat = sum(indices(batches), [])
+    passes = [flat[:10], flat[10:20]]
+    assert sorted(passes[0]) == sorted(passes[1]) == list(range(10))  # nothing dropped
     assert passes[0] != passes[1]
-    assert first_batches(EndlessBatches(n=10, batch_size=3, seed=7), 6) == batches  # seeded
+    assert passes[0] == torch.randperm(10, generator=torch.Generator().manual_seed(7)).tolist()
+    assert first_batches(EndlessBatches(n=10, batch_size=3, seed=7), 7) == batches  # seeded
     assert first_batches(EndlessBatches(n=10, batch_size=3, seed=8), 3) != batches[:3]
 
 
-def test_a_resumed_run_continues_the_sequence_of_passes():
-    whole = first_batches(EndlessBatches(n=8, batch_size=2, seed=0), 12)
-    assert first_batches(EndlessBatches(n=8, batch_size=2, seed=0, first_pass=2), 4) == whole[8:]
+def test_a_batch_larger_than_the_split_repeats_its_items_rather_than_shrinking():
+    batches = indices(first_batches(EndlessBatches(n=3, batch_size=8, seed=0), 3))
+    assert [len(b) for b in batches] == [8, 8, 8]
+    counts = np.bincount(sum(batches, []), minlength=3)
+    assert counts.tolist() == [8, 8, 8]  # 24 draws = 8 whole passes
 
 
-def test_ranks_get_disjoint_equal_shares_of_every_pass():
-    shares = [EndlessBatches(n=11, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
-    assert [s.batches_per_pass for s in shares] == [2, 2]  # 5 items each: two batches of 2
-    for index in range(3):
-        items = [sum(s.pass_batches(index), []) for s in shares]
-        assert len(items[0]) == len(items[1]) == 4 and not set(items[0]) & set(items[1])
+def test_a_resumed_run_continues_the_stream():
+    whole = first_batches(EndlessBatches(n=8, batch_size=3, seed=0), 12)
+    assert first_batches(EndlessBatches(n=8, batch_size=3, seed=0, first_batch=5), 7) == whole[5:]
 
 
-def test_a_pass_shorter_than_a_batch_is_one_short_batch():
-    assert first_batches(EndlessBatches(n=3, batch_size=8, seed=0), 2)[0].__len__() == 3
+def test_ranks_share_each_step_of_the_one_process_stream():
+    one = indices(first_batches(EndlessBatches(n=11, batch_size=4, seed=3), 6))
+    ranks = [
+        indices(first_batches(EndlessBatches(n=11, batch_size=2, seed=3, rank=r, world_size=2), 6))
+        for r in range(2)
+    ]
+    for step in range(6):
+        assert ranks[0][step] == one[step][0::2] and ranks[1][step] == one[step][1::2]
 
 
-def test_more_processes_than_images_is_refused():
-    with pytest.raises(ConfigError, match="3 image"):
-        EndlessBatches(n=3, batch_size=2, seed=0, rank=0, world_size=4)
+def test_epochs_are_counted_in_samples():
+    assert batches_per_epoch(100, batch_size=8) == 12
+    assert batches_per_epoch(100, batch_size=8, world_size=2) == 6
+    with pytest.raises(ConfigError, match="data.samples_per_epoch=10 is less than one step's 16"):
+        batches_per_epoch(10, batch_size=8, world_size=2)
+
+
+def test_an_empty_split_or_too_many_eval_processes_are_refused():
+    with pytest.raises(ConfigError, match="train split is empty"):
+        EndlessBatches(n=0, batch_size=2, seed=0)
     with pytest.raises(ConfigError, match="at least one"):
         EvalShard(list(range(3)), rank=0, world_size=4)
 
 
 class Recorded(Dataset):
-    """Items are their index; every load leaves a file behind, so the test sees what workers loaded."""
+    """Items are their draw's index; every load leaves a file behind, so the test sees what workers loaded."""
 
     def __init__(self, n, folder):
         self.n, self.folder = n, folder
@@ -61,15 +79,15 @@ class Recorded(Dataset):
     def __len__(self):
         return self.n
 
-    def __getitem__(self, index):
-        (self.folder / f"{time.monotonic_ns()}_{index}").touch()
-        return index
+    def __getitem__(self, draw):
+        (self.folder / f"{time.monotonic_ns()}_{draw.number}").touch()
+        return draw.index
 
 
 def test_the_stream_hands_out_epochs_of_one_uninterrupted_loader(tmp_path):
     batches = EndlessBatches(n=8, batch_size=2, seed=0)
     loader = DataLoader(Recorded(8, tmp_path), batch_sampler=batches, num_workers=2)
-    stream = EpochStream(loader, batches.batches_per_pass)
+    stream = EpochStream(loader, batches_per_epoch=4)
     assert len(stream) == 4
     first = [b.tolist() for b in stream]
     # The workers are already loading the next pass while nobody asks for it (a DataLoader restarted
@@ -79,9 +97,9 @@ def test_the_stream_hands_out_epochs_of_one_uninterrupted_loader(tmp_path):
         time.sleep(0.05)
     assert len(list(tmp_path.iterdir())) > 8
     second = [b.tolist() for b in stream]
-    assert first + second == first_batches(EndlessBatches(n=8, batch_size=2, seed=0), 8)
+    assert first + second == indices(first_batches(EndlessBatches(n=8, batch_size=2, seed=0), 8))
     stream.close()
-    assert stream._batches is None
+    assert stream._iterator is None
 
 
 def test_eval_shards_cover_every_item_exactly_once_and_lightning_keeps_them():

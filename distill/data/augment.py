@@ -1,31 +1,45 @@
-"""Joint augmentation of image, mask, roi and a float teacher map (albumentations 2.0.8).
+"""Joint augmentation of image, mask, roi and teacher logits: albumentations 2.0.8 per sample, kornia per batch.
 
-Three stages, in this order:
+A preset names the D4 views it samples and its transforms as specs (`AffineSpec`, `ElasticSpec`,
+`ColourSpec`), each of which builds itself in albumentations (this module, one sample at a time in
+DataLoader workers) and in kornia (`distill.data.device_augment`, a whole batch on the training
+device), from the same numbers. One sample, in this order:
 
-1. a discrete D4 view (flip / quarter turn) chosen by name from `distill.views`, so the DataModule can
-   pick the cached teacher view that matches it ("match" mode) and apply it with `apply_view`;
-2. a *spatial* `A.Compose` (affine, elastic, crop) that moves image, mask, roi and teacher map
-   together with the same random parameters;
-3. a *photometric* `A.Compose` (brightness/contrast, gamma, CLAHE, hue, noise, blur) on the image alone.
+1. a random square *window* is cut from the image (reflected where it leaves the image): the crop
+   plus the margin that the spatial transforms may pull pixels from (`Preset.window_side`), so the
+   transforms warp a window rather than the whole image. A teacher map is cut the same way, and with
+   `teacher_views: mean` its cached views are averaged on the window, not at full resolution;
+2. a discrete D4 view (flip / quarter turn) by name from `distill.views`, so the DataModule can pick
+   the cached teacher view that matches it (`teacher_views: match`);
+3. the *spatial* transforms (affine, elastic) move image, mask, roi and teacher map together;
+4. the centre `crop_size` square of the window is kept;
+5. the *photometric* transforms (brightness/contrast, gamma, CLAHE, hue, noise, blur) change the image alone.
+
+Without a crop size the window is the whole image. Extra albumentations transforms in
+`Preset.spatial` (whose reach is unknown) make the spatial step run on the whole image and the crop
+a random one after it.
 
 Why two Composes: in albumentations an additional target is typed either "image" or "mask". Typed
 "mask", a map is resampled with `mask_interpolation` (nearest by default); typed "image", it gets
 bilinear resampling but also every pixel-level transform, which would add noise, gamma and contrast
 to teacher logits. So the map is an "image" target of the spatial Compose only (bilinear, and that
 Compose holds no pixel-level transform), and the photometric Compose is called with the image alone.
-Masks use nearest (`INTER_NEAREST`, exact pixel-centre sampling where a resize happens).
-Borders are reflected (`BORDER_REFLECT_101`) for every target: zero padding would put fake
-"background, very sure" logits of 0 (or fake image edges) at the border; reflection keeps the image
-and its teacher map plausible there, and the mask and roi reflect with them so all stay aligned.
-OpenCV cannot warp float16, so a float16 map is converted to float32 before and back after.
-Albumentations 2.0.8 keeps its own random generators and does not reseed them in DataLoader workers:
-call `Augment.reseed` from the worker init function, or every worker repeats the same augmentations.
+Masks use nearest (`INTER_NEAREST`). Borders are reflected (`BORDER_REFLECT_101`) for every target:
+zero padding would put fake "background, very sure" logits of 0 (or fake image edges) at the
+border; reflection keeps the image and its teacher map plausible there, and the mask and roi reflect
+with them so all stay aligned. OpenCV cannot warp float16, so maps are warped in float32.
+
+Randomness: every call takes a numpy Generator (`sample_rng(seed, draw number)`) and seeds each
+albumentations transform from it, so a sample's augmentation depends only on the run's seed and the
+sample's place in the stream, not on which DataLoader worker makes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -37,15 +51,152 @@ from distill.views import VIEWS, apply_view
 
 REFLECT = cv2.BORDER_REFLECT_101
 D4 = tuple(VIEWS)
+INTERPOLATION_MARGIN = 2  # pixels a bilinear sample reads beyond its source point, rounded up
+# Every albumentations warp: images and maps bilinear, masks nearest, borders reflected.
+WARP = {"interpolation": cv2.INTER_LINEAR, "mask_interpolation": cv2.INTER_NEAREST, "border_mode": REFLECT}
+
+
+def sample_rng(seed: int, number: int) -> np.random.Generator:
+    """The random generator of the `number`-th sample drawn in a run seeded `seed`."""
+    return np.random.default_rng([seed, number])
+
+
+@dataclass(frozen=True)
+class AffineSpec:
+    """Rotation by up to +-`degrees`, zoom by 1 +- `scale`, shift by up to +-`shift` of the output side, with probability `p`."""
+
+    scale: float
+    degrees: float
+    shift: float
+    p: float
+
+    def source_side(self, side: float, output: int) -> float:
+        """Side of the square the transform reads to fill the centre `side` of a window whose output is `output` px.
+
+        A point p of the output comes from R^-1 (p - t) / s: at most (|cos| + |sin|) / s_min times
+        (side / 2 + shift * output) from the centre along either axis (quarter turns beyond 45
+        degrees are the D4 views' job, so the bound uses min(degrees, 45)).
+        """
+        theta = math.radians(min(self.degrees, 45.0))
+        stretch = (math.cos(theta) + math.sin(theta)) / (1 - self.scale)
+        return stretch * (side + 2 * self.shift * output) + 2 * INTERPOLATION_MARGIN
+
+    def albumentations(self, output: int | None) -> A.Affine:
+        shift = {"translate_percent": (-self.shift, self.shift)}
+        if output is not None:  # relative to the crop, not to the window the transform sees
+            shift = {"translate_px": (-round(self.shift * output), round(self.shift * output))}
+        return A.Affine(
+            scale=(1 - self.scale, 1 + self.scale),
+            rotate=(-self.degrees, self.degrees),
+            p=self.p,
+            **shift,
+            **WARP,
+        )
+
+    def kornia(self, output: int, window: int) -> Any:
+        import kornia.augmentation as K
+
+        shift = self.shift * output / window  # kornia translates by a fraction of its input's side
+        return K.RandomAffine(
+            degrees=self.degrees,
+            translate=(shift, shift),
+            scale=(1 - self.scale, 1 + self.scale),
+            padding_mode="reflection",
+            p=self.p,
+        )
+
+
+@dataclass(frozen=True)
+class ElasticSpec:
+    """Elastic deformation: smooth random displacements of at most `alpha` pixels (Gaussian `sigma`), probability `p`."""
+
+    alpha: float
+    sigma: float
+    p: float
+
+    def source_side(self, side: float, output: int) -> float:
+        return side + 2 * math.ceil(self.alpha) + 2 * INTERPOLATION_MARGIN
+
+    def albumentations(self, output: int | None) -> A.ElasticTransform:
+        return A.ElasticTransform(alpha=self.alpha, sigma=self.sigma, p=self.p, **WARP)
+
+    def kornia(self, output: int, window: int) -> Any:
+        import kornia.augmentation as K
+
+        size = 2 * math.ceil(3 * self.sigma) + 1
+        alpha = self.alpha / (window / 2)  # kornia displaces in [-1, 1] coordinates of its input
+        return K.RandomElasticTransform(
+            kernel_size=(size, size),
+            sigma=(self.sigma, self.sigma),
+            alpha=(alpha, alpha),
+            padding_mode="reflection",
+            p=self.p,
+        )
+
+
+@dataclass(frozen=True)
+class ColourSpec:
+    """Colour and texture changes of a fundus/angiogram camera; `strength` scales every range, `p` every probability."""
+
+    strength: float
+    p: float
+
+    def albumentations(self) -> list[A.ImageOnlyTransform]:
+        s, p = self.strength, self.p
+        return [
+            A.RandomBrightnessContrast(brightness_limit=0.2 * s, contrast_limit=0.2 * s, p=p),
+            A.RandomGamma(gamma_limit=(100 - 20 * s, 100 + 20 * s), p=0.6 * p),
+            A.CLAHE(clip_limit=(1.0, 1.0 + 2.0 * s), tile_grid_size=(8, 8), p=0.2 * p),
+            A.HueSaturationValue(
+                hue_shift_limit=5 * s, sat_shift_limit=10 * s, val_shift_limit=5 * s, p=0.4 * p
+            ),
+            A.GaussNoise(std_range=(0.01 * s, 0.04 * s), p=0.4 * p),
+            A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.3, 0.3 + 0.5 * s), p=0.2 * p),
+        ]
+
+    def kornia(self) -> list[Any]:
+        """The same changes in kornia (images in [0, 1]); hue and saturation as in OpenCV's uint8 HSV units."""
+        import kornia.augmentation as K
+
+        s, p = self.strength, self.p
+        return [
+            K.RandomBrightness(brightness=(1 - 0.2 * s, 1 + 0.2 * s), p=p),
+            K.RandomContrast(contrast=(1 - 0.2 * s, 1 + 0.2 * s), p=p),
+            K.RandomGamma(gamma=(1 - 0.2 * s, 1 + 0.2 * s), p=0.6 * p),
+            K.RandomClahe(clip_limit=(1.0, 1.0 + 2.0 * s), grid_size=(8, 8), p=0.2 * p),
+            K.ColorJiggle(saturation=10 * s / 255, hue=5 * s / 180, p=0.4 * p),
+            K.RandomGaussianNoise(std=0.025 * s, p=0.4 * p),
+            K.RandomGaussianBlur(kernel_size=(3, 3), sigma=(0.3, 0.3 + 0.5 * s), p=0.2 * p),
+        ]
+
+
+GeometrySpec = AffineSpec | ElasticSpec
 
 
 @dataclass(frozen=True)
 class Preset:
-    """What one augmentation strength means: the D4 views it samples and its two transform lists."""
+    """What one augmentation strength means: the D4 views it samples and its transforms.
+
+    `geometry` (applied in order) and `colour` build themselves for both paths. `spatial` and
+    `photometric` take any further albumentations transforms, for the DataLoader-worker path only;
+    spatial ones there make the spatial step see the whole image (their reach is unknown).
+    """
 
     views: tuple[str, ...]
-    spatial: list[A.BasicTransform]
-    photometric: list[A.ImageOnlyTransform]
+    geometry: tuple[GeometrySpec, ...] = ()
+    colour: ColourSpec | None = None
+    spatial: tuple[A.BasicTransform, ...] = ()
+    photometric: tuple[A.ImageOnlyTransform, ...] = ()
+
+    def window_side(self, crop_size: int) -> int | None:
+        """Side of the window cut before the spatial transforms for a `crop_size` output; None: the whole image."""
+        if self.spatial:
+            return None
+        side = float(crop_size)
+        for spec in reversed(self.geometry):
+            side = spec.source_side(side, crop_size)
+        side = math.ceil(side)
+        return side + (side - crop_size) % 2  # an even margin on each side
 
 
 PRESETS = Registry("augmentation preset")
@@ -59,41 +210,16 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def affine(scale: float, degrees: float, shift: float, p: float) -> A.Affine:
-    return A.Affine(
-        scale=(1 - scale, 1 + scale),
-        rotate=(-degrees, degrees),
-        translate_percent=(-shift, shift),
-        interpolation=cv2.INTER_LINEAR,
-        mask_interpolation=cv2.INTER_NEAREST,
-        border_mode=REFLECT,
-        p=p,
-    )
-
-
-def photometric(strength: float, p: float) -> list[A.ImageOnlyTransform]:
-    """Colour and texture changes of a fundus/angiogram camera; `strength` scales every range."""
-    s = strength
-    return [
-        A.RandomBrightnessContrast(brightness_limit=0.2 * s, contrast_limit=0.2 * s, p=p),
-        A.RandomGamma(gamma_limit=(100 - 20 * s, 100 + 20 * s), p=0.6 * p),
-        A.CLAHE(clip_limit=(1.0, 1.0 + 2.0 * s), tile_grid_size=(8, 8), p=0.2 * p),
-        A.HueSaturationValue(hue_shift_limit=5 * s, sat_shift_limit=10 * s, val_shift_limit=5 * s, p=0.4 * p),
-        A.GaussNoise(std_range=(0.01 * s, 0.04 * s), p=0.4 * p),
-        A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.3, 0.3 + 0.5 * s), p=0.2 * p),
-    ]
-
-
 @register_preset("none")
 def preset_none() -> Preset:
     """No augmentation (crops only, when a crop size is set): ablations and debugging."""
-    return Preset(views=("identity",), spatial=[], photometric=[])
+    return Preset(views=("identity",))
 
 
 @register_preset("light")
 def preset_light() -> Preset:
     """D4 views and mild colour changes, no resampling: the teacher map is never interpolated."""
-    return Preset(views=D4, spatial=[], photometric=photometric(strength=0.5, p=0.5))
+    return Preset(views=D4, colour=ColourSpec(strength=0.5, p=0.5))
 
 
 @register_preset("default")
@@ -101,57 +227,86 @@ def preset_default() -> Preset:
     """D4 views, a gentle affine (thin vessels survive a +-15% zoom) and camera-like colour changes."""
     return Preset(
         views=D4,
-        spatial=[affine(scale=0.15, degrees=20, shift=0.05, p=0.5)],
-        photometric=photometric(strength=1.0, p=0.5),
+        geometry=(AffineSpec(scale=0.15, degrees=20, shift=0.05, p=0.5),),
+        colour=ColourSpec(strength=1.0, p=0.5),
     )
 
 
 @register_preset("strong")
 def preset_strong() -> Preset:
     """Default plus elastic deformation and wider ranges, for small datasets."""
-    elastic = A.ElasticTransform(
-        alpha=30,
-        sigma=6,
-        interpolation=cv2.INTER_LINEAR,
-        mask_interpolation=cv2.INTER_NEAREST,
-        border_mode=REFLECT,
-        p=0.3,
-    )
     return Preset(
         views=D4,
-        spatial=[affine(scale=0.25, degrees=45, shift=0.1, p=0.7), elastic],
-        photometric=photometric(strength=1.5, p=0.7),
+        geometry=(
+            AffineSpec(scale=0.25, degrees=45, shift=0.1, p=0.7),
+            ElasticSpec(alpha=30, sigma=6, p=0.3),
+        ),
+        colour=ColourSpec(strength=1.5, p=0.7),
     )
+
+
+Window = tuple[int, int, int]  # top, left, side: a square of an image; the parts outside it are reflected
+
+
+def reflect(positions: np.ndarray, size: int) -> np.ndarray:
+    """Fold positions into [0, size) by reflection without repeating the edge (BORDER_REFLECT_101)."""
+    period = max(2 * (size - 1), 1)
+    positions = np.remainder(positions, period)
+    return np.where(positions >= size, period - positions, positions)
+
+
+def cut(array: np.ndarray, window: Window | None) -> np.ndarray:
+    """The `window` of an HxW[xC] array (a view when it lies inside), reflected (BORDER_REFLECT_101) outside it."""
+    if window is None:
+        return array
+    top, left, side = window
+    height, width = array.shape[:2]
+    rows, cols = slice(max(top, 0), min(top + side, height)), slice(max(left, 0), min(left + side, width))
+    pad = ((rows.start - top, top + side - rows.stop), (cols.start - left, left + side - cols.stop))
+    if not any(any(p) for p in pad):
+        return array[rows, cols]
+    inside = array[rows, cols]
+    if all(
+        p < n
+        for p, n in zip((*pad[0], *pad[1]), (*[inside.shape[0]] * 2, *[inside.shape[1]] * 2), strict=True)
+    ):
+        # The part inside touches the image border it is reflected about: mirroring it is mirroring the image.
+        return np.pad(inside, pad + ((0, 0),) * (array.ndim - 2), mode="reflect")
+    return array[
+        reflect(np.arange(top, top + side), height)[:, None], reflect(np.arange(left, left + side), width)
+    ]
+
+
+def mean_map(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """float16 mean of same-shape logit maps (summed in float32); the one map itself when there is one."""
+    if len(maps) == 1:
+        return maps[0]
+    total = np.zeros(maps[0].shape, np.float32)
+    for logits in maps:
+        total += logits
+    return (total / len(maps)).astype(np.float16)
+
+
+def _seed(compose: A.Compose, rng: np.random.Generator) -> None:
+    """Give every transform of `compose` its own seed from `rng` (Compose.set_random_seed gives them all one)."""
+    for transform in compose.transforms:
+        transform.set_random_seed(int(rng.integers(2**31)))
 
 
 class Augment:
-    """Callable that augments one sample; built by `build_augment`.
+    """Callable that augments one sample; built by `build_augment` (see the module docstring for the steps)."""
 
-    `views` are the D4 views it may sample; `spatial` and `photometric` are the two Composes (see the
-    module docstring for why they are separate).
-    """
-
-    def __init__(self, preset: Preset, crop_size: int | None = None, seed: int | None = None):
-        spatial = list(preset.spatial)
-        if crop_size is not None:
-            # Native-resolution crops: rescaling whole images would blur 1-pixel vessels away.
-            spatial.append(
-                A.RandomCrop(height=crop_size, width=crop_size, pad_if_needed=True, border_mode=REFLECT, p=1)
-            )
+    def __init__(self, preset: Preset, crop_size: int | None = None):
+        self.preset = preset
         self.views = preset.views
         self.crop_size = crop_size
+        self.window = None if crop_size is None else preset.window_side(crop_size)
+        spatial = [spec.albumentations(crop_size) for spec in preset.geometry] + list(preset.spatial)
+        colour = preset.colour.albumentations() if preset.colour is not None else []
         self.spatial = A.Compose(spatial, additional_targets={"roi": "mask", "teacher": "image"})
-        self.photometric = A.Compose(preset.photometric)
-        self.reseed(seed)
+        self.photometric = A.Compose(colour + list(preset.photometric))
 
-    def reseed(self, seed: int | None) -> None:
-        """Give this copy its own random streams (call once per DataLoader worker)."""
-        self.rng = np.random.default_rng(seed)
-        seeds = self.rng.integers(0, 2**31, size=2)
-        self.spatial.set_random_seed(int(seeds[0]))
-        self.photometric.set_random_seed(int(seeds[1]))
-
-    def sample_view(self, among: Iterable[str] | None = None) -> str:
+    def sample_view(self, rng: np.random.Generator, among: Iterable[str] | None = None) -> str:
         """A random D4 view of this preset, restricted to `among` (e.g. the views a cache holds)."""
         allowed = [v for v in self.views if among is None or v in among]
         if not allowed:
@@ -159,43 +314,77 @@ class Augment:
                 f"augment: none of the preset's views {list(self.views)} is in {sorted(among or [])}; "
                 "cache the identity view or choose another preset"
             )
-        return allowed[self.rng.integers(len(allowed))]
+        return allowed[rng.integers(len(allowed))]
+
+    def sample_window(
+        self, shape: tuple[int, int], rng: np.random.Generator, side: int | None = None
+    ) -> Window | None:
+        """A random crop of an HxW image widened to the window around it (`side`, default this preset's).
+
+        The crop lies inside the image when the image is at least as large, else the image lies
+        inside the crop; None when there is no crop size (the whole image is used).
+        """
+        if self.crop_size is None:
+            return None
+        crop, side = self.crop_size, side or self.window or self.crop_size
+        top, left = (int(rng.integers(min(0, n - crop), max(0, n - crop) + 1)) for n in shape)
+        margin = (side - crop) // 2
+        return top - margin, left - margin, side
 
     def __call__(
         self,
         image: np.ndarray,
         mask: np.ndarray,
         roi: np.ndarray,
-        teacher: np.ndarray | None = None,
+        teacher: np.ndarray | Sequence[np.ndarray] | None = None,
         view: str | None = None,
+        rng: np.random.Generator | int | None = None,
     ) -> dict[str, np.ndarray | str]:
         """Augment one sample. Returns {"image", "mask", "roi", "view"} (+ "teacher" when given).
 
-        image HxWx3 uint8, mask and roi HxW uint8, teacher HxW or HxWxV float32/float16 logits in the
-        same (original) orientation as the image. `view` forces the D4 view (else one is sampled).
+        image HxWx3 uint8, mask and roi HxW uint8; teacher: HxW float16/float32 logits in the same
+        (original) orientation as the image, or a sequence of such maps (cached views) that are cut
+        to the window and averaged there. `view` forces the D4 view (else one is sampled); `rng`
+        (a Generator or a seed) draws everything random.
         """
-        view = self.sample_view() if view is None else view
-        data = {"image": image, "mask": mask, "roi": roi}
+        rng = np.random.default_rng(rng)
+        view = self.sample_view(rng) if view is None else view
+        window = self.sample_window(mask.shape, rng) if self.window is not None else None
+        data = {"image": cut(image, window), "mask": cut(mask, window), "roi": cut(roi, window)}
         if teacher is not None:
-            data["teacher"] = teacher.astype(np.float32, copy=False)
+            maps = [teacher] if isinstance(teacher, np.ndarray) else teacher
+            dtype = maps[0].dtype
+            data["teacher"] = mean_map([cut(m, window) for m in maps])
+            if self.spatial.transforms:
+                data["teacher"] = data["teacher"].astype(np.float32)
         data = {key: apply_view(value, view) for key, value in data.items()}
         if self.spatial.transforms:
+            _seed(self.spatial, rng)
             data = self.spatial(**data)
+        if self.crop_size is not None:
+            size = data["mask"].shape
+            crop = (
+                self.sample_window(size, rng, self.crop_size)
+                if self.window is None
+                else ((size[0] - self.crop_size) // 2, (size[1] - self.crop_size) // 2, self.crop_size)
+            )
+            data = {key: np.ascontiguousarray(cut(value, crop)) for key, value in data.items()}
         if self.photometric.transforms:
+            _seed(self.photometric, rng)
             data["image"] = self.photometric(image=data["image"])["image"]
         if teacher is not None:
-            data["teacher"] = np.ascontiguousarray(data["teacher"], dtype=teacher.dtype)
+            data["teacher"] = np.ascontiguousarray(data["teacher"], dtype=dtype)
         return {**data, "view": view}
 
 
-def build_augment(preset: str = "default", crop_size: int | None = None, seed: int | None = None) -> Augment:
+def build_augment(preset: str = "default", crop_size: int | None = None) -> Augment:
     """Build the augmentation named `preset` ("none", "light", "default", "strong").
 
-    `crop_size` adds a random native-resolution square crop (reflect-padded when the image is smaller),
+    `crop_size` crops a random native-resolution square (reflect-padded when the image is smaller),
     so that images of different sizes batch together in training.
     """
     if preset not in PRESETS:
         raise ConfigError(f"data.augment={preset!r} is unknown; choose one of {list_presets()}")
     if crop_size is not None and crop_size < 1:
         raise ConfigError(f"data.crop_size={crop_size} must be a positive number of pixels (or null)")
-    return Augment(PRESETS[preset](), crop_size=crop_size, seed=seed)
+    return Augment(PRESETS[preset](), crop_size=crop_size)

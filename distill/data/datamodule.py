@@ -6,12 +6,18 @@ copy stays small; the LightningModule converts on the device. Shapes and dtypes:
     image    uint8   [B,3,H,W]  RGB, not normalised (channels_last strides)
     mask     uint8   [B,1,H,W]  0/1
     roi      uint8   [B,1,H,W]  0/1 (all ones when the dataset has none; 0 on batch padding)
-    teacher  float16 [B,1,H,W]  logits aligned with the augmented image (only with cache_dir)
+    teacher  float16 [B,1,H,W]  logits aligned with the augmented image (only with cache_dir; in
+                                training only when the module trains on them, see train_dataloader)
     teacher_valid uint8 [B]     1 where the teacher gave a map; 0 for a no_mask id, whose teacher
-                                logits are NO_MAP_LOGIT everywhere (only with cache_dir)
+                                logits are NO_MAP_LOGIT everywhere (with teacher)
     skeleton uint8   [B,1,H,W]  skeleton of the augmented mask (only with skeletons=True)
     id       list[str]
     index    int64   [B]        position in its split (puts per-image scores gathered over DDP ranks in order)
+
+Training batches are made by DataLoader workers (`augment_on: workers`, albumentations, one sample
+at a time) or on the training device (`augment_on: device`, kornia, a batch at a time; see
+distill.data.device_augment); both draw a sample's augmentation from the run's seed and the sample's
+place in the stream, so the same seed gives the same batches whatever `num_workers` is.
 
 Images of different sizes: training crops to `crop_size` when it is set; validation and test are
 never augmented or resized, so a batch whose images differ in size is padded at the bottom/right to
@@ -27,26 +33,25 @@ out instead would change the dataset's fingerprint and orphan the whole cache.
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
-import random
-import warnings
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Literal
 
 import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from skimage.morphology import skeletonize
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from distill.cache import TeacherCache
 from distill.data import Record, VesselDataset, open_dataset
-from distill.data.augment import Augment, build_augment
-from distill.data.sampling import EndlessBatches, EpochStream, EvalShard
+from distill.data.augment import Augment, build_augment, mean_map, sample_rng
+from distill.data.device_augment import DeviceAugment, DeviceBatches, ResidentSplit
+from distill.data.sampling import Draw, EndlessBatches, EpochStream, EvalShard, batches_per_epoch
 from distill.data.splits import SPLITS
 from distill.errors import CacheError, ConfigError, DistillError
 
@@ -55,17 +60,18 @@ WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_work
 
 
 class TeacherMaps:
-    """Reads the teacher map of an id for a view, from a cache opened lazily in whichever process reads.
+    """Reads the teacher maps of an id, from a cache opened lazily in whichever process reads.
 
-    `views="mean"`: the float32 mean of every cached view (test-time augmentation as a better
-    teacher), returned as float16 in the original orientation. `views="match"`: the map of the one
-    view asked for, still in the original orientation (the caller applies the view, as to the image).
+    `views="mean"`: training and scoring use the mean of every cached view (test-time augmentation
+    as a better teacher); `views="match"`: the map of the view that augmentation sampled. Maps come
+    in the original orientation (the caller applies the view, as to the image) as read-only memory
+    maps, so nothing is read until a window of them is used.
     """
 
     def __init__(self, cache_dir: str, views: Literal["mean", "match"], no_map: frozenset[str] = frozenset()):
         self.cache_dir = cache_dir
         self.views = views
-        self.no_map = no_map  # ids with status no_mask (for any view): read() gives NO_MAP_LOGIT everywhere
+        self.no_map = no_map  # ids with status no_mask (for any view): their map is NO_MAP_LOGIT everywhere
         self._cache: TeacherCache | None = None
 
     @property
@@ -77,26 +83,34 @@ class TeacherMaps:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": None}  # each worker opens its own memory maps
 
-    def read(self, id: str, view: str, shape: tuple[int, int]) -> np.ndarray:
+    def read(self, id: str, view: str, shape: tuple[int, int]) -> list[np.ndarray]:
+        """The float16 HxW maps to use for `id` seen as `view`: the view's own ("match", or a one-view
+        cache) or every cached view ("mean": average them where they are used, see augment.mean_map)."""
         if id in self.no_map:  # an empty prediction; augmentation moves it like any map
-            return np.full(shape, NO_MAP_LOGIT, np.float16)
-        if self.views == "mean" and len(self.cache.views) > 1:
-            teacher = self.cache.read_views(id).mean(axis=0, dtype=np.float32).astype(np.float16)
-        else:  # one map: a read-only view of the cache (augmentation and collate copy it anyway)
-            teacher = self.cache.read(id, view if self.views == "match" else self.cache.views[0], copy=False)
-        if teacher.shape != shape:
+            return [np.full(shape, NO_MAP_LOGIT, np.float16)]
+        views = self.cache.views if self.views == "mean" else [view]
+        maps = [self.cache.read(id, v, copy=False) for v in views]
+        if maps[0].shape != shape:
             raise CacheError(
-                f"{self.cache_dir}: teacher map of {id!r} is {teacher.shape[0]}x{teacher.shape[1]} but the "
+                f"{self.cache_dir}: teacher map of {id!r} is {maps[0].shape[0]}x{maps[0].shape[1]} but the "
                 f"image is {shape[0]}x{shape[1]}; rebuild the cache for this dataset"
             )
-        return teacher
+        return maps
+
+    def resident(self, id: str, shape: tuple[int, int]) -> np.ndarray:
+        """What a resident split holds for `id`: the mean map ("mean"), or every cached view as HxWxV ("match")."""
+        if self.views == "mean":
+            return mean_map(self.read(id, "identity", shape))
+        return np.stack([self.read(id, view, shape)[0] for view in self.cache.views], axis=-1)
 
 
 class VesselSplit(Dataset):
     """One split as a torch Dataset: record -> (teacher join) -> augmentation -> per-sample arrays.
 
     `load` maps an id to its Record (a dict lookup when the data is held in RAM, else the reader).
-    `augment=None` means evaluation: no augmentation, identity view, full size.
+    `augment=None` means evaluation: no augmentation, identity view, full size. Training items are
+    `Draw`s (an int i counts as Draw(i, i)): the draw's number and `seed` (the run's, set by the
+    DataModule) seed its augmentation.
     """
 
     def __init__(
@@ -106,33 +120,33 @@ class VesselSplit(Dataset):
         augment: Augment | None,
         teacher: TeacherMaps | None,
         skeletons: bool,
+        seed: int = 0,
     ):
         self.ids = ids
         self.load = load
         self.augment = augment
         self.teacher = teacher
         self.skeletons = skeletons
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def reseed(self, seed: int) -> None:
-        if self.augment is not None:
-            self.augment.reseed(seed)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+    def __getitem__(self, item: int | Draw) -> dict[str, np.ndarray | str]:
+        index, number = item if isinstance(item, tuple) else (item, item)
         record = self.load(self.ids[index])
         shape = record.mask.shape
         roi = np.ones(shape, np.uint8) if record.roi is None else record.roi.astype(np.uint8)
         sample = {"image": record.image, "mask": record.mask, "roi": roi}
         if self.augment is None:
             if self.teacher is not None:
-                sample["teacher"] = self.teacher.read(record.id, "identity", shape)
+                sample["teacher"] = mean_map(self.teacher.read(record.id, "identity", shape))
         else:
+            rng = sample_rng(self.seed, number)
             among = self.teacher.cache.views if self.teacher and self.teacher.views == "match" else None
-            view = self.augment.sample_view(among)
+            view = self.augment.sample_view(rng, among)
             teacher = self.teacher.read(record.id, view, shape) if self.teacher else None
-            sample = self.augment(**sample, teacher=teacher, view=view)
+            sample = self.augment(**sample, teacher=teacher, view=view, rng=rng)
             del sample["view"]
         if self.teacher is not None:
             sample["teacher_valid"] = np.uint8(record.id not in self.teacher.no_map)
@@ -170,13 +184,23 @@ def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
 
 
 class ForkSafeLoader(DataLoader):
-    """A DataLoader whose worker processes never free CUDA memory they inherited.
+    """A DataLoader whose workers are forked, and never free CUDA memory they inherited.
 
-    Workers are forked: any garbage cycle holding a CUDA tensor in the parent at that moment is
-    copied into them, and a garbage collection there frees it with CUDA calls a forked child cannot
-    make ("CUDA error: initialization error", the worker dies). So the parent collects right before
-    its workers start, and each worker freezes what it inherited (`init_worker`).
+    Forked, whatever the process's default start method: in a process started by spawn (every rank
+    of `ddp_spawn`) the default is spawn, and each worker would then re-import the main script and
+    receive a pickled copy of the dataset, the decoded records included (gigabytes, for every worker
+    of every rank: what made `bench_fit --devices 2` crawl on two H200s). Forked, they share it.
+
+    Any garbage cycle holding a CUDA tensor in the parent at fork time is copied into a forked worker,
+    and a garbage collection there would free it with CUDA calls a forked child cannot make ("CUDA
+    error: initialization error", the worker dies). So the parent collects right before its workers
+    start, and each worker freezes what it inherited (`init_worker`).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if kwargs.get("num_workers", 0) > 0 and "fork" in multiprocessing.get_all_start_methods():
+            kwargs.setdefault("multiprocessing_context", "fork")
+        super().__init__(*args, **kwargs)
 
     def __iter__(self):
         if self.num_workers > 0:
@@ -224,23 +248,17 @@ def freeze_inherited_objects(worker_id: int = 0) -> None:
     gc.freeze()
 
 
-def init_worker(worker_id: int, rank: int = 0) -> None:
-    """DataLoader worker_init_fn: inherited objects frozen (see ForkSafeLoader); own seeds for `random`,
-    numpy and the augmentation; one OpenCV thread; a lower priority.
+def init_worker(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: inherited objects frozen (see ForkSafeLoader); one OpenCV thread; a lower priority.
 
-    torch gives worker k the seed base + k, with `base` drawn from the loader's generator when its
-    iterator starts, so seeds differ per worker and follow `seed_everything`; the DDP rank is mixed
-    in because every rank draws the same base. The workers are the parallelism: OpenCV's own thread
-    pool in each of them would oversubscribe the cores (0 = no pool; unlike 1, safe in a forked child
-    whose parent already used the pool). Workers run at a lower priority (nice +10): when cores are
-    short, the training process, whose kernel launches keep the GPU busy, goes first (SegFormer-B0 on
-    an H200 with 14 workers on 16 cores: +5% images/s; BENCHMARKS.md).
+    Augmentations need no per-worker seeding: each sample is seeded by its draw (VesselSplit). The
+    workers are the parallelism: OpenCV's own thread pool in each of them would oversubscribe the
+    cores (0 = no pool; unlike 1, safe in a forked child whose parent already used the pool). Workers
+    run at a lower priority (nice +10): when cores are short, the training process, whose kernel
+    launches keep the GPU busy, goes first (SegFormer-B0 on an H200 with 14 workers on 16 cores: +5%
+    images/s; BENCHMARKS.md).
     """
     freeze_inherited_objects()
-    seed = int(np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
-    get_worker_info().dataset.reseed(seed)
     cv2.setNumThreads(0)
     os.nice(WORKER_NICENESS)
 
@@ -256,12 +274,19 @@ class VesselDataModule(pl.LightningDataModule):
             data is refused (CacheError).
         teacher_views: "mean" averages every cached view; "match" uses the cached view equal to the
             sampled flip/rotation (only cached views are sampled then).
-        batch_size: samples per batch (train, val and test).
+        batch_size: samples per batch and process (train, val and test). May exceed the train split:
+            its images then repeat within a batch.
+        samples_per_epoch: training samples per epoch, all processes together, drawn from the endless
+            stream of shuffled passes over the train split (so epochs of a small split can be long);
+            None: one pass over the split.
         num_workers: DataLoader worker processes (0 = load in the main process).
         in_memory: decode every record once in setup (in num_workers processes) and keep it in RAM
             (forked workers share it).
         crop_size: random square crop (pixels) for training; None trains at full size.
         augment: augmentation preset: "none", "light", "default", "strong".
+        augment_on: where training batches are made: "workers" (DataLoader workers, albumentations,
+            per sample) or "device" (the training device, kornia, per batch; needs crop_size, no
+            skeletons; the train split is held in GPU memory when it fits, see device_augment).
         split_seed: seed of the dataset's train/val/test split (used when no split file exists yet).
         skeletons: add the skeleton of the (augmented) mask for thin-vessel losses.
         pin_memory: pin batches for a faster copy to the GPU (only used when CUDA is available).
@@ -277,10 +302,12 @@ class VesselDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         teacher_views: Literal["mean", "match"] = "mean",
         batch_size: int = 8,
+        samples_per_epoch: int | None = None,
         num_workers: int = 2,
         in_memory: bool = True,
         crop_size: int | None = None,
         augment: str = "default",
+        augment_on: Literal["workers", "device"] = "workers",
         split_seed: int = 0,
         skeletons: bool = False,
         pin_memory: bool = True,
@@ -293,6 +320,15 @@ class VesselDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.batch_size={batch_size} must be >= 1, data.num_workers={num_workers} >= 0"
             )
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ConfigError(f"data.samples_per_epoch={samples_per_epoch} must be >= 1 (or null: one pass)")
+        if augment_on not in ("workers", "device"):
+            raise ConfigError(f"data.augment_on={augment_on!r}: choose 'workers' or 'device'")
+        if augment_on == "device" and skeletons:
+            raise ConfigError(
+                "data.skeletons=true needs data.augment_on=workers (skeletons are computed per sample "
+                "by scikit-image); thin.kind=cldice needs no skeletons"
+            )
         self.save_hyperparameters()
         self.data_format = data_format
         self.data_root = data_root
@@ -300,19 +336,25 @@ class VesselDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.teacher_views = teacher_views
         self.batch_size = batch_size
+        self.samples_per_epoch = samples_per_epoch
         self.num_workers = num_workers
         self.in_memory = in_memory
         self.crop_size = crop_size
         self.train_augment = build_augment(augment, crop_size)  # validates the preset here, not in a worker
+        self.augment_on = augment_on
+        if augment_on == "device":
+            DeviceAugment(self.train_augment, "cpu")  # refuses what the device path cannot do, now
         self.split_seed = split_seed
         self.skeletons = skeletons
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
         self.dataset: VesselDataset | None = None
         self.cache: TeacherCache | None = None
+        self.teacher: TeacherMaps | None = None
         self.teacher_no_mask_ids: frozenset[str] = frozenset()  # set in setup (see the module docstring)
         self.records: dict[str, Record] | None = None
         self.splits: dict[str, VesselSplit] = {}
+        self.resident: ResidentSplit | None = None  # the train split on the device (augment_on=device)
         self.train_stream: EpochStream | None = None
 
     @property
@@ -338,7 +380,6 @@ class VesselDataModule(pl.LightningDataModule):
         self.dataset = open_dataset(
             self.data_format, self.data_root, split_seed=self.split_seed, **self.reader_options
         )
-        teacher = None
         if self.cache_dir is not None:
             self.cache = TeacherCache(self.cache_dir)
             self.cache.check_dataset(self.dataset.fingerprint())
@@ -357,7 +398,7 @@ class VesselDataModule(pl.LightningDataModule):
                     "they train on ground truth alone, and count as an empty teacher prediction in the "
                     "teacher's metrics (metrics.json lists them under teacher_no_mask_ids)"
                 )
-            teacher = TeacherMaps(self.cache_dir, self.teacher_views, self.teacher_no_mask_ids)
+            self.teacher = TeacherMaps(self.cache_dir, self.teacher_views, self.teacher_no_mask_ids)
         load = self.dataset.get
         if self.in_memory:
             ids = [i for split in SPLITS for i in self.dataset.split_ids(split)]
@@ -366,7 +407,7 @@ class VesselDataModule(pl.LightningDataModule):
         for split in SPLITS:
             augment = self.train_augment if split == "train" else None
             self.splits[split] = VesselSplit(
-                self.dataset.split_ids(split), load, augment, teacher, self.skeletons
+                self.dataset.split_ids(split), load, augment, self.teacher, self.skeletons
             )
 
     def _split(self, split: str) -> VesselSplit:
@@ -381,39 +422,73 @@ class VesselDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, data: VesselSplit, rank: int, **kwargs: Any) -> DataLoader:
+    def _loader(self, data: VesselSplit, **kwargs: Any) -> DataLoader:
         return ForkSafeLoader(
             data,
             num_workers=self.num_workers,
             collate_fn=collate_padded,
             pin_memory=self.pin_memory,
-            worker_init_fn=partial(init_worker, rank=rank) if self.num_workers > 0 else None,
+            worker_init_fn=init_worker if self.num_workers > 0 else None,
             **kwargs,
         )
 
     def train_dataloader(self) -> EpochStream:
-        """Shuffled, augmented batches as one stream that runs across epochs (see distill.data.sampling)."""
+        """Shuffled, augmented batches as one stream that runs across epochs (see distill.data.sampling).
+
+        Teacher maps are read for training only when the module trains on them (its
+        `trains_on_teacher`, e.g. False with kd.alpha = 0); validation and test always score the teacher.
+        """
         data = self._split("train")
         rank, world_size = self._ranks()
         seed = int(torch.randint(2**31, ()).item())  # follows seed_everything
-        first_pass, device = 0, None
+        first_batch, device, module = 0, torch.device("cpu"), None
         if self.trainer is not None:
             seed = self.trainer.strategy.broadcast(seed)  # every rank must deal the same permutation
-            first_pass = self.trainer.current_epoch  # a resumed run continues the sequence
-            device = self.trainer.strategy.root_device  # CUDA: batches prefetched onto it
-        if len(data) // world_size < self.batch_size:
-            warnings.warn(
-                f"train split has {len(data)} images for {world_size} process(es) of data.batch_size="
-                f"{self.batch_size}: one short batch per epoch",
-                stacklevel=2,
+            first_batch = self.trainer.fit_loop.epoch_loop.batch_progress.total.completed  # resumed: continue
+            device = self.trainer.strategy.root_device
+            module = self.trainer.lightning_module
+        teacher = self.teacher if getattr(module, "trains_on_teacher", True) else None
+        per_step = self.batch_size * world_size
+        if per_step > len(data):
+            rank_zero_info(
+                f"data.batch_size={self.batch_size} x {world_size} process(es) exceeds the {len(data)} train "
+                "images: images repeat within a step"
             )
-        if self.num_workers == 0:
-            data.reseed(seed + rank)
-        batches = EndlessBatches(len(data), self.batch_size, seed, rank, world_size, first_pass)
+        steps = batches_per_epoch(
+            self.samples_per_epoch or max(len(data), per_step), self.batch_size, world_size
+        )
+        batches = EndlessBatches(len(data), self.batch_size, seed, rank, world_size, first_batch)
         self.close_train_stream()
-        loader = self._loader(data, rank, batch_sampler=batches)
-        self.train_stream = EpochStream(loader, batches.batches_per_pass, device)
+        if self.augment_on == "device":
+            stream = DeviceBatches(
+                self._resident(data, teacher, device),
+                DeviceAugment(self.train_augment, device),
+                batches,
+                seed,
+            )
+            self.train_stream = EpochStream(stream, steps)
+        else:
+            train = VesselSplit(data.ids, data.load, data.augment, teacher, self.skeletons, seed)
+            self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
         return self.train_stream
+
+    def _resident(
+        self, data: VesselSplit, teacher: TeacherMaps | None, device: torch.device
+    ) -> ResidentSplit:
+        """The train split held on `device` (built once per fit setting: device and whether it holds the teacher)."""
+        if self.resident is None or self.resident.requested != (device, teacher is not None):
+            records = [data.load(i) for i in data.ids]
+            maps = None if teacher is None else [teacher.resident(r.id, r.mask.shape) for r in records]
+            self.resident = ResidentSplit(
+                records,
+                maps,
+                teacher_views=self.cache.views
+                if teacher is not None and self.teacher_views == "match"
+                else None,
+                teacher_valid=None if teacher is None else [r.id not in teacher.no_map for r in records],
+                device=device,
+            )
+        return self.resident
 
     def close_train_stream(self) -> None:
         if self.train_stream is not None:
@@ -425,7 +500,6 @@ class VesselDataModule(pl.LightningDataModule):
         rank, world_size = self._ranks()
         return self._loader(
             data,
-            rank,
             batch_size=self.batch_size,
             sampler=EvalShard(data, rank, world_size),
             persistent_workers=self.persistent_workers,

@@ -275,13 +275,22 @@ class Sa2VATeacher(Teacher):
         if dtype not in _DTYPES:
             raise ConfigError(f"--dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
         if max_dynamic_patch is not None and not 1 <= int(max_dynamic_patch) <= 12:
-            raise ConfigError(f"--max-dynamic-patch {max_dynamic_patch}: Sa2VA takes 1 to 12 tiles")
+            raise ConfigError(
+                f"--teacher-option max_dynamic_patch={max_dynamic_patch}: Sa2VA takes 1 to 12 tiles"
+            )
         if not 0.0 <= self_check_tolerance < 1.0:
-            raise ConfigError(f"--self-check-tolerance {self_check_tolerance}: a fraction in [0, 1)")
+            raise ConfigError(
+                f"--teacher-option self_check_tolerance={self_check_tolerance}: a fraction in [0, 1)"
+            )
         if path not in PATHS:
             raise ConfigError(f"--teacher-option path={path!r}: choose one of {list(PATHS)}")
         if path != "teacher_forced" and (answer is not None or sam2_views):
             raise ConfigError("--teacher-option answer / sam2_views need path=teacher_forced")
+        if answer is not None and "[SEG]" not in answer:
+            raise ConfigError(
+                f"--teacher-option answer={answer!r}: the teacher-forced path needs an answer with a [SEG] token "
+                "(its hidden state is the mask prompt), e.g. 'It is [SEG].<|im_end|>'"
+            )
         if not 0.0 < check_agreement <= 1.0 or check_first < 0 or check_every < 0:
             raise ConfigError(
                 f"check_agreement={check_agreement} must be in (0, 1], check_first={check_first} and "

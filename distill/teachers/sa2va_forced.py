@@ -194,8 +194,9 @@ class TeacherForcing:
         seg_positions = (
             [] if self.answer_ids is None else seg_hidden_positions(self.answer_ids, self.model.seg_token_idx)
         )
-        if not seg_positions:  # no answer with a [SEG] yet (or none to force): Sa2VA's own path decides
+        if not seg_positions:  # no answer with a [SEG] yet: Sa2VA's own path decides
             results.update({i: self._generated_views(images[i], views[i], prompts[i]) for i in todo})
+            todo = []
         for group, batch, hidden, ok in self._groups(images, prompts, todo):
             for row, i in enumerate(group):
                 if not ok[row]:

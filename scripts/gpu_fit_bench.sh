@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The student-training figures of BENCHMARKS.md on a GPU machine; logs and JSON land in OUT.
+#   bash scripts/gpu_fit_bench.sh OUT 1gpu      # pytest -m gpu; bare/pure/pipeline, 3 models x 2 regimes, --profile;
+#                                               # the worker data path at 512x32 beside the device path
+#   bash scripts/gpu_fit_bench.sh OUT 1gpu-256  # the first half of 1gpu (tests, 256x16), for a shorter time limit
+#   bash scripts/gpu_fit_bench.sh OUT 1gpu-512  # the second half (512x32, worker path)
+#   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU test, pipeline scaling 1 -> 2 GPUs
+# Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
+set -u
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu}"
+PY="${PY:-python3}"
+export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
+mkdir -p "$OUT"
+
+step() {  # step NAME COMMAND...: run it, output to OUT/NAME.txt, status and seconds to OUT/steps.txt
+    local name="$1" start=$SECONDS
+    shift
+    echo "=== $name: $*"
+    "$@" > "$OUT/$name.txt" 2>&1
+    local status=$?
+    echo "$name exit=$status seconds=$((SECONDS - start))" | tee -a "$OUT/steps.txt"
+    tail -n 25 "$OUT/$name.txt"
+    return $status
+}
+
+bench() { step "$1" "$PY" scripts/bench_fit.py --out "$OUT" "${@:2}"; }
+
+one_gpu_256() {
+    step pytest_gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+    bench bench_256 --compile --profile --regimes 256x16 --tag 256x16
+}
+
+one_gpu_512() {
+    bench bench_512 --compile --profile --regimes 512x32 --tag 512x32
+    bench bench_512_workers --compile --figures pipeline --augment-on workers --regimes 512x32 \
+        --models unet_r34 segformer_b0 --tag 512x32_workers
+}
+
+two_gpus() {
+    step demo_data "$PY" -m distill.synth --out data/synthetic --count 96 --size 192 --style fundus --seed 0
+    step demo_cache "$PY" -m distill.cache_teacher --config configs/teacher/frangi_synthetic.yaml
+    local demo=("$PY" -m distill.fit --config configs/fit/demo.yaml --trainer.accelerator=gpu --trainer.devices=2
+        --runs_dir "$OUT/students" --wandb=false)
+    # Until the demo student drops encoder stages beyond encoder_depth, DDP reports them unused.
+    step demo_ddp "${demo[@]}" --trainer.strategy=ddp --run_name demo_ddp ||
+        step demo_ddp_unused "${demo[@]}" --trainer.strategy=ddp_find_unused_parameters_true --run_name demo_ddp_unused
+    step pytest_gpu_ddp "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k ddp
+    bench bench_ddp --regimes 512x32 --figures pipeline --devices 1 2 --models unet_r34 segformer_b0 --tag ddp
+}
+
+case "$WHAT" in
+    1gpu) one_gpu_256; one_gpu_512 ;;
+    1gpu-256) one_gpu_256 ;;
+    1gpu-512) one_gpu_512 ;;
+    2gpu) two_gpus ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512 or 2gpu" >&2; exit 2 ;;
+esac
+cat "$OUT/steps.txt"

@@ -1,0 +1,85 @@
+"""scripts/bench_fit.py on CPU at tiny sizes: every figure, profile and DDP code path runs and reports."""
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from torch.autograd import DeviceType
+
+
+@pytest.mark.slow
+def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
+    command = [
+        sys.executable,
+        "scripts/bench_fit.py",
+        "--tiny",
+        "--models", "unet_r34",
+        "--regimes", "48x2",
+        "--figures", "bare", "pure", "pipeline", "loop", "loader", "inference",
+        "--augment-on", "device", "workers",
+        "--devices", "1", "2",
+        "--compile",
+        "--profile",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, timeout=1500)
+    (result,) = json.loads((tmp_path / "fit_cpu_tiny.json").read_text())["results"]
+    for figure in ("bare", "pure", "pipeline_device", "pipeline_workers", "pipeline_device_2gpu", "loop"):
+        assert result[figure]["img_s"] > 0, figure
+    for figure in ("bare", "pure", "pipeline_device", "pipeline_workers"):
+        profile = result[figure]["profile"]
+        assert profile["wall_ms_per_step"] > 0 and profile["top_host_ops"], figure
+        assert profile["gpu_busy_fraction"] is None and profile["host_syncs_per_step"] == 0  # no GPU here
+    assert result["pipeline_device_2gpu"]["world_size"] == 2
+    assert set(result["ratios"]) >= {"pipeline_device/bare", "pure/bare", "pipeline_device_2gpu/1gpu"}
+    assert result["inference"]["latency_b1_ms"] > 0 and result["loader_device"]["img_s"] > 0
+
+
+def load_bench_fit():
+    spec = importlib.util.spec_from_file_location("bench_fit", "scripts/bench_fit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_fit"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_profile_summary_counts_busy_time_once_launches_and_host_syncs():
+    """On fake events: GPU busy is the union of device intervals; launches and syncs are host API calls."""
+    bench_fit = load_bench_fit()
+
+    def event(name, start, end, device=False):
+        interval = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(
+            name=name, time_range=interval, device_type=DeviceType.CUDA if device else DeviceType.CPU
+        )
+
+    events = [
+        event("void conv_kernel", 0, 10, device=True),
+        event("void add_kernel", 5, 20, device=True),  # overlaps the first (another stream)
+        event("Memcpy HtoD (Pinned -> Device)", 30, 40, device=True),
+        event("cudaLaunchKernel", 0, 1),
+        event("cuLaunchKernelEx", 2, 3),
+        event("cudaStreamSynchronize", 20, 29),
+        event("cudaMemcpyAsync", 29, 30),
+        event("aten::add", 0, 5),
+    ]
+    row = SimpleNamespace(key="aten::add", count=2, self_device_time_total=15.0, self_cpu_time_total=5.0)
+    profile = SimpleNamespace(events=lambda: events, key_averages=lambda: [row])
+    summary = bench_fit.profile_summary(profile, wall_s=100e-6, steps=2)
+    assert summary["gpu_busy_ms_per_step"] == pytest.approx(30e-3 / 2)  # [0, 20] and [30, 40]
+    assert summary["gpu_busy_fraction"] == pytest.approx(0.3)
+    assert summary["kernel_ms_per_step"] == pytest.approx(25e-3 / 2) and summary["kernels_per_step"] == 1
+    assert summary["launch_calls_per_step"] == 1 and summary["host_syncs_per_step"] == 0.5
+    assert summary["host_sync_ms_per_step"] == pytest.approx(9e-3 / 2)
+    assert summary["top_device_ops"] == [{"op": "aten::add", "calls": 2, "ms_per_step": 15e-3 / 2}]
+
+
+def test_regimes_are_size_x_batch():
+    bench_fit = load_bench_fit()
+    assert bench_fit.Regime.parse("256x16") == bench_fit.Regime(256, 16)
+    with pytest.raises(argparse.ArgumentTypeError, match="SIZExBATCH"):
+        bench_fit.Regime.parse("256")
