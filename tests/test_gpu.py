@@ -69,7 +69,9 @@ def test_finite_check_names_a_nan_term_on_cuda():
     assert FiniteCheck({"gt_bce": torch.ones((), device="cuda")}).first_nonfinite() is None
 
 
-@pytest.mark.parametrize("config", ["unet_r34_kd", "segformer_b0_kd", "unet_r34_gt", "small_data"])
+@pytest.mark.parametrize(
+    "config", ["unet_r34_kd", "segformer_b0_kd", "unet_r34_gt", "small_data", "small_student_kd"]
+)
 def test_the_shipped_gpu_configs_train_and_report(config, tiny_data_and_cache, tmp_path):
     """Their trainer and augmentation settings as shipped (bf16-mixed, clipping, channels_last, batches made on the GPU) on tiny data."""
     data, cache = tiny_data_and_cache
