@@ -298,7 +298,7 @@ def forced_line(forced: dict[str, Any]) -> str:
 
 def verify(args: argparse.Namespace) -> int:
     """Check the cache `args.verify` against a dataset (the one --data-format/--data-root name, else the
-    one its manifest recorded), so that ids, content hashes and shapes are all checked."""
+    one its manifest recorded), so that ids, input hashes and shapes are all checked."""
     root = args.verify
     if args.data_root:
         data_format, data_root, options = args.data_format, args.data_root, args.reader_options

@@ -159,7 +159,9 @@ def test_killing_a_run_with_worker_processes_kills_its_workers(data, tmp_path):
         ]
         time.sleep(0.2)
     assert not alive, f"worker processes {alive} outlived their killed parent"
-    assert run(*common, "--out", out, "--workers", 2, "--teacher-option", "delay=0") == 0  # the rerun completes it
+    assert (
+        run(*common, "--out", out, "--workers", 2, "--teacher-option", "delay=0") == 0
+    )  # the rerun completes it
     assert run("--verify", out) == 0
 
 

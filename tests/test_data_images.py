@@ -95,7 +95,7 @@ def test_mask_folder_pairs_an_exif_photo_with_a_mask_drawn_upright(tmp_path):
         assert record.image[record.mask.astype(bool)].mean() > 240
 
 
-def test_only_files_the_new_decoding_changes_get_a_new_content_hash(tmp_path):
+def test_only_files_the_new_decoding_changes_get_a_new_input_hash(tmp_path):
     """An EXIF-turned photo or 16-bit grayscale was decoded otherwise before, so a teacher cache made then
     must not match; a plain file's hash (and every cache made from plain files) stays as it was."""
     Image.fromarray(upright_picture()).save(tmp_path / "plain.png")
@@ -212,7 +212,7 @@ def test_bit_depth_option_fixes_one_depth_and_refuses_data_beyond_it(tmp_path):
     assert (
         detected.max() == 204 and image.max() == 51
     )  # guessed from the image: 4x brighter than its siblings
-    assert fixed.content_hash("dark") != open_dataset("mask_folder", tmp_path).content_hash("dark")
+    assert fixed.input_hash("dark") != open_dataset("mask_folder", tmp_path).input_hash("dark")
     with pytest.raises(DatasetError, match=r"dark.tif: has values up to 819, more than bit_depth=8"):
         open_dataset("mask_folder", tmp_path, bit_depth=8).get("dark")
     with pytest.raises(ConfigError, match="bit_depth=20"):

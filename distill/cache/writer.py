@@ -41,7 +41,7 @@ class CacheWriter:
     """Appends one process's rows to `<root>/<writer_id>.{f16,index}`; see `distill.cache.format`.
 
     `manifest` needs "teacher" (fingerprint dict), "dataset" (the dataset's fingerprint dict, with
-    "items" {id: content hash}: the ids this writer may write, and the hash each row records),
+    "items" {id: input hash}: the ids this writer may write, and the hash each row records),
     "views" (list of view names), optionally "dtype" ("float16") and "command". Refused with
     CacheError: a cache of another teacher, views or dtype, or one holding rows of these ids computed
     from other content. Re-opening a writer id after a crash recovers its files; `done()` also sees
