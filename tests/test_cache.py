@@ -217,6 +217,9 @@ def test_merge_two_roots_and_refuse_conflicts(tmp_path, reference):
     assert info["rows"] == 24 and sorted(info["writers"]) == ["w-rank0", "w-rank0@1"]
     assert contents(merged) == contents(reference) and verify_cache(merged) == []
     assert merge_cache(merged, reference)["rows"] == 24  # identical duplicates are accepted, not doubled
+    files = sorted((p.name, p.stat().st_size) for p in merged.iterdir())
+    merge_cache(merged, *halves)  # merging again adds nothing: no empty shard copies
+    assert sorted((p.name, p.stat().st_size) for p in merged.iterdir()) == files
 
     clash = tmp_path / "clash"
     with CacheWriter(clash, "w0", make_manifest(COUNT)) as w:

@@ -228,6 +228,8 @@ def _plan_merge(
                     records.append(
                         record
                     )  # with its item hash: the destination may not know the source's items
+            if not records:  # every row is in dst already: copy nothing, so merging again changes nothing
+                continue
             name, n = writer, 1
             while name in taken:
                 name, n = f"{writer}@{n}", n + 1
