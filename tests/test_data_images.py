@@ -115,6 +115,21 @@ def thin_vessels() -> np.ndarray:
     return mask
 
 
+def test_a_mask_drawn_on_a_transparent_layer_is_read_as_a_viewer_shows_it(tmp_path):
+    """Image editors export a vessel layer as RGBA: red vessels on transparent pixels that store white.
+    Dropping alpha read every transparent pixel as vessel (a full mask, no warning)."""
+    vessels = thin_vessels() > 0
+    rgba = np.zeros((*vessels.shape, 4), np.uint8)
+    rgba[..., :3] = 255  # transparent white
+    rgba[vessels] = (220, 0, 0, 255)  # opaque red vessels
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "layer.png")
+    np.testing.assert_array_equal(read_binary_mask(tmp_path / "layer.png"), vessels)
+    la = np.zeros((*vessels.shape, 2), np.uint8)
+    la[..., 0], la[vessels] = 255, (255, 255)
+    Image.fromarray(la, "LA").save(tmp_path / "gray_layer.png")
+    np.testing.assert_array_equal(read_binary_mask(tmp_path / "gray_layer.png"), vessels)
+
+
 def test_quantized_palette_mask_is_read_by_colour_not_index(tmp_path):
     mask = thin_vessels()
     quantized = Image.fromarray(mask).convert("RGB").quantize(2)
