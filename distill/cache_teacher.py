@@ -167,12 +167,21 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot read it ({err})") from err
     if not isinstance(config, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions} - {"help", *_NOT_IN_CONFIG}
+    # A key is a long flag's name (`teacher-option`, `teacher_option`) or its destination (`teacher_options`).
+    dests, flags = {}, []
+    for action in parser._actions:
+        if action.dest in ("help", *_NOT_IN_CONFIG):
+            continue
+        dests[action.dest] = action.dest
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                dests[flag[2:].replace("-", "_")] = action.dest
+                flags.append(flag[2:])
     defaults = {}
     for key, value in config.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            raise ConfigError(f"--config {path}: unknown key {key!r}; use long flag names: {sorted(known)}")
+        dest = dests.get(str(key).replace("-", "_"))
+        if dest is None:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; use long flag names: {sorted(flags)}")
         if dest in ("teacher_options", "reader_options"):
             if not isinstance(value, dict):
                 raise ConfigError(f"--config {path}: {key} must be a mapping of option names to values")
