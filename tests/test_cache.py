@@ -251,6 +251,10 @@ def test_changed_teacher_or_changed_ids_are_refused_by_what_differs(tmp_path, re
         "changed content" in p and "img002" in p for p in verify_cache(reference, dataset=_as_dataset(edited))
     )
 
+    other_data = {**dataset, "items": {i: f"other {i}" for i in dataset["items"]}}
+    with pytest.raises(CacheError, match=r"14 of the 14 id\(s\) both hold .* made for another dataset"):
+        cache.check_dataset(other_data)  # not "restore 14 items": the cache belongs to other data
+
     with pytest.raises(CacheError, match=r"teacher version: cache 1 vs given 2(.|\n)*new --out"):
         CacheWriter(reference, "w9", make_manifest(COUNT, teacher_version=2))
     with pytest.raises(CacheError, match=r"changed content(.|\n)*img002, img009"):

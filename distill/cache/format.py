@@ -163,14 +163,26 @@ def check_same_teacher(root: Path, cached: dict, given: dict) -> None:
         )
 
 
-def changed_content(root: Path, changed: list[str]) -> str:
-    """The refusal for ids whose cached rows were computed from other content than the dataset's now."""
+def changed_content(root: Path, changed: list[str], shared: int, manifest: dict) -> str:
+    """The refusal for ids whose cached rows were computed from other inputs than the dataset's now.
+
+    `shared`: how many ids the dataset and the cache both hold. When most of them differ, the cache was
+    most likely made for another dataset, and the message says so (with where that one was)."""
+    if shared and len(changed) > shared // 2:
+        source = (manifest.get("dataset") or {}).get("source") or {}
+        where = f" (it was created from {source['data_root']})" if source.get("data_root") else ""
+        return (
+            f"{root}: teacher cache does not match the dataset: {len(changed)} of the {shared} id(s) both hold "
+            f"were cached from other images or texts (e.g. {examples(changed)}): this cache was most likely "
+            f"made for another dataset{where}. Fix: point data.cache_dir / --out at that dataset's cache, "
+            f"or {rebuild_hint(root)}"
+        )
     return (
         f"{root}: teacher cache does not match the dataset: {len(changed)} id(s) with changed content since "
-        f"they were cached (e.g. {examples(changed)}): "
-        "their image, mask, annotation or text differs from what the teacher's rows were computed from. "
-        f"Fix: restore those items, or give the edited items new ids (ids already cached are kept, "
-        f"new ids are computed by a rerun), or {rebuild_hint(root)}"
+        f"they were cached (e.g. {examples(changed)}): their image or text differs from what the teacher's rows were "
+        "computed from (a fixed mask or polygon does not count). Fix: restore those items, or give the "
+        f"edited items new ids (ids already cached are kept, new ids are computed by a rerun), or "
+        f"{rebuild_hint(root)}"
     )
 
 

@@ -197,7 +197,8 @@ class TeacherCache:
         items = dataset_items(fingerprint, "check_dataset")
         changed = self.index.changed(items)
         if changed:
-            raise CacheError(changed_content(self.root, changed))
+            shared = len(set(items) & set(self.index.ids))
+            raise CacheError(changed_content(self.root, changed, shared, self.manifest))
         missing = self.missing(items)
         if missing:
             raise CacheError(
