@@ -264,6 +264,11 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
             f"  {summary['images_per_s']:.2f} images/s; teacher forward {summary['forward_s']:.2f}s vs wall "
             f"{summary['wall_s']:.2f}s (overhead {summary['overhead_pct']:.1f}%); setup (data, teacher, fit) {summary['setup_s']:.2f}s",
         ]
+    if summary["todo"] and summary["no_mask"] == summary["todo"]:
+        lines.append(
+            "  warning: the teacher gave no mask for any image (all no_mask): students would learn from ground "
+            "truth alone. Check the prompt (--prompt, --use-dataset-text) and the model."
+        )
     for device, gib in summary.get("peak_memory_gib", {}).items():
         lines.append(f"  peak memory {device}: {gib:.2f} GiB")
     lines += [self_check_line(stats) for stats in summary["teacher_stats"] if "agreement" in stats]
