@@ -171,12 +171,21 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot read it ({err})") from err
     if not isinstance(config, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions} - {"help", *_NOT_IN_CONFIG}
+    # A key is a long flag's name (`teacher-option`, `teacher_option`) or its destination (`teacher_options`).
+    dests, flags = {}, []
+    for action in parser._actions:
+        if action.dest in ("help", *_NOT_IN_CONFIG):
+            continue
+        dests[action.dest] = action.dest
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                dests[flag[2:].replace("-", "_")] = action.dest
+                flags.append(flag[2:])
     defaults = {}
     for key, value in config.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            raise ConfigError(f"--config {path}: unknown key {key!r}; use long flag names: {sorted(known)}")
+        dest = dests.get(str(key).replace("-", "_"))
+        if dest is None:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; use long flag names: {sorted(flags)}")
         if dest in ("teacher_options", "reader_options"):
             if not isinstance(value, dict):
                 raise ConfigError(f"--config {path}: {key} must be a mapping of option names to values")
@@ -263,6 +272,11 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
             f"  {summary['images_per_s']:.2f} images/s; teacher forward {summary['forward_s']:.2f}s vs wall "
             f"{summary['wall_s']:.2f}s (overhead {summary['overhead_pct']:.1f}%); setup (data, teacher, fit) {summary['setup_s']:.2f}s",
         ]
+    if summary["todo"] and summary["no_mask"] == summary["todo"]:
+        lines.append(
+            "  warning: the teacher gave no mask for any image (all no_mask): students would learn from ground "
+            "truth alone. Check the prompt (--prompt, --use-dataset-text) and the model."
+        )
     for device, gib in summary.get("peak_memory_gib", {}).items():
         lines.append(f"  peak memory {device}: {gib:.2f} GiB")
     lines += [self_check_line(stats) for stats in summary["teacher_stats"] if "agreement" in stats]
@@ -306,7 +320,7 @@ def forced_line(forced: dict[str, Any]) -> str:
 
 def verify(args: argparse.Namespace) -> int:
     """Check the cache `args.verify` against a dataset (the one --data-format/--data-root name, else the
-    one its manifest recorded), so that ids, content hashes and shapes are all checked."""
+    one its manifest recorded), so that ids, input hashes and shapes are all checked."""
     root = args.verify
     if args.data_root:
         data_format, data_root, options = args.data_format, args.data_root, args.reader_options

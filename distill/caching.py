@@ -168,7 +168,7 @@ def plan_worker(job: CacheJob, worker: int, n_workers: int, devices: list[int] |
 
 def dataset_source(job: CacheJob) -> dict[str, Any]:
     """Where the dataset lived and what was cached from it, so that --verify can re-open it. Informational:
-    the cache compares items by content hash, so a dataset or cache moved elsewhere still fits."""
+    the cache compares items by input hash, so a dataset or cache moved elsewhere still fits."""
     return {
         "data_format": job.data_format,
         "data_root": str(Path(job.data_root).resolve()),

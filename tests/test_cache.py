@@ -217,6 +217,9 @@ def test_merge_two_roots_and_refuse_conflicts(tmp_path, reference):
     assert info["rows"] == 24 and sorted(info["writers"]) == ["w-rank0", "w-rank0@1"]
     assert contents(merged) == contents(reference) and verify_cache(merged) == []
     assert merge_cache(merged, reference)["rows"] == 24  # identical duplicates are accepted, not doubled
+    files = sorted((p.name, p.stat().st_size) for p in merged.iterdir())
+    merge_cache(merged, *halves)  # merging again adds nothing: no empty shard copies
+    assert sorted((p.name, p.stat().st_size) for p in merged.iterdir()) == files
 
     clash = tmp_path / "clash"
     with CacheWriter(clash, "w0", make_manifest(COUNT)) as w:
@@ -247,6 +250,10 @@ def test_changed_teacher_or_changed_ids_are_refused_by_what_differs(tmp_path, re
     assert any(
         "changed content" in p and "img002" in p for p in verify_cache(reference, dataset=_as_dataset(edited))
     )
+
+    other_data = {**dataset, "items": {i: f"other {i}" for i in dataset["items"]}}
+    with pytest.raises(CacheError, match=r"14 of the 14 id\(s\) both hold .* made for another dataset"):
+        cache.check_dataset(other_data)  # not "restore 14 items": the cache belongs to other data
 
     with pytest.raises(CacheError, match=r"teacher version: cache 1 vs given 2(.|\n)*new --out"):
         CacheWriter(reference, "w9", make_manifest(COUNT, teacher_version=2))

@@ -233,10 +233,10 @@ def test_checkpoint_teacher_through_the_cli_with_tta(data, tmp_path):
         yaml.safe_dump(
             {
                 "teacher": "checkpoint",
-                "data_format": "merged",
+                "data-format": "merged",  # the long flag's name, as --help says
                 "data_root": str(data),
                 "out": str(tmp_path / "ignored"),
-                "teacher_options": {"checkpoints": [str(ckpt)], "tta": ["identity", "hflip"]},
+                "teacher-option": {"checkpoints": [str(ckpt)], "tta": ["identity", "hflip"]},
                 "batch_size": 4,
             }
         )

@@ -95,7 +95,7 @@ def test_mask_folder_pairs_an_exif_photo_with_a_mask_drawn_upright(tmp_path):
         assert record.image[record.mask.astype(bool)].mean() > 240
 
 
-def test_only_files_the_new_decoding_changes_get_a_new_content_hash(tmp_path):
+def test_only_files_the_new_decoding_changes_get_a_new_input_hash(tmp_path):
     """An EXIF-turned photo or 16-bit grayscale was decoded otherwise before, so a teacher cache made then
     must not match; a plain file's hash (and every cache made from plain files) stays as it was."""
     Image.fromarray(upright_picture()).save(tmp_path / "plain.png")
@@ -113,6 +113,21 @@ def thin_vessels() -> np.ndarray:
     mask[5:7, 3:24] = 255  # 42 px
     mask[8:20, 26:28] = 255  # 24 px
     return mask
+
+
+def test_a_mask_drawn_on_a_transparent_layer_is_read_as_a_viewer_shows_it(tmp_path):
+    """Image editors export a vessel layer as RGBA: red vessels on transparent pixels that store white.
+    Dropping alpha read every transparent pixel as vessel (a full mask, no warning)."""
+    vessels = thin_vessels() > 0
+    rgba = np.zeros((*vessels.shape, 4), np.uint8)
+    rgba[..., :3] = 255  # transparent white
+    rgba[vessels] = (220, 0, 0, 255)  # opaque red vessels
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "layer.png")
+    np.testing.assert_array_equal(read_binary_mask(tmp_path / "layer.png"), vessels)
+    la = np.zeros((*vessels.shape, 2), np.uint8)
+    la[..., 0], la[vessels] = 255, (255, 255)
+    Image.fromarray(la, "LA").save(tmp_path / "gray_layer.png")
+    np.testing.assert_array_equal(read_binary_mask(tmp_path / "gray_layer.png"), vessels)
 
 
 def test_quantized_palette_mask_is_read_by_colour_not_index(tmp_path):
@@ -212,7 +227,7 @@ def test_bit_depth_option_fixes_one_depth_and_refuses_data_beyond_it(tmp_path):
     assert (
         detected.max() == 204 and image.max() == 51
     )  # guessed from the image: 4x brighter than its siblings
-    assert fixed.content_hash("dark") != open_dataset("mask_folder", tmp_path).content_hash("dark")
+    assert fixed.input_hash("dark") != open_dataset("mask_folder", tmp_path).input_hash("dark")
     with pytest.raises(DatasetError, match=r"dark.tif: has values up to 819, more than bit_depth=8"):
         open_dataset("mask_folder", tmp_path, bit_depth=8).get("dark")
     with pytest.raises(ConfigError, match="bit_depth=20"):

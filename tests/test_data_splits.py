@@ -99,7 +99,9 @@ def test_split_file_is_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["splits.json"]
 
 
-def test_content_hash_and_fingerprint_follow_image_and_annotation(tmp_path):
+def test_input_hashes_follow_what_a_teacher_sees_not_the_annotation(tmp_path):
+    """The fingerprint a teacher cache compares: a changed image (or text) changes its id's hash; a fixed
+    annotation does not (the teacher never saw it, so its cached rows stay valid)."""
     merged_of(tmp_path, ["a", "b", "c"])
     ds = open_dataset("merged", tmp_path)
     fingerprint = ds.fingerprint()
@@ -115,15 +117,21 @@ def test_content_hash_and_fingerprint_follow_image_and_annotation(tmp_path):
     )
     assert changed["digest"] != fingerprint["digest"]
 
-    write_merged(
-        tmp_path,
-        [
-            {"image": n, "mask": TRIANGLE if n != "c.png" else [[0, 0, 9, 0, 0, 9]]}
-            for n in ["a.png", "b.png", "c.png"]
-        ],
+    entries = [
+        {"image": n, "mask": TRIANGLE if n != "c.png" else [[0, 0, 9, 0, 0, 9]]}
+        for n in ["a.png", "b.png", "c.png"]
+    ]
+    write_merged(tmp_path, entries)
+    relabelled = open_dataset("merged", tmp_path).fingerprint()
+    # (write_merged rewrote b.png as it first was)
+    assert relabelled["items"]["c"] == changed["items"]["c"], "a fixed annotation keeps the teacher's rows"
+    assert (
+        relabelled["items"]["b"] == fingerprint["items"]["b"]
+        and relabelled["items"]["a"] == changed["items"]["a"]
     )
-    moved = open_dataset("merged", tmp_path).fingerprint()
-    assert moved["items"]["c"] != changed["items"]["c"] and moved["items"]["a"] == changed["items"]["a"]
+    write_merged(tmp_path, [{**e, "text": "the arteries"} if e["image"] == "a.png" else e for e in entries])
+    retexted = open_dataset("merged", tmp_path).fingerprint()
+    assert retexted["items"]["a"] != changed["items"]["a"] and retexted["items"]["c"] == changed["items"]["c"]
 
 
 def test_dataset_pickles_small_and_loads_in_a_copy(tmp_path):

@@ -104,6 +104,7 @@ def test_no_seg_gives_none_and_is_counted(tmp_path, capsys):
                           "merged", "--data-root", str(data), "--out", str(tmp_path / "cache")])  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0 and "2 no_mask" in printed and "self-check: not checked (0 pixels)" in printed
+    assert "warning: the teacher gave no mask for any image" in printed
 
 
 def test_dataset_text_prompts(standin):

@@ -165,6 +165,21 @@ def test_refusals_name_the_file_and_the_fix(tmp_path, change, message):
     assert str(path) in str(err.value)
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads `1e-4` (no dot) as a string; the bounds are still numbers, and values given where
+    exponents belong are still refused with the fix."""
+    path = tmp_path / "s.yaml"
+    head = (
+        "method: random\nmetric: {name: m, goal: maximize}\ncommand: [python, x.py, '${args}']\nparameters:\n"
+    )
+    path.write_text(head + "  lr: {distribution: log_uniform_values, min: 1e-4, max: 1e-2}\n")
+    (param,) = load_sweep(path).params
+    assert param.low == pytest.approx(1e-4) and param.high == pytest.approx(1e-2)
+    path.write_text(head + "  lr: {distribution: log_uniform, min: 1e-4, max: 1e-2}\n")
+    with pytest.raises(ConfigError, match="`distribution: log_uniform_values`"):
+        load_sweep(path)
+
+
 def test_a_null_in_a_sweep_reaches_fit_as_none(tmp_path, capsys):
     """The local runner writes values as a W&B agent does (str(None) = "None"); fit reads them as null."""
     student = {"name": "unet", "encoder": "resnet18", "encoder_weights": None}

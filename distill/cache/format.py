@@ -11,8 +11,8 @@ Layout of a cache directory (one per teacher x views; it grows with its dataset)
 
 A row is one (id, view) map at the image's own H x W, in the original orientation (`invert_view`
 already applied). "encoding" is per row so that compressed or native-resolution rows can be added
-later behind the same reader; today only "f16" exists. "hash" is the content hash of the item the
-row was computed from (`VesselDataset.content_hash`): the dataset is compared per id, so a rerun on
+later behind the same reader; today only "f16" exists. "hash" is the input hash of the item the
+row was computed from (`VesselDataset.input_hash`: its image and text, what the teacher saw): the dataset is compared per id, so a rerun on
 a grown dataset computes only the new ids, training accepts any cache holding its ids with their
 current hashes, and an id whose content changed is refused by id. Version-1 records have no "hash";
 theirs is the manifest's `dataset.items[id]` (version-1 writers were bound to that dataset).
@@ -54,7 +54,7 @@ from distill import __version__
 from distill.errors import CacheError
 from distill.views import check_views
 
-# 2: each index record carries the content hash of the item it was computed from ("hash"), so a cache
+# 2: each index record carries the input hash of the item it was computed from ("hash"), so a cache
 # grows with its dataset; version-1 records take theirs from the manifest's dataset items.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -134,9 +134,9 @@ def teacher_differences(cached: dict, given: dict) -> list[str]:
 
 
 def dataset_items(fingerprint: dict, what: str) -> dict[str, str]:
-    """The {id: content hash} of a dataset fingerprint (`VesselDataset.fingerprint()`), or CacheError."""
+    """The {id: input hash} of a dataset fingerprint (`VesselDataset.fingerprint()`), or CacheError."""
     if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("items"), dict):
-        raise CacheError(f"{what}: dataset fingerprint has no 'items' {{id: content_hash}} dict")
+        raise CacheError(f"{what}: dataset fingerprint has no 'items' {{id: input_hash}} dict")
     return fingerprint["items"]
 
 
@@ -163,14 +163,26 @@ def check_same_teacher(root: Path, cached: dict, given: dict) -> None:
         )
 
 
-def changed_content(root: Path, changed: list[str]) -> str:
-    """The refusal for ids whose cached rows were computed from other content than the dataset's now."""
+def changed_content(root: Path, changed: list[str], shared: int, manifest: dict) -> str:
+    """The refusal for ids whose cached rows were computed from other inputs than the dataset's now.
+
+    `shared`: how many ids the dataset and the cache both hold. When most of them differ, the cache was
+    most likely made for another dataset, and the message says so (with where that one was)."""
+    if shared and len(changed) > shared // 2:
+        source = (manifest.get("dataset") or {}).get("source") or {}
+        where = f" (it was created from {source['data_root']})" if source.get("data_root") else ""
+        return (
+            f"{root}: teacher cache does not match the dataset: {len(changed)} of the {shared} id(s) both hold "
+            f"were cached from other images or texts (e.g. {examples(changed)}): this cache was most likely "
+            f"made for another dataset{where}. Fix: point data.cache_dir / --out at that dataset's cache, "
+            f"or {rebuild_hint(root)}"
+        )
     return (
         f"{root}: teacher cache does not match the dataset: {len(changed)} id(s) with changed content since "
-        f"they were cached (e.g. {examples(changed)}): "
-        "their image, mask, annotation or text differs from what the teacher's rows were computed from. "
-        f"Fix: restore those items, or give the edited items new ids (ids already cached are kept, "
-        f"new ids are computed by a rerun), or {rebuild_hint(root)}"
+        f"they were cached (e.g. {examples(changed)}): their image or text differs from what the teacher's rows were "
+        "computed from (a fixed mask or polygon does not count). Fix: restore those items, or give the "
+        f"edited items new ids (ids already cached are kept, new ids are computed by a rerun), or "
+        f"{rebuild_hint(root)}"
     )
 
 

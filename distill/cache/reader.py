@@ -35,7 +35,7 @@ class Index(NamedTuple):
     writers: list[str]
     rows: dict[tuple[str, str], Row]
     no_mask: dict[str, set[str | None]]  # id -> views marked no_mask (None: every view)
-    hashes: dict[str, str]  # id -> content hash of the item its rows were computed from
+    hashes: dict[str, str]  # id -> input hash of the item its rows were computed from
     conflicts: list[str]
     problems: list[str]  # garbled lines (torn tails are not problems)
     torn: list[str]
@@ -62,7 +62,7 @@ class Index(NamedTuple):
         return [i for i in ids if self.status(i, views) is None]
 
     def changed(self, items: Mapping[str, str]) -> list[str]:
-        """Ids of `items` ({id: content hash}) whose rows were computed from other content, sorted."""
+        """Ids of `items` ({id: input hash}) whose rows were computed from other content, sorted."""
         return sorted(i for i, h in items.items() if self.hashes.get(i, h) != h)
 
 
@@ -197,7 +197,8 @@ class TeacherCache:
         items = dataset_items(fingerprint, "check_dataset")
         changed = self.index.changed(items)
         if changed:
-            raise CacheError(changed_content(self.root, changed))
+            shared = len(set(items) & set(self.index.ids))
+            raise CacheError(changed_content(self.root, changed, shared, self.manifest))
         missing = self.missing(items)
         if missing:
             raise CacheError(

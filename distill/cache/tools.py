@@ -111,8 +111,10 @@ def _check_dataset(
     root: Path, index: Index, shapes: dict[str, set[tuple[int, int]]], dataset: Any
 ) -> list[str]:
     """Problems of the cache against `dataset`: ids cached from other content, maps of the wrong size."""
-    changed = index.changed(dataset_items(dataset.fingerprint(), "verify dataset"))
-    problems = [changed_content(root, changed)] if changed else []
+    items = dataset_items(dataset.fingerprint(), "verify dataset")
+    changed = index.changed(items)
+    shared = len(set(items) & set(index.ids))
+    problems = [changed_content(root, changed, shared, read_manifest(root))] if changed else []
     for id_ in tqdm(sorted(set(shapes) & set(dataset.ids)), desc="verify shapes", unit="img", leave=False):
         image_shape = tuple(dataset.get(id_).image.shape[:2])
         if shapes[id_] != {image_shape}:
@@ -228,6 +230,8 @@ def _plan_merge(
                     records.append(
                         record
                     )  # with its item hash: the destination may not know the source's items
+            if not records:  # every row is in dst already: copy nothing, so merging again changes nothing
+                continue
             name, n = writer, 1
             while name in taken:
                 name, n = f"{writer}@{n}", n + 1

@@ -41,7 +41,7 @@ class CacheWriter:
     """Appends one process's rows to `<root>/<writer_id>.{f16,index}`; see `distill.cache.format`.
 
     `manifest` needs "teacher" (fingerprint dict), "dataset" (the dataset's fingerprint dict, with
-    "items" {id: content hash}: the ids this writer may write, and the hash each row records),
+    "items" {id: input hash}: the ids this writer may write, and the hash each row records),
     "views" (list of view names), optionally "dtype" ("float16") and "command". Refused with
     CacheError: a cache of another teacher, views or dtype, or one holding rows of these ids computed
     from other content. Re-opening a writer id after a crash recovers its files; `done()` also sees
@@ -88,7 +88,7 @@ class CacheWriter:
         self._data = open(self.data_path, "ab", buffering=0)  # noqa: SIM115 (held until close())
         index = load_index(self.root, self.manifest)
         try:
-            _refuse_changed(self.root, index, self._items)
+            _refuse_changed(self.root, index, self._items, self.manifest)
         except CacheError:
             self._data.close()
             self._index.close()
@@ -236,12 +236,12 @@ def pending_rows(root: str | Path, manifest: dict, ids: Iterable[str]) -> list[t
     cached = read_manifest(root)
     check_same_teacher(root, cached, complete_manifest(manifest))
     index = load_index(root, cached)
-    _refuse_changed(root, index, dataset_items(manifest["dataset"], "pending_rows manifest"))
+    _refuse_changed(root, index, dataset_items(manifest["dataset"], "pending_rows manifest"), cached)
     todo = ((i, [v for v in views if not index.done(i, v)]) for i in ids)
     return [(i, left) for i, left in todo if left]
 
 
-def _refuse_changed(root: Path, index: Index, items: dict[str, str]) -> None:
+def _refuse_changed(root: Path, index: Index, items: dict[str, str], manifest: dict) -> None:
     changed = index.changed(items)
     if changed:
-        raise CacheError(changed_content(root, changed))
+        raise CacheError(changed_content(root, changed, len(set(items) & set(index.ids)), manifest))

@@ -153,7 +153,7 @@ def describe_files(paths: Iterable[Path], root: Path, limit: int = 10) -> str:
 
 
 class VesselDataset:
-    """A dataset of vessel images: `ds[i]` / `ds.get(id)` -> Record, with splits and content hashes.
+    """A dataset of vessel images: `ds[i]` / `ds.get(id)` -> Record, with splits and teacher-input hashes.
 
     Subclasses implement `read_index` (parse the index into entries; each bad entry as a DatasetError)
     and, where their masks are not plain polygons, `draw_mask` and `vertices`. Every format also takes
@@ -277,26 +277,26 @@ class VesselDataset:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
         return [i for i in self.ids if self.splits[i] == split]
 
-    def content_hash(self, item_id: str) -> str:
-        """sha256 over the item's image bytes, its mask/roi bytes and its annotation (canonical: see update_digest)."""
+    def input_hash(self, item_id: str) -> str:
+        """sha256 over what a teacher sees of the item: its image (the bytes, and the decoding rules that
+        apply to them: EXIF orientation, bit depth) and its text. Not its mask, ROI or polygons: fixing an
+        annotation keeps the item's cached teacher rows, a changed image or prompt text does not."""
         if item_id not in self._hashes:
             entry = self.entry(item_id)
-            digest = hashlib.sha256()
-            for path in (entry.image, entry.mask_file, entry.roi_file):
-                if path is not None:
-                    try:
-                        digest.update(path.read_bytes())
-                    except OSError as error:
-                        raise DatasetError(path, f"cannot be read to hash it ({error.strerror})") from None
-            facts = decode_facts(entry.image, self.embedded_image(entry), self.bit_depth)
-            described = {"annotation": entry.annotation, "text": entry.text}
-            update_digest(digest, {**described, "decoded": facts} if facts else described)
+            embedded = self.embedded_image(entry)
+            try:
+                image = embedded if embedded is not None else entry.image.read_bytes()
+            except OSError as error:
+                raise DatasetError(entry.image, f"cannot be read to hash it ({error.strerror})") from None
+            digest = hashlib.sha256(image)
+            facts = decode_facts(entry.image, embedded, self.bit_depth)
+            update_digest(digest, {"text": entry.text, "decoded": facts} if facts else {"text": entry.text})
             self._hashes[item_id] = digest.hexdigest()
         return self._hashes[item_id]
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the teacher cache compares to know it was built from this exact data."""
-        items = {i: self.content_hash(i) for i in self.ids}
+        """What the teacher cache compares, per id, to know its rows were computed from these inputs."""
+        items = {i: self.input_hash(i) for i in self.ids}
         digest = hashlib.sha256("\n".join(f"{i}:{h}" for i, h in items.items()).encode()).hexdigest()
         return {"format": self.format, "n_items": len(items), "digest": digest, "items": items}
 

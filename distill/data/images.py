@@ -10,7 +10,8 @@ Every file is read as its author saw it in a viewer or annotation tool:
   TIFF is scaled by 255/4095, not 1/257, which would leave it near black), or by a fixed `bit_depth`.
   16-bit RGB is what Pillow makes of it (the high byte of each channel).
 - Masks and ROIs become HxW bool by brightness, not by stored number: a pixel is set when its
-  brightest channel exceeds half the image's brightest value. A palette mask is read by its colours
+  brightest channel exceeds half the image's brightest value, transparent pixels being background
+  (as a viewer composites them onto black). A palette mask is read by its colours
   (a [white, black] palette, as `quantize(2)` writes, is not inverted), 0/1 and 0/255 masks read the
   same, and JPEG noise around edges is cut at mid-range rather than widening every vessel.
 
@@ -147,10 +148,12 @@ def brightness(image: Image.Image) -> np.ndarray:
     """HxW brightness of a mask image: grayscale as stored, colour (palette too) by its brightest channel."""
     if image.mode == "1":
         image = image.convert("L")
-    elif image.mode == "LA":
-        image = image.getchannel("L")
+    elif image.mode in ("LA", "RGBA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # What a viewer shows: fully transparent pixels are background, whatever colour they store.
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
     elif image.mode not in ("L", "F", *WIDE_INTEGER_MODES):
-        image = image.convert("RGB")  # palettes by colour, not index; alpha dropped
+        image = image.convert("RGB")  # palettes by colour, not index
     array = np.asarray(image)
     return array.max(axis=2) if array.ndim == 3 else array
 

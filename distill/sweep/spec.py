@@ -127,6 +127,17 @@ class SweepSpec:
         return space
 
 
+def _number(value: Any) -> Any:
+    """A number written without a dot in its exponent (`1e-4`) is a string to PyYAML (YAML 1.1); read it
+    as the number it is. Anything else is returned as given."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _parse_param(path: Path, name: str, block: Any) -> Param:
     where = f"{path}: parameter {name!r}"
     if not isinstance(block, dict):
@@ -165,7 +176,7 @@ def _parse_param(path: Path, name: str, block: Any) -> Param:
         return Param(name, "categorical", tuple(values))
     if "min" not in block or "max" not in block:
         raise ConfigError(f"{where}: distribution {kind!r} needs `min` and `max`")
-    low, high = block["min"], block["max"]
+    low, high = _number(block["min"]), _number(block["max"])
     if not (isinstance(low, (int, float)) and isinstance(high, (int, float))) or low >= high:
         raise ConfigError(f"{where}: needs numeric min < max, got min={low!r} max={high!r}")
     q = block.get("q")
