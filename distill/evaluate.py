@@ -116,6 +116,8 @@ def evaluate(
     ):
         trainer.validate(model, datamodule=data, verbose=False)  # chooses every side's threshold on val
     if split == "val":
+        if threshold_from == "ckpt" and not (model.test_views and model.views_threshold is None):
+            model.freeze_thresholds = True  # score val at the checkpoint's thresholds, as test is
         trainer.validate(model, datamodule=data, verbose=False)
     else:
         trainer.test(model, datamodule=data, verbose=False)

@@ -76,6 +76,23 @@ def test_evaluate_val_at_a_fixed_threshold_scores_the_val_split(tiny_run, tmp_pa
     assert metrics["chosen_threshold"] == {"rule": "fixed 0.42", "student": 0.42, "teacher": 0.42}
 
 
+def test_evaluate_val_keeps_the_checkpoints_thresholds_by_default(tiny_run, tmp_path):
+    """--threshold-from ckpt (the default) held for test but not for val, which chose again."""
+    ckpt = torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    ckpt["distill"]["chosen_threshold"], ckpt["distill"]["teacher_threshold"] = 0.85, 0.15
+    moved = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    moved.parent.mkdir(parents=True)
+    torch.save(ckpt, moved)
+    shutil.copy(tiny_run / "config.yaml", tmp_path / "run" / "config.yaml")
+    assert evaluate_main(["--ckpt", str(moved), "--split", "val", "--out", str(tmp_path / "e")]) == 0
+    chosen = json.loads((tmp_path / "e" / "metrics.json").read_text())["chosen_threshold"]
+    assert (chosen["student"], chosen["teacher"]) == (0.85, 0.15)
+    assert evaluate_main(["--ckpt", str(moved), "--split", "val", "--threshold-from", "val", "--out",
+                          str(tmp_path / "v")]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "v" / "metrics.json").read_text())["chosen_threshold"]
+    assert (again["student"], again["teacher"]) != (0.85, 0.15)
+
+
 def test_evaluate_speaks_the_cache_teacher_vocabulary(tiny_run, tiny_data_and_cache, tmp_path, capsys):
     # A copy: a split_file is persisted into the data's splits.json, which other tests' runs rely on.
     data = Path(shutil.copytree(tiny_data_and_cache[0], tmp_path / "data"))
