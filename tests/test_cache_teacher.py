@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN = ["--import", "tests._slow_teacher"]
 
 
+def pixel(data: Path, *extra: str | Path | int) -> list:
+    """Arguments of a run of the test plugin's `pixel` teacher on the merged dataset at `data`."""
+    return [*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", data, *extra]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("synth") / "d", count=8, size=64, style="fundus", seed=2)
@@ -90,7 +95,7 @@ def test_done_when_flow_as_subprocesses(tmp_path):
 
 
 def test_kill_midway_then_resume_equals_uninterrupted_run(data, tmp_path):
-    common = [*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", data]
+    common = pixel(data)
     common += ["--views", "identity,hflip", "--batch-size", 1]
     killed = tmp_path / "killed"
     process = popen(*common, "--out", killed, "--teacher-option", "delay=0.4")
@@ -123,17 +128,7 @@ def test_kill_midway_then_resume_equals_uninterrupted_run(data, tmp_path):
 def test_killing_a_run_with_worker_processes_kills_its_workers(data, tmp_path):
     """Spawned workers used to outlive a SIGKILLed parent, keep writing (and holding GPUs), and make the
     rerun fail with "writer id ... is in use by another running process"."""
-    common = [
-        *PLUGIN,
-        "--teacher",
-        "pixel",
-        "--data-format",
-        "merged",
-        "--data-root",
-        data,
-        "--batch-size",
-        1,
-    ]
+    common = pixel(data, "--batch-size", 1)
     out = tmp_path / "cache"
     process = popen(*common, "--out", out, "--workers", 2, "--teacher-option", "delay=4")  # 16 s per worker
     try:
@@ -166,17 +161,7 @@ def test_killing_a_run_with_worker_processes_kills_its_workers(data, tmp_path):
 
 
 def test_two_shard_processes_into_one_cache_and_merge(data, tmp_path):
-    common = [
-        *PLUGIN,
-        "--teacher",
-        "pixel",
-        "--data-format",
-        "merged",
-        "--data-root",
-        data,
-        "--num-shards",
-        2,
-    ]
+    common = pixel(data, "--num-shards", 2)
     processes = [popen(*common, "--shard-index", i, "--out", tmp_path / "both") for i in (0, 1)]
     for process in processes:
         stdout, stderr = process.communicate(timeout=120)
@@ -194,17 +179,7 @@ def test_two_shard_processes_into_one_cache_and_merge(data, tmp_path):
 
 def test_each_view_is_stored_in_the_original_orientation(data, tmp_path):
     views = ["identity", "hflip", "rot90", "antitranspose"]
-    args = [
-        *PLUGIN,
-        "--teacher",
-        "pixel",
-        "--data-format",
-        "merged",
-        "--data-root",
-        data,
-        "--out",
-        tmp_path / "v",
-    ]
+    args = pixel(data, "--out", tmp_path / "v")
     assert run(*args, "--views", ",".join(views)) == 0
     cache = TeacherCache(tmp_path / "v")
     from distill.data import open_dataset
@@ -271,9 +246,7 @@ def test_stale_cache_is_refused(data, tmp_path, capsys):
 
 def test_verify_catches_a_corrupted_shard(data, tmp_path, capsys):
     out = tmp_path / "c"
-    assert (
-        run(*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", data, "--out", out) == 0
-    )
+    assert run(*pixel(data, "--out", out)) == 0
     assert run("--verify", out) == 0
     shard = next(out.glob("*.f16"))
     raw = bytearray(shard.read_bytes())
@@ -288,7 +261,7 @@ def test_a_bad_image_fails_loudly_or_is_listed_with_skip_bad(data, tmp_path, cap
     subprocess.run(["cp", "-r", str(data), str(broken)], check=True)
     bad = sorted((broken / "images").iterdir())[1]
     bad.write_bytes(b"not an image")
-    args = [*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", broken]
+    args = pixel(broken)
     assert run(*args, "--out", tmp_path / "a") == 2
     assert bad.name in capsys.readouterr().err
     summary = tmp_path / "s.json"
@@ -304,9 +277,7 @@ def test_help_teaches_and_info_summarises(data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "examples:" in text and "--gpus-per-model" in text and "--import" in text
     out = tmp_path / "c"
-    assert (
-        run(*PLUGIN, "--teacher", "pixel", "--data-format", "merged", "--data-root", data, "--out", out) == 0
-    )
+    assert run(*pixel(data, "--out", out)) == 0
     capsys.readouterr()
     assert run("--info", out) == 0
     assert '"ids_complete": 8' in capsys.readouterr().out
