@@ -77,6 +77,7 @@ LAUNCH_CALLS = (
     "cuLaunchKernelEx",
     "cudaGraphLaunch",
 )
+RANGES = ("augment",)  # distill's own record_function ranges (DeviceBatches: a batch made on the GPU)
 SYNC_CALLS = (
     "cudaStreamSynchronize",
     "cudaDeviceSynchronize",
@@ -175,6 +176,17 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
 
 
+def ranges(events: list, steps: int) -> dict[str, dict[str, float]]:
+    """Per step, the host time and the GPU span (first to last kernel) of each RANGES record_function range."""
+    spans: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.name in RANGES:
+            key = "host_ms_per_step" if e.device_type == DeviceType.CPU else "device_span_ms_per_step"
+            entry = spans.setdefault(e.name, {"host_ms_per_step": 0.0, "device_span_ms_per_step": 0.0})
+            entry[key] += e.time_range.elapsed_us() / 1000 / steps
+    return spans
+
+
 def profile_summary(profiler: torch.profiler.profile, wall_s: float, steps: int) -> dict:
     """Per step: wall vs GPU-busy time, kernel time and count, launch calls, host syncs; the top operators.
 
@@ -182,12 +194,11 @@ def profile_summary(profiler: torch.profiler.profile, wall_s: float, steps: int)
     counted once). On a CPU run the GPU figures are None.
     """
     events = profiler.events()
-    device = sorted(
-        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
-    )
-    kernels = [
-        e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-    ]
+    # A record_function range (Lightning's "Optimizer.step#AdamW.step" wraps the whole training step)
+    # also appears on the GPU timeline as one event spanning its kernels: not a kernel, not busy time.
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    device = sorted((e.time_range.start, e.time_range.end) for e in on_gpu)
+    kernels = [e for e in on_gpu if not e.name.startswith(("Memcpy", "Memset"))]
     busy_us, reach = 0.0, float("-inf")
     for start, end in device:  # union of intervals
         if end > reach:
@@ -218,6 +229,7 @@ def profile_summary(profiler: torch.profiler.profile, wall_s: float, steps: int)
         "launch_calls_per_step": sum(e.name.startswith(LAUNCH_CALLS) for e in events) / steps,
         "host_syncs_per_step": len(syncs) / steps,
         "host_sync_ms_per_step": sum(e.time_range.elapsed_us() for e in syncs) / 1000 / steps,
+        "ranges": ranges(events, steps),
         "top_device_ops": top("self_device_time_total") if has_gpu else [],
         "top_host_ops": top("self_cpu_time_total"),
     }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The student-training figures of BENCHMARKS.md on a GPU machine; logs and JSON land in OUT.
 #   bash scripts/gpu_fit_bench.sh OUT 1gpu      # pytest -m gpu; bare/pure/pipeline, 3 models x 2 regimes, --profile;
-#                                               # the worker data path at 512x32 beside the device path
+#                                               # worker vs GPU data path; the GPU path's stages alone
 #   bash scripts/gpu_fit_bench.sh OUT 1gpu-256  # the first half of 1gpu (tests, 256x16), for a shorter time limit
-#   bash scripts/gpu_fit_bench.sh OUT 1gpu-512  # the second half (512x32, worker path)
+#   bash scripts/gpu_fit_bench.sh OUT 1gpu-512  # the second half (512x32, the two data paths)
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU test, pipeline scaling 1 -> 2 GPUs
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
@@ -33,8 +33,9 @@ one_gpu_256() {
 
 one_gpu_512() {
     bench bench_512 --compile --profile --regimes 512x32 --tag 512x32
-    bench bench_512_workers --compile --figures pipeline --augment-on workers --regimes 512x32 \
-        --models unet_r34 segformer_b0 --tag 512x32_workers
+    bench bench_paths --compile --figures bare pipeline --augment-on workers device --num-workers 12 \
+        --regimes 512x32 256x16 --models unet_r34 unet_mnv3 --tag paths
+    step bench_augment "$PY" scripts/bench_device_augment.py --out "$OUT"
 }
 
 two_gpus() {
@@ -42,9 +43,7 @@ two_gpus() {
     step demo_cache "$PY" -m distill.cache_teacher --config configs/teacher/frangi_synthetic.yaml
     local demo=("$PY" -m distill.fit --config configs/fit/demo.yaml --trainer.accelerator=gpu --trainer.devices=2
         --runs_dir "$OUT/students" --wandb=false)
-    # Until the demo student drops encoder stages beyond encoder_depth, DDP reports them unused.
-    step demo_ddp "${demo[@]}" --trainer.strategy=ddp --run_name demo_ddp ||
-        step demo_ddp_unused "${demo[@]}" --trainer.strategy=ddp_find_unused_parameters_true --run_name demo_ddp_unused
+    step demo_ddp "${demo[@]}" --trainer.strategy=ddp --run_name demo_ddp
     step pytest_gpu_ddp "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k ddp
     bench bench_ddp --regimes 512x32 --figures pipeline --devices 1 2 --models unet_r34 segformer_b0 --tag ddp
 }

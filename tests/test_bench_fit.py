@@ -51,13 +51,20 @@ def test_the_profile_summary_counts_busy_time_once_launches_and_host_syncs():
     """On fake events: GPU busy is the union of device intervals; launches and syncs are host API calls."""
     bench_fit = load_bench_fit()
 
-    def event(name, start, end, device=False):
+    def event(name, start, end, device=False, annotation=False):
         interval = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
         return SimpleNamespace(
-            name=name, time_range=interval, device_type=DeviceType.CUDA if device else DeviceType.CPU
+            name=name,
+            time_range=interval,
+            device_type=DeviceType.CUDA if device else DeviceType.CPU,
+            is_user_annotation=annotation,
         )
 
     events = [
+        # record_function ranges also land on the GPU timeline, spanning their kernels: not kernels
+        event("Optimizer.step#AdamW.step", 0, 100, device=True, annotation=True),
+        event("augment", 30, 44, device=True, annotation=True),
+        event("augment", 25, 31, annotation=True),
         event("void conv_kernel", 0, 10, device=True),
         event("void add_kernel", 5, 20, device=True),  # overlaps the first (another stream)
         event("Memcpy HtoD (Pinned -> Device)", 30, 40, device=True),
@@ -76,6 +83,21 @@ def test_the_profile_summary_counts_busy_time_once_launches_and_host_syncs():
     assert summary["launch_calls_per_step"] == 1 and summary["host_syncs_per_step"] == 0.5
     assert summary["host_sync_ms_per_step"] == pytest.approx(9e-3 / 2)
     assert summary["top_device_ops"] == [{"op": "aten::add", "calls": 2, "ms_per_step": 15e-3 / 2}]
+    assert summary["ranges"] == {
+        "augment": {
+            "host_ms_per_step": pytest.approx(6e-3 / 2),
+            "device_span_ms_per_step": pytest.approx(14e-3 / 2),
+        }
+    }
+
+
+def test_bench_device_augment_times_the_batch_and_each_transform_on_cpu(tmp_path):
+    command = [sys.executable, "scripts/bench_device_augment.py", "--tiny", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, timeout=600)
+    (result,) = json.loads((tmp_path / "device_augment_cpu_tiny.json").read_text())["results"]
+    assert result["batch_call"]["host_ms"] > 0 and result["batch_call"]["device_ms"] is None  # no GPU here
+    assert {"RandomAffine", "RandomClahe", "ColorJiggle"} <= set(result["transforms_p1"])
+    assert "batch_call_without_RandomClahe" in result and result["candidates_p1"]
 
 
 def test_regimes_are_size_x_batch():

@@ -251,4 +251,6 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for draws in self.sampler:
-            yield self.augment(self.store, draws, self.seed)
+            with torch.profiler.record_function("augment"):  # a range of its own in profiles
+                batch = self.augment(self.store, draws, self.seed)
+            yield batch
