@@ -77,7 +77,9 @@ LAUNCH_CALLS = (
     "cuLaunchKernelEx",
     "cudaGraphLaunch",
 )
-RANGES = ("augment",)  # distill's own record_function ranges (DeviceBatches: a batch made on the GPU)
+# distill's own record_function ranges: DeviceBatches draws a batch's randomness ("augment_draw",
+# in the training thread) and makes it ("augment", in a producer thread ahead of the step on a GPU)
+RANGES = ("augment_draw", "augment")
 SYNC_CALLS = (
     "cudaStreamSynchronize",
     "cudaDeviceSynchronize",
