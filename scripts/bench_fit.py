@@ -77,9 +77,7 @@ LAUNCH_CALLS = (
     "cuLaunchKernelEx",
     "cudaGraphLaunch",
 )
-# distill's own record_function ranges: DeviceBatches draws a batch's randomness ("augment_draw",
-# in the training thread) and makes it ("augment", in a producer thread ahead of the step on a GPU)
-RANGES = ("augment_draw", "augment")
+RANGES = ("augment",)  # distill's own record_function ranges (DeviceBatches: a batch made on the GPU)
 SYNC_CALLS = (
     "cudaStreamSynchronize",
     "cudaDeviceSynchronize",

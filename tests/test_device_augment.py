@@ -6,17 +6,15 @@ warps, the coordinates read from the image and the teacher must agree and the ma
 pattern at those coordinates (away from pattern edges).
 """
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 
 from distill.data.augment import D4, AffineSpec, Augment, ColourSpec, ElasticSpec, Preset, build_augment, cut
 from distill.data.datamodule import VesselDataModule
-from distill.data.device_augment import D4_FLAGS, DeviceAugment, DeviceBatches, ResidentSplit, apply_views
+from distill.data.device_augment import D4_FLAGS, DeviceAugment, ResidentSplit, apply_views
 from distill.data.record import Record
-from distill.data.sampling import Draw, EndlessBatches
+from distill.data.sampling import Draw
 from distill.errors import ConfigError
 from distill.views import apply_view
 
@@ -153,61 +151,3 @@ def test_specs_build_kornia_twins_with_the_windows_reach():
         0.7,
         "RandomElasticTransform",
     )
-
-
-def stream_batches(ahead: int, count: int, disturb: bool = False) -> list[dict]:
-    """`count` batches of a DeviceBatches stream (3 probe records, `default` preset: affine, colour, noise)."""
-    records = [probe_record(f"probe{i}") for i in range(3)]
-    store = ResidentSplit([r for r, _ in records], [t for _, t in records])
-    batches = DeviceBatches(
-        store, DeviceAugment(build_augment("default", 40), "cpu"), EndlessBatches(3, 4, seed=5), 5, ahead
-    )
-    out = []
-    for batch in batches:
-        out.append(batch)
-        if disturb:  # the training step draws from the global generators meanwhile
-            torch.rand(1000)
-        if len(out) == count:
-            break
-    return out
-
-
-def test_batches_made_ahead_by_a_thread_are_the_batches_made_in_line():
-    """Randomness is drawn in the consuming thread, in stream order: the producer thread changes nothing."""
-    torch.manual_seed(0)
-    in_line = stream_batches(ahead=0, count=6)
-    torch.manual_seed(1)  # other global generator state, and global draws while the thread works
-    ahead = stream_batches(ahead=2, count=6, disturb=True)
-    for first, second in zip(in_line, ahead, strict=True):
-        assert first["id"] == second["id"]
-        for key in ("image", "mask", "roi", "teacher", "index"):
-            assert torch.equal(first[key], second[key]), key
-    assert not torch.equal(in_line[0]["image"], in_line[1]["image"])
-
-
-def test_the_producer_threads_error_reaches_the_training_loop_and_closing_stops_it(monkeypatch):
-    made = []
-
-    def make(self, store, order):
-        made.append(order.ids)
-        if len(made) == 3:
-            raise RuntimeError("out of memory making batch 3")
-        return {"id": order.ids}
-
-    monkeypatch.setattr(DeviceAugment, "make", make)
-    records = [probe_record(f"probe{i}") for i in range(3)]
-    store = ResidentSplit([r for r, _ in records], [t for _, t in records])
-    augment = DeviceAugment(build_augment("default", 40), "cpu")
-    stream = iter(DeviceBatches(store, augment, EndlessBatches(3, 4, seed=5), 5, ahead=2))
-    assert next(stream)["id"] and next(stream)["id"]
-    with pytest.raises(RuntimeError, match="out of memory making batch 3"):
-        next(stream)
-    threads = {t.name for t in threading.enumerate()}
-    assert "device-batches" not in threads  # stopped with the stream
-
-    made.clear()
-    stream = iter(DeviceBatches(store, augment, EndlessBatches(3, 4, seed=5), 5, ahead=2))
-    next(stream)
-    stream.close()
-    assert "device-batches" not in {t.name for t in threading.enumerate()}
-    assert len(made) <= 3  # the batch handed out and at most the two made ahead

@@ -9,7 +9,7 @@ import torch
 
 import distill.data.device_augment as device_augment
 from distill.data.augment import Augment, Preset, build_augment
-from distill.data.device_augment import DeviceAugment, DeviceBatches, ResidentSplit
+from distill.data.device_augment import DeviceAugment, ResidentSplit
 from distill.data.prefetch import prefetch_to_device
 from distill.data.sampling import Draw, EndlessBatches, EpochStream
 from distill.fit import main as fit
@@ -116,28 +116,6 @@ def test_device_batches_on_the_gpu_are_aligned_and_the_same_from_a_pinned_host_s
     again = DeviceAugment(colourless, "cuda")(on_host, draws, seed=0)
     for key in ("image", "mask", "roi", "teacher"):
         assert again[key].is_cuda and torch.equal(again[key], batch[key]), key
-
-
-def test_batches_made_ahead_on_a_side_stream_equal_those_made_in_line_while_the_gpu_is_busy():
-    """The producer thread's stream, events and record_stream keep each batch whole and in order."""
-    records = [probe_record(f"probe{i}") for i in range(3)]
-    store = ResidentSplit([r for r, _ in records], [t for _, t in records], device="cuda")
-    augment = DeviceAugment(build_augment("default", crop_size=40), "cuda")
-
-    def batches(ahead: int) -> list[dict]:
-        out = []
-        for batch in DeviceBatches(store, augment, EndlessBatches(3, 8, seed=2), 2, ahead):
-            torch.cuda._sleep(2_000_000)  # the "training step" keeps the consumer's stream busy
-            out.append(
-                {key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()}
-            )
-            if len(out) == 8:
-                return out
-
-    for first, second in zip(batches(0), batches(2), strict=True):
-        assert first["id"] == second["id"]
-        for key in ("image", "mask", "roi", "teacher"):
-            assert torch.equal(first[key], second[key]), key
 
 
 def test_a_training_step_and_a_device_batch_never_wait_for_the_gpu():

@@ -17,12 +17,6 @@ beyond drawing its parameters:
    the colour transforms on the image alone;
 5. returns the batch of the DataModule's contract (uint8 image/mask/roi, float16 teacher) on the device.
 
-Making a batch is host-bound (kornia's Python and kernel launches), so on a GPU a producer thread
-makes the next batches on a side CUDA stream while the step runs (`DeviceBatches`). The random
-choices of each batch (step 1's draws and kornia's parameters) are drawn beforehand in the training
-thread (`DeviceAugment.draw`): kornia samples from torch's global generators, which the training
-step shares.
-
 kornia samples the per-sample parameters of its transforms (angles, factors) on the CPU and copies
 them without a host sync; the two whose parameters are whole maps (elastic displacements, noise)
 sample on the device. Both generators are seeded per batch from its first sample's generator, so a
@@ -31,11 +25,9 @@ run is repeatable.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from typing import Any, NamedTuple
+from contextlib import contextmanager
+from typing import Any
 
 import kornia.augmentation as K
 import numpy as np
@@ -48,7 +40,6 @@ from distill.data.record import Record
 from distill.data.sampling import Draw, EndlessBatches
 from distill.errors import ConfigError
 
-AHEAD = 2  # batches a producer thread makes ahead of the training step on a GPU (DeviceBatches)
 RESIDENT_SHARE = 0.5  # hold the split on the GPU when it takes at most this share of its free memory
 # view -> (transpose, then flip columns, then flip rows): the D4 views of distill.views on [..., H, W]
 D4_FLAGS = {
@@ -211,30 +202,10 @@ class DeviceAugment:
             rows.append((draw.index, top, left, *D4_FLAGS[view], channel))
         return torch.tensor(rows, dtype=torch.int64), int(rngs[0].integers(2**62))
 
-    def draw(self, store: ResidentSplit, draws: Sequence[Draw], seed: int) -> Order:
-        """Every random choice of the batch of `draws`: its plan and its kornia transforms' parameters.
-
-        kornia samples from the global generators (seeded here per batch), so this runs in the thread
-        that trains; `make` then uses no randomness and may run in another thread.
-        """
+    def __call__(self, store: ResidentSplit, draws: Sequence[Draw], seed: int) -> dict[str, Any]:
+        """The batch of `draws` (see the DataModule's contract), made on this augmenter's device."""
         plan, batch_seed = self.plan(store, draws, seed)
-        channels = 3 + (store.teacher is not None)
-        with seeded(batch_seed, self.device):
-            spatial = (
-                self.spatial.forward_parameters(torch.Size((len(draws), channels, self.window, self.window)))
-                if self.spatial is not None
-                else None
-            )
-            colour = (
-                self.colour.forward_parameters(torch.Size((len(draws), 3, self.crop, self.crop)))
-                if self.colour is not None
-                else None
-            )
-        return Order([store.ids[draw.index] for draw in draws], plan, spatial, colour)
-
-    def make(self, store: ResidentSplit, order: Order) -> dict[str, Any]:
-        """The batch that `order` describes (see the DataModule's contract), made on this augmenter's device."""
-        plan = _to(order.plan, store.device)
+        plan = _to(plan, store.device)
         windows = store.cut(plan[:, 0], plan[:, 1], plan[:, 2], self.window)
         windows = {key: _to(value, self.device) for key, value in windows.items()}
         plan = _to(plan, self.device)
@@ -249,10 +220,12 @@ class DeviceAugment:
         x, planes = apply_views(x, flags), apply_views(planes, flags)
         margin = (self.window - self.crop) // 2
         centre = (..., slice(margin, margin + self.crop), slice(margin, margin + self.crop))
-        if self.spatial is not None:
-            x, planes = self.spatial(x, planes, params=order.spatial)
-        x, planes = x[centre], planes[centre]
-        image = x[:, :3] if self.colour is None else self.colour(x[:, :3], params=order.colour)
+        with seeded(batch_seed, self.device):
+            if self.spatial is not None:
+                x, planes = self.spatial(x, planes)
+            x, planes = x[centre], planes[centre]
+            image = x[:, :3] if self.colour is None else self.colour(x[:, :3])
+        index = plan[:, 0]
         batch: dict[str, Any] = {
             "image": (image * 255)
             .round()
@@ -261,133 +234,23 @@ class DeviceAugment:
             .contiguous(memory_format=torch.channels_last),
             "mask": planes[:, :1].round().to(torch.uint8),
             "roi": planes[:, 1:].round().to(torch.uint8),
-            "id": order.ids,
-            "index": plan[:, 0],
+            "id": [store.ids[draw.index] for draw in draws],
+            "index": index,
         }
         if "teacher" in windows:
             batch["teacher"] = x[:, 3:].to(torch.float16)
             batch["teacher_valid"] = windows["teacher_valid"]
         return batch
 
-    def __call__(self, store: ResidentSplit, draws: Sequence[Draw], seed: int) -> dict[str, Any]:
-        """The batch of `draws` (see the DataModule's contract), made on this augmenter's device."""
-        return self.make(store, self.draw(store, draws, seed))
-
-
-class Order(NamedTuple):
-    """A batch's random choices (`DeviceAugment.draw`): ids, the plan [B, 7] int64 (CPU), kornia parameters."""
-
-    ids: list[str]
-    plan: Tensor
-    spatial: list | None
-    colour: list | None
-
-
-def _tensors(value: Any) -> Iterator[Tensor]:
-    """Every tensor inside nested dicts, lists and tuples (kornia's ParamItems are tuples)."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-
 
 class DeviceBatches:
-    """The endless train stream of a resident split: `sampler`'s batches made by `augment` (see EpochStream).
+    """The endless train stream of a resident split: `sampler`'s batches made by `augment` (see EpochStream)."""
 
-    With `ahead` > 0 (default on a GPU: AHEAD) a producer thread makes the next `ahead` batches, on
-    its own CUDA stream, while the training step runs: making a batch is host-bound (kornia's Python
-    and launches, 20-28 ms per batch on an H200 host; BENCHMARKS.md), and the thread overlaps that
-    time with the step's instead of adding to it. Every random choice is drawn in the consuming
-    thread, in stream order (`DeviceAugment.draw`), so the batches are the same with or without it.
-    """
-
-    def __init__(
-        self,
-        store: ResidentSplit,
-        augment: DeviceAugment,
-        sampler: EndlessBatches,
-        seed: int,
-        ahead: int | None = None,
-    ):
+    def __init__(self, store: ResidentSplit, augment: DeviceAugment, sampler: EndlessBatches, seed: int):
         self.store, self.augment, self.sampler, self.seed = store, augment, sampler, seed
-        self.ahead = (AHEAD if augment.device.type == "cuda" else 0) if ahead is None else ahead
-
-    def _orders(self) -> Iterator[Order]:
-        for draws in self.sampler:
-            with torch.profiler.record_function("augment_draw"):
-                yield self.augment.draw(self.store, draws, self.seed)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.ahead == 0:
-            for order in self._orders():
-                with torch.profiler.record_function("augment"):  # a range of its own in profiles
-                    batch = self.augment.make(self.store, order)
-                yield batch
-        else:
-            yield from self._made_ahead()
-
-    def _made_ahead(self) -> Iterator[dict[str, Any]]:
-        device = self.augment.device
-        cuda = device.type == "cuda"
-        side = torch.cuda.Stream(device) if cuda else None
-        todo: queue.Queue = queue.Queue()  # (order, event after its draw) or None: stop
-        made: queue.Queue = queue.Queue()  # (batch, event after its making, exception)
-
-        def produce() -> None:
-            while (job := todo.get()) is not None and not stop.is_set():
-                order, drawn = job
-                try:
-                    with torch.cuda.stream(side) if cuda else nullcontext():
-                        if cuda:  # kornia's noise maps were drawn on the consumer's stream
-                            side.wait_event(drawn)
-                            for tensor in _tensors(order):
-                                if tensor.is_cuda:
-                                    tensor.record_stream(side)
-                        with torch.profiler.record_function("augment"):
-                            batch = self.augment.make(self.store, order)
-                        done = None
-                        if cuda:
-                            done = torch.cuda.Event()
-                            done.record(side)
-                    made.put((batch, done, None))
-                except BaseException as error:  # re-raised in the consuming thread
-                    made.put((None, None, error))
-
-        def submit(orders: Iterator[Order]) -> bool:
-            order = next(orders, None)
-            if order is None:
-                return False
-            drawn = None
-            if cuda:
-                drawn = torch.cuda.Event()
-                drawn.record(torch.cuda.current_stream(device))
-            todo.put((order, drawn))
-            return True
-
-        stop = threading.Event()  # the stream was closed: skip the batches still queued
-        producer = threading.Thread(target=produce, name="device-batches", daemon=True)
-        producer.start()
-        orders = self._orders()
-        try:
-            pending = sum(submit(orders) for _ in range(self.ahead))
-            while pending:
-                batch, done, error = made.get()
-                pending -= 1
-                if error is not None:
-                    raise error
-                if cuda:
-                    current = torch.cuda.current_stream(device)
-                    current.wait_event(done)
-                    for tensor in _tensors(batch):
-                        if tensor.is_cuda:
-                            tensor.record_stream(current)
-                pending += submit(orders)
-                yield batch
-        finally:
-            stop.set()
-            todo.put(None)
-            producer.join()
+        for draws in self.sampler:
+            with torch.profiler.record_function("augment"):  # a range of its own in profiles
+                batch = self.augment(self.store, draws, self.seed)
+            yield batch
