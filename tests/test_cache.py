@@ -344,3 +344,16 @@ def test_a_version_1_cache_is_read_resumed_and_merged_through_its_manifest_hashe
     TeacherCache(old).check_dataset(make_manifest(COUNT + 1)["dataset"])
     assert merge_cache(tmp_path / "v2", old)["ids_complete"] == 13
     assert '"hash"' in (tmp_path / "v2" / "w0.index").read_text() and verify_cache(tmp_path / "v2") == []
+
+
+def test_the_same_views_in_another_order_extend_the_cache_and_other_views_are_refused(tmp_path):
+    """`--views hflip,identity` on a cache made with `identity,hflip` is the same cache: rows are keyed by view."""
+    root = tmp_path / "cache"
+    with CacheWriter(root, "w0", make_manifest(COUNT)) as w:
+        w.write("img000", VIEWS[0], np.zeros((3, 3)))
+    with CacheWriter(root, "w1", {**make_manifest(COUNT), "views": VIEWS[::-1]}) as w:
+        w.write("img001", VIEWS[0], np.ones((3, 3)))
+    cache = TeacherCache(root)
+    assert cache.views == VIEWS and cache.has("img000", VIEWS[0]) and cache.has("img001", VIEWS[0])
+    with pytest.raises(CacheError, match="views: cache"):
+        CacheWriter(root, "w2", {**make_manifest(COUNT), "views": VIEWS[:1]})

@@ -146,7 +146,10 @@ def manifest_differences(cached: dict, given: dict) -> list[str]:
     The teacher, views and dtype are compared; the dataset is not (rows carry their items' hashes)."""
     lines = []
     for key in COMPARED_KEYS:
-        if plain(cached.get(key)) != plain(given.get(key)):
+        cached_value, given_value = plain(cached.get(key)), plain(given.get(key))
+        if key == "views" and isinstance(cached_value, list) and isinstance(given_value, list):
+            cached_value, given_value = sorted(cached_value), sorted(given_value)  # rows are keyed by view
+        if cached_value != given_value:
             lines.append(f"{key}: cache {_short(cached.get(key))} vs given {_short(given.get(key))}")
     lines += [f"teacher {line}" for line in teacher_differences(cached["teacher"], given["teacher"])]
     return lines
