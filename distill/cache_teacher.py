@@ -9,9 +9,11 @@ background threads, so the cost of caching is the teacher's own time. Reruns res
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from distill.cli import comma_list, key_value, reports_user_errors
 from distill.data import open_dataset
 from distill.data.splits import SPLITS
 from distill.errors import ConfigError
+from distill.teachers import list_teachers, teacher_factory
 from distill.views import expand_views
 
 EPILOG = """\
@@ -65,6 +68,27 @@ changed since they were cached are refused by id.
 """
 
 
+def as_yaml(value: Any) -> str:
+    """`value` as one would write it after K= (YAML flow style: [1.0, 2.0], true, null)."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def teacher_options_help() -> str:
+    """Each built-in teacher's options (names and defaults, read from its constructor) for --help."""
+    lines = ["teacher options, given as --teacher-option K=V (or a `teacher_options:` mapping in --config):"]
+    for name in list_teachers():
+        parameters = inspect.signature(teacher_factory(name)).parameters.values()
+        shown = [
+            p.name if p.default is p.empty else f"{p.name}={as_yaml(p.default)}"
+            for p in parameters
+            if p.name != "devices"  # set by --gpus-per-model and --workers
+        ]
+        lines += textwrap.wrap(
+            f"{name}: {', '.join(shown)}", width=100, initial_indent="  ", subsequent_indent="      "
+        )
+    return "\n".join(lines)
+
+
 # -- command line and config ----------------------------------------------------------------------
 
 
@@ -73,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m distill.cache_teacher",
         description="Run a teacher (frangi, checkpoint, sa2va, or a plugin) over a dataset and cache its "
         "per-pixel logits as float16 shards for distillation. Resumable, sharded, verifiable.",
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + teacher_options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_argument_group("other modes (instead of caching)")

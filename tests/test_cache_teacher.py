@@ -276,6 +276,9 @@ def test_help_teaches_and_info_summarises(data, tmp_path, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "--gpus-per-model" in text and "--import" in text
+    # every built-in teacher's options, read from its constructor, as one writes them after K=
+    assert "frangi: sigmas=[1.0, 2.0, 3.0], black_ridges=true" in text
+    assert "checkpoint: checkpoints, tta=[identity]" in text and "path=generate" in text
     out = tmp_path / "c"
     assert run(*pixel(data, "--out", out)) == 0
     capsys.readouterr()
