@@ -119,6 +119,11 @@ class DistillCLI(LightningCLI):
         )
         add_loss_arguments(parser)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As Lightning's, without its warning about `args` beside a command line: `main` always
+        passes the whole command line itself (with a W&B agent's None spelled null)."""
+        self.config = parser.parse_args(args)
+
     @property
     def run_dir(self) -> Path:
         name = self.config.get("run_name") or os.environ.get(_RUN_NAME_ENV)

@@ -167,7 +167,10 @@ def test_ddp_fit_metrics_equal_one_process_and_count_every_image_once(tiny_data_
     args = tiny_fit_args(odd, cache, tmp_path, "--run_name=ddp", "--trainer.max_epochs=2", "--wandb=false")
     args += ["--model.ema_decay=0.5"]
     args += ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=2"]
-    subprocess.run([sys.executable, "-m", "distill.fit", *args], check=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.fit", *args], check=True, timeout=300, capture_output=True, text=True
+    )
+    assert "sync_dist=True" not in done.stderr  # no warning per logged metric name
     run = tmp_path / "ddp"
     for split in ("val", "test"):
         ddp = json.loads((run / f"metrics_{split}.json").read_text())
@@ -311,3 +314,15 @@ def test_a_ddp_process_that_stops_makes_the_run_fail_with_a_message_not_hang(tin
     stderr = log.read_text()
     assert launcher.returncode != 0
     assert "waited 20 s (--ddp_timeout_s) for another process, which stopped making progress" in stderr
+
+
+def test_the_command_line_prints_no_lightning_warning_about_args():
+    """main() hands LightningCLI the whole command line itself; Lightning's "args parameter" warning is noise."""
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.fit", "--config", "configs/fit/demo.yaml", "--print_config"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "run_name" in done.stdout and "args parameter" not in done.stderr
