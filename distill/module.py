@@ -420,8 +420,9 @@ class DistillModule(pl.LightningModule):
             for i, t in enumerate(report["thresholds"]):
                 for name in ("dice", "recall", "precision"):
                     values[f"{stage}/{who}/{name}@{t:.2f}"] = report[who][name][i]
-        # Already reduced over ranks by torchmetrics: identical everywhere, no sync needed.
-        self.log_dict(values, sync_dist=False)
+        # Already reduced over ranks by torchmetrics, so identical on every rank: the mean that sync_dist
+        # takes changes nothing, and without it Lightning warns once per metric name under DDP.
+        self.log_dict(values, sync_dist=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
