@@ -16,6 +16,7 @@ from __future__ import annotations
 import netrc
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -32,7 +33,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distill.cli import none_as_null, reports_user_errors
 from distill.data.datamodule import VesselDataModule
@@ -44,6 +46,7 @@ from distill.report import WHO, format_table, write_outputs
 from distill.students import count_parameters
 
 MONITOR = "val/student/dice@best"
+RUN_MARKER = ".distill-run"  # in every run directory fit claims: what fit may clear without --overwrite
 _RUN_NAME_ENV = "DISTILL_RUN_NAME"  # so that DDP ranks started later agree on a timestamped name
 # Lightning warns when an epoch has fewer batches than log_every_n_steps, as if logging restarted
 # each epoch; it counts steps over the whole run (and so does DistillModule), so short epochs of a
@@ -129,34 +132,55 @@ class DistillCLI(LightningCLI):
         name = self.config.get("run_name") or os.environ.get(_RUN_NAME_ENV)
         if not name:
             name = time.strftime("%Y%m%d-%H%M%S")
+        if name in (".", "..") or any(sep in name for sep in ("/", "\\")):
+            raise ConfigError(
+                f"--run_name {name!r} must be a plain folder name (no '.', '..' or path separator); "
+                "put the folder elsewhere with --runs_dir"
+            )
         os.environ[_RUN_NAME_ENV] = name
         return Path(self.config["runs_dir"]) / name
 
     def _claim_run_dir(self, run_dir: Path) -> None:
-        """Never mix two runs in one directory: a directory that holds files is refused unless the
-        run resumes (--ckpt_path) or --overwrite clears it. Rank 0 only (the others follow it)."""
-        if rank_zero_only.rank != 0 or not run_dir.is_dir() or not any(run_dir.iterdir()):
-            return
-        if not _holds_results(run_dir):  # an attempt that failed before saving anything: nothing to lose
-            left = ", ".join(sorted(p.name for p in run_dir.iterdir()))
-            print(f"note: {run_dir} held only what a failed attempt left ({left}); cleared", flush=True)
-            shutil.rmtree(run_dir)
+        """Never mix two runs in one directory, and never delete what fit did not write.
+
+        A directory that holds a run is refused unless this run resumes it (--ckpt_path inside it) or
+        --overwrite clears it; one that holds only what a failed attempt of fit left (its RUN_MARKER,
+        no checkpoint or metrics) is cleared; one with files fit did not write is refused. Rank 0
+        only (the others follow it). Claimed directories get the marker.
+        """
+        if rank_zero_only.rank != 0:
             return
         ckpt_path = self.config["ckpt_path"]
-        if self.config["overwrite"]:
-            if ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):
+        if ckpt_path and not Path(ckpt_path).is_file():
+            raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            held = ", ".join(sorted(p.name for p in run_dir.iterdir() if p.name != RUN_MARKER))
+            ours = (run_dir / RUN_MARKER).is_file() or _holds_results(run_dir)
+            resumes = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
+            if not ours:
                 raise ConfigError(
-                    f"--overwrite would delete {ckpt_path}, the checkpoint to resume from: drop one of the two"
+                    f"{run_dir} holds files that distill.fit did not write ({held}): pick another --run_name "
+                    "or --runs_dir"
                 )
-            shutil.rmtree(run_dir)
-        elif not ckpt_path:
-            held = ", ".join(sorted(p.name for p in run_dir.iterdir()))
-            last = run_dir / "checkpoints" / "last.ckpt"
-            resume = f"resume it with --ckpt_path {last}, " if last.is_file() else ""
-            raise ConfigError(
-                f"{run_dir} already holds a run ({held}): {resume}pick a new --run_name, or pass --overwrite to "
-                "clear it first"
-            )
+            if self.config["overwrite"]:
+                if resumes:
+                    raise ConfigError(
+                        f"--overwrite would delete {ckpt_path}, the checkpoint to resume from: drop one of the two"
+                    )
+                shutil.rmtree(run_dir)
+            elif not _holds_results(run_dir):  # a failed attempt of fit: nothing to lose
+                print(f"note: {run_dir} held only what a failed attempt left ({held}); cleared", flush=True)
+                shutil.rmtree(run_dir)
+            elif not resumes:
+                last = run_dir / "checkpoints" / "last.ckpt"
+                resume = f"resume it with --ckpt_path {last}, " if last.is_file() else ""
+                given = f" (--ckpt_path {ckpt_path} is another run's)" if ckpt_path else ""
+                raise ConfigError(
+                    f"{run_dir} already holds a run ({held}){given}: {resume}pick a new --run_name, or pass "
+                    "--overwrite to clear it first"
+                )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_MARKER).touch()
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.run_dir
@@ -170,11 +194,16 @@ class DistillCLI(LightningCLI):
             monitor=MONITOR,
             mode="max",
             save_top_k=1,
-            save_last=True,
             auto_insert_metric_name=False,
             enable_version_counter=False,
         )
-        kwargs["callbacks"] = [*callbacks, best, *self._progress(trainer_config, kwargs)]
+        # Not save_last=True: Lightning writes that copy only when `best` improves, so a run killed
+        # long after its best epoch would resume from there. This one is rewritten at every
+        # validation (after `best`, so it holds best's updated state).
+        last = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+        )
+        kwargs["callbacks"] = [*callbacks, best, last, *self._progress(trainer_config, kwargs)]
         kwargs["default_root_dir"] = str(run_dir)
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = self._make_logger(run_dir)
@@ -294,10 +323,21 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     with _collective_timeout_explained(trainer, cli.config["ddp_timeout_s"]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=WRONG_LOGGING_INTERVAL_WARNING)
-        trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
-    best = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)
-    if not best.is_file():
-        raise ConfigError(f"no checkpoint was written under {run_dir / 'checkpoints'}: did validation run?")
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
+        except SIGTERMException as stop:  # a SystemExit without a code: the run would "succeed"
+            last = run_dir / "checkpoints" / "last.ckpt"
+            resume = f"; resume with --ckpt_path {last}" if last.is_file() else ""
+            print(f"error: stopped by SIGTERM at step {trainer.global_step}{resume}", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from stop
+    best = Path(trainer.checkpoint_callback.best_model_path or run_dir / "checkpoints" / "last.ckpt")
+    if not trainer.checkpoint_callback.best_model_path:  # stopped before its first validation (max_steps)
+        rank_zero_info(
+            f"note: training stopped at step {trainer.global_step}, before its first validation: the final "
+            f"weights are scored, saved as {best}"
+        )
+        trainer.validate(model, datamodule=data, verbose=False)  # chooses the thresholds test uses
+        trainer.save_checkpoint(best)
 
     reports: dict[str, dict[str, Any]] = {}
     overlay_samples: dict[str, dict[str, Any]] = {}

@@ -12,6 +12,7 @@ and checkpoints hold only what runs, and DDP (which needs a gradient for every p
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -159,12 +160,30 @@ def create_student(
     return Student(net, stride, config, dropped)
 
 
+def check_smp_options(model_class: type, encoder: str, options: dict[str, Any]) -> None:
+    """ConfigError for `model.student.extra` keys the smp model does not take. smp passes unknown
+    keys on to the encoder, but only timm (`tu-`) encoders read them (timm refuses what it does not
+    know); for the others smp drops them silently, so a misspelt key would build the default model."""
+    if encoder.startswith("tu-"):
+        return
+    parameters = inspect.signature(model_class.__init__).parameters
+    known = [name for name, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"model.student.extra: {unknown} is not an option of smp's {model_class.__name__} with encoder "
+            f"{encoder!r}; it takes {sorted(set(known) - {'encoder_name', 'encoder_weights', 'classes'})}"
+        )
+
+
 def _smp_factory(arch: str) -> Callable[..., tuple[nn.Module, int]]:
     def factory(encoder: str, **kwargs: Any) -> tuple[nn.Module, int]:
         import segmentation_models_pytorch as smp
 
+        model_class = getattr(smp, arch)
+        check_smp_options(model_class, encoder, kwargs)
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-        net = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=1, **kwargs)
+        net = model_class(encoder_name=encoder, encoder_weights=None, classes=1, **kwargs)
         return net, net.encoder.output_stride
 
     return factory

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from distill.evaluate import evaluate
 from distill.fit import _command_line as _fit_command_line
 from distill.fit import main
 from distill.losses import DistillLoss
+from distill.module import DistillModule
 from distill.students import load_student
 from distill.views import VIEWS
 from tests._loss_term_plugin import MeanProbability
@@ -326,3 +328,121 @@ def test_the_command_line_prints_no_lightning_warning_about_args():
         timeout=300,
     )
     assert "run_name" in done.stdout and "args parameter" not in done.stderr
+
+
+def recorded_steps(path) -> dict[int, list[str]]:
+    return {step: ids for step, ids in map(json.loads, path.read_text().splitlines())}
+
+
+RECORD = "--trainer.callbacks+=tests._record_batches.RecordBatchIds"
+
+
+def test_last_ckpt_is_every_validation_and_a_resumed_run_continues_the_batch_stream(
+    tiny_data_and_cache, tmp_path, monkeypatch
+):
+    """2 steps an epoch, validation every epoch. last.ckpt was written only when best improved, and a
+    resumed run dealt the stream from its first batch again (it read the step count before Lightning
+    restored it)."""
+    data, cache = tiny_data_and_cache
+    original = DistillModule._log_report
+
+    def worsening(self, report):  # the monitored val Dice never improves after the first validation
+        if report["split"] == "val":
+            at = report["at_chosen"]
+            report = {
+                **report,
+                "at_chosen": {**at, "student": {**at["student"], "dice": 1 / (2 + self.global_step)}},
+            }
+        original(self, report)
+
+    monkeypatch.setattr(DistillModule, "_log_report", worsening)
+    common = ["--wandb=false", RECORD]
+    monkeypatch.setenv("RECORD_BATCH_IDS", str(tmp_path / "whole.jsonl"))
+    main(tiny_fit_args(data, cache, tmp_path, "--run_name=whole", "--trainer.max_epochs=3", *common))
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    assert torch.load(checkpoints / "best.ckpt", weights_only=False)["global_step"] == 2
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6
+
+    monkeypatch.setenv("RECORD_BATCH_IDS", str(tmp_path / "cut.jsonl"))
+    main(tiny_fit_args(data, cache, tmp_path, "--run_name=cut", "--trainer.max_epochs=1", *common))
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    main(
+        tiny_fit_args(
+            data, cache, tmp_path, "--run_name=cut", "--trainer.max_epochs=3", f"--ckpt_path={last}", *common
+        )
+    )
+    whole, cut = recorded_steps(tmp_path / "whole.jsonl"), recorded_steps(tmp_path / "cut.jsonl")
+    assert sorted(cut) == sorted(whole) == list(range(6)) and cut == whole
+
+
+def test_fit_never_clears_or_joins_a_folder_it_did_not_make(tiny_data_and_cache, tiny_run, tmp_path):
+    data, cache = tiny_data_and_cache
+    mine = tmp_path / "mine"
+    (mine / "important").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=mine", "--trainer.max_epochs=1", "--wandb=false")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(
+            ConfigError, match=r"holds files that distill.fit did not write \(important, notes.txt\)"
+        ):
+            main([*args, *extra])
+    assert (mine / "notes.txt").read_text() == "precious" and not (mine / "checkpoints").exists()
+    for name in (".", "..", "a/b"):
+        with pytest.raises(ConfigError, match="plain folder name"):
+            main([*args, f"--run_name={name}"])
+    with pytest.raises(ConfigError, match="no such checkpoint file"):
+        main([*args, "--run_name=new", f"--ckpt_path={tmp_path / 'nothere.ckpt'}"])
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "a")
+    shutil.copytree(tiny_run, runs / "b")
+    other = runs / "b" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"already holds a run .*another run's"):
+        main(
+            [
+                f"--config={tiny_run / 'config.yaml'}",
+                f"--runs_dir={runs}",
+                "--run_name=a",
+                f"--ckpt_path={other}",
+            ]
+        )
+
+
+def test_a_run_stopped_before_its_first_validation_scores_its_final_weights(
+    tiny_data_and_cache, tmp_path, caplog
+):
+    data, cache = tiny_data_and_cache
+    main(
+        tiny_fit_args(
+            data,
+            cache,
+            tmp_path,
+            "--run_name=short",
+            "--trainer.max_epochs=-1",
+            "--trainer.max_steps=1",
+            "--wandb=false",
+        )
+    )
+    assert "before its first validation" in caplog.text
+    run = tmp_path / "short"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics_test.json").is_file()
+
+
+def test_sigterm_stops_a_run_with_a_failing_status_and_how_to_resume(tiny_data_and_cache, tmp_path):
+    """Lightning's SIGTERMException is a SystemExit without a code: schedulers saw a pre-empted run succeed."""
+    data, cache = tiny_data_and_cache
+    record = tmp_path / "steps.jsonl"
+    args = tiny_fit_args(
+        data, cache, tmp_path, "--run_name=term", "--trainer.max_epochs=500", "--wandb=false", RECORD
+    )
+    env = {**os.environ, "RECORD_BATCH_IDS": str(record)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distill.fit", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not (record.is_file() and len(record.read_text().splitlines()) > 4) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step" in stderr and "--ckpt_path" in stderr

@@ -54,6 +54,22 @@ def test_timm_encoder_and_config_kwargs():
     assert count_parameters(student) > 0
 
 
+def test_a_misspelt_extra_key_is_refused_not_dropped():
+    """smp passes unknown keys to the encoder, and only timm encoders read them: a typo built the default model."""
+    with pytest.raises(
+        ConfigError, match=r"\['decoder_chanels', 'encoder_dpth'\] is not an option.*encoder_depth"
+    ):
+        create_student("unet", "resnet18", encoder_dpth=3, decoder_chanels=[8, 8, 8])
+    with pytest.raises(ConfigError, match="foo_bar"):  # timm encoders refuse them themselves
+        create_student("unet", "tu-mobilenetv3_large_100", foo_bar=1)
+    assert (
+        create_student("unet", "resnet18", encoder_depth=3, decoder_channels=[8, 8, 8]).config[
+            "encoder_depth"
+        ]
+        == 3
+    )
+
+
 def test_unknown_student_is_a_config_error():
     with pytest.raises(ConfigError, match="choose from"):
         create_student("nope")

@@ -444,7 +444,8 @@ class VesselDataModule(pl.LightningDataModule):
         first_batch, device, module = 0, torch.device("cpu"), None
         if self.trainer is not None:
             seed = self.trainer.strategy.broadcast(seed)  # every rank must deal the same permutation
-            first_batch = self.trainer.fit_loop.epoch_loop.batch_progress.total.completed  # resumed: continue
+            loop = self.trainer.fit_loop.epoch_loop
+            first_batch = lambda: loop.batch_progress.total.completed  # noqa: E731  resumed: continue (read once restored)
             device = self.trainer.strategy.root_device
             module = self.trainer.lightning_module
         teacher = self.teacher if getattr(module, "trains_on_teacher", True) else None

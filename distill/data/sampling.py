@@ -18,7 +18,7 @@ exactly one rank (ranks may differ by one image).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -58,11 +58,18 @@ class EndlessBatches(Sampler[list[Draw]]):
     rank), cut into steps of `batch_size * world_size` consecutive draws; rank r takes every
     world_size-th draw of each step, starting at r. So every rank makes as many steps, a batch may
     span two passes or be larger than the split, and nothing is dropped. `first_batch` makes a
-    resumed run continue where it stopped.
+    resumed run continue where it stopped; a callable is read when iteration starts (Lightning
+    restores the step count from a checkpoint after it has asked for the loader).
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, first_batch: int = 0
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        first_batch: int | Callable[[], int] = 0,
     ):
         if n < 1:
             raise ConfigError("the train split is empty; add images or change its splits file")
@@ -95,7 +102,8 @@ class EndlessBatches(Sampler[list[Draw]]):
         ]
 
     def __iter__(self) -> Iterator[list[Draw]]:
-        for step in itertools.count(self.first_batch):
+        first = self.first_batch() if callable(self.first_batch) else self.first_batch
+        for step in itertools.count(first):
             yield self.batch(step)
 
 
