@@ -63,8 +63,8 @@ examples:
 
 A rerun on the same --out computes only the (id, view) pairs that are missing (after the dataset
 grew: only the new ids; nothing missing: it exits at once, without running the teacher). A cache
-made by another teacher or views is refused saying what differs, and ids whose image, mask or text
-changed since they were cached are refused by id.
+made by another teacher or views is refused saying what differs, and ids whose image or text (what
+the teacher saw) changed since they were cached are refused by id; a corrected mask keeps its rows.
 """
 
 

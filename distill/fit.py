@@ -302,7 +302,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         seed_everything_default=0,
         save_config_callback=None,
         args=none_as_null(sys.argv[1:] if args is None else args),
-        parser_kwargs={"description": __doc__.split("\n")[0]},
+        parser_kwargs={"description": __doc__.split("\n")[0], "prog": "python -m distill.fit"},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     run_dir = Path(trainer.default_root_dir)

@@ -88,10 +88,23 @@ class EMAWeights(WeightAveraging):
 class DistillModule(pl.LightningModule):
     """Student + DistillLoss + threshold-sweep metrics for student and teacher.
 
-    `loss` is the loss config (`distill.losses.resolve_loss_config`; `distill.fit` fills it from the
-    config's top-level `loss:` section). `thresholds` is the grid swept on every validation/test
-    pass; `threshold_rule` picks one on validation ("max_dice", or "recall_target": the highest
-    threshold whose recall >= recall_target).
+    Args:
+        student: the student network by name (see `distill.students`): name, encoder, encoder_weights, extra.
+        loss: the loss config; `distill.fit` fills it from the config's top-level `loss:` section
+            (`distill.losses.resolve_loss_config`).
+        lr: AdamW peak learning rate, reached after the warm-up and decayed by cosine to 0.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: share of all training steps spent warming the learning rate up from 0, in [0, 1).
+        thresholds: probability grid swept on every validation/test pass (the curves and tables).
+        threshold_rule: how validation picks the threshold frozen for test: "max_dice", or
+            "recall_target" (the highest threshold whose recall >= recall_target).
+        recall_target: the recall that "recall_target" asks for.
+        channels_last: run the student in channels_last memory format on CUDA (faster convolutions).
+        compile: torch.compile the student for training (evaluation runs it uncompiled).
+        n_overlays: images drawn in overlays_<split>.png.
+        test_views: D4 views whose logit mean also scores the student ("d4" = all 8; null: none).
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999)
+            and validate, test and checkpoint it; null: none.
     """
 
     def __init__(
