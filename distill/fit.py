@@ -171,7 +171,17 @@ class DistillCLI(LightningCLI):
             elif not _holds_results(run_dir):  # a failed attempt of fit: nothing to lose
                 print(f"note: {run_dir} held only what a failed attempt left ({held}); cleared", flush=True)
                 shutil.rmtree(run_dir)
-            elif not resumes:
+            elif resumes:
+                derived = sorted(
+                    p.name for p in run_dir.iterdir() if p.name.startswith("eval_") or p.suffix == ".onnx"
+                )
+                if derived:
+                    print(
+                        f"note: {', '.join(derived)} in {run_dir} came from this run's earlier checkpoints; "
+                        "run distill.evaluate / distill.export again when it has finished",
+                        flush=True,
+                    )
+            else:
                 last = run_dir / "checkpoints" / "last.ckpt"
                 resume = f"resume it with --ckpt_path {last}, " if last.is_file() else ""
                 given = f" (--ckpt_path {ckpt_path} is another run's)" if ckpt_path else ""

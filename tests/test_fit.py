@@ -112,8 +112,10 @@ def test_a_run_directory_of_another_run_is_refused_unless_resumed_or_overwritten
 
     (runs / "tiny" / "student.onnx").write_bytes(b"from the old run")
     resumed = [*args[:2], f"--ckpt_path={runs / 'tiny' / 'checkpoints' / 'last.ckpt'}", "--wandb=false"]
+    capsys.readouterr()
     main(resumed)  # resuming a finished run: allowed, it continues in its own directory
     assert (runs / "tiny" / "student.onnx").is_file()
+    assert "student.onnx in" in capsys.readouterr().out  # said to be stale, not deleted
     with pytest.raises(ConfigError, match="--overwrite would delete"):
         main([*resumed, "--overwrite=true"])
 
