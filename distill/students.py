@@ -24,6 +24,7 @@ from torch import nn
 
 from distill.errors import ConfigError
 from distill.registry import Registry
+from distill.views import same_views
 
 CHECKPOINT_FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -279,7 +280,7 @@ def chosen_threshold(info: dict[str, Any], views: Sequence[str] = ()) -> float |
     """
     if not views:
         return info.get("chosen_threshold")
-    if list(views) == info.get("test_views") and info.get("views_threshold") is not None:
+    if same_views(views, info.get("test_views") or ()) and info.get("views_threshold") is not None:
         return info["views_threshold"]
     warnings.warn(
         f"the run chose no threshold over the views {list(views)} (its model.test_views: "

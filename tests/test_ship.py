@@ -279,3 +279,24 @@ def test_predict_takes_the_readers_images_upright_and_marks_prob_equal_to_the_th
     for name, shape in (("a", (6, 8)), ("b", (6, 8)), ("c", (8, 6))):
         mask = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png"))
         assert mask.shape == shape and (mask == 255).all(), name
+
+
+def test_views_in_another_order_are_the_same_views(tiny_views_run, tmp_path):
+    """Their logit mean does not depend on the order, so neither does the threshold chosen for them."""
+    import warnings
+
+    ckpt = tiny_views_run / "checkpoints" / "best.ckpt"
+    fit_val = json.loads((tiny_views_run / "metrics_val.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the run chose no threshold over the views"
+        export_onnx(ckpt, tmp_path / "views.onnx", views=list(reversed(VIEWS)), check_sizes=(32,))
+    assert (
+        read_metadata(tmp_path / "views.onnx")["chosen_threshold"]
+        == fit_val["chosen_threshold"]["student_views"]
+    )
+    from distill.module import DistillModule
+
+    model = DistillModule.load_from_checkpoint(
+        str(ckpt), map_location="cpu", test_views=list(reversed(VIEWS))
+    )
+    assert model.views_threshold == fit_val["chosen_threshold"]["student_views"]
