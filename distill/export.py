@@ -26,7 +26,7 @@ import torch
 
 from distill import __version__
 from distill.cli import reports_user_errors, views_flag
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.students import chosen_threshold, load_student
 from distill.views import ViewMean
 
@@ -98,12 +98,40 @@ def _set_metadata(path: Path, metadata: dict[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
+def is_onnx(path: str | Path) -> bool:
+    """Whether `path` names an ONNX model: `predict` tells a model's kind by this suffix alone."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_exported(path: str | Path) -> Any:
+    """The onnx.ModelProto (weights left on disk) of a model `export_onnx` wrote.
+
+    A missing file, one that is not ONNX, or an ONNX graph that does not map `image` to `logits` is
+    refused in words, not with protobuf's DecodeError or onnxruntime's errors."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path, fix = Path(path), "give a .onnx written by `python -m distill.export`"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; {fix}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as err:
+        raise ConfigError(f"{path}: not an ONNX model ({err}); {fix}") from err
+    if not model.graph.node:
+        raise ConfigError(f"{path}: not an ONNX model (it holds no graph); {fix}")
+    names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+    if names != (["image"], ["logits"]):
+        raise ConfigError(
+            f"{path}: an ONNX model with inputs and outputs {names}, not image -> logits; {fix}"
+        )
+    return model
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata written by `export_onnx` (JSON values decoded)."""
-    import onnx
-
     out = {}
-    for entry in onnx.load(str(path), load_external_data=False).metadata_props:
+    for entry in load_exported(path).metadata_props:
         try:
             out[entry.key] = json.loads(entry.value)
         except json.JSONDecodeError:

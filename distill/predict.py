@@ -24,8 +24,30 @@ from tqdm import tqdm
 from distill.cli import reports_user_errors, views_flag
 from distill.data.images import IMAGE_SUFFIXES, check_bit_depth, read_image
 from distill.errors import ConfigError
+from distill.export import is_onnx, read_metadata
 from distill.students import chosen_threshold, load_student
 from distill.views import mean_over_views
+
+
+def checked_device(device: str) -> str:
+    """`--device` resolved (`auto`) and checked before a checkpoint is loaded onto it: torch's own
+    errors for a device this machine lacks name neither the flag nor the fix."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device}: not a device ({err}); give auto, cpu, cuda or cuda:N") from err
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)"
+        )
+    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    return device
 
 
 def load_predictor(
@@ -37,10 +59,8 @@ def load_predictor(
     folded in already (`export --views`).
     """
     views = list(views or [])
-    if model.suffix == ".onnx":
+    if is_onnx(model):
         import onnxruntime as ort
-
-        from distill.export import read_metadata
 
         metadata = read_metadata(model)
         if views and metadata.get("views"):
@@ -52,8 +72,7 @@ def load_predictor(
 
         threshold = chosen_threshold({"chosen_threshold": metadata.get("chosen_threshold")}, views)
     else:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = checked_device(device)
         student, info = load_student(model, map_location=device)
         student = student.to(device)
         threshold = chosen_threshold(info, views)

@@ -12,6 +12,7 @@ and checkpoints hold only what runs, and DDP (which needs a gradient for every p
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -297,7 +298,13 @@ def load_student(
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise ConfigError(f"{ckpt_path}: no such checkpoint")
-    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:
+        raise ConfigError(
+            f"{ckpt_path}: not a PyTorch checkpoint (torch.load: {type(err).__name__}); "
+            "give a checkpoint written by `python -m distill.fit`"
+        ) from err
     info = checkpoint.get("distill") if isinstance(checkpoint, dict) else None
     if not isinstance(info, dict) or "student" not in info:
         raise ConfigError(

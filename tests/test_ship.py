@@ -15,6 +15,7 @@ from PIL import Image
 from distill.errors import ConfigError
 from distill.evaluate import main as evaluate_main
 from distill.export import TOLERANCE, export_onnx, read_metadata
+from distill.export import main as export_main
 from distill.predict import main as predict_main
 from distill.students import load_student
 from distill.views import VIEWS, ViewMean
@@ -300,3 +301,57 @@ def test_views_in_another_order_are_the_same_views(tiny_views_run, tmp_path):
         str(ckpt), map_location="cpu", test_views=list(reversed(VIEWS))
     )
     assert model.views_threshold == fit_val["chosen_threshold"]["student_views"]
+
+
+def _fake_predictor(monkeypatch) -> None:
+    """predict without a model: every image gets probability 0.5 at threshold 0.5 (the folder logic alone)."""
+    import distill.predict as predict
+
+    def half(image: np.ndarray) -> np.ndarray:
+        return np.full(image.shape[:2], 0.5, np.float32)
+
+    monkeypatch.setattr(predict, "load_predictor", lambda model, device, views: (half, 0.5))
+
+
+def _image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, content, what",
+    [
+        ("missing.onnx", None, "no such file"),
+        ("fake.onnx", b"garbage", "not an ONNX model"),
+        ("empty.onnx", b"", "not an ONNX model"),
+        ("config.json", b"{}", "not a PyTorch checkpoint"),
+        ("best.ckpt", b"", "not a PyTorch checkpoint"),
+    ],
+)
+def test_predict_refuses_a_model_file_it_cannot_read_in_words(tmp_path, capsys, name, content, what):
+    model = tmp_path / name
+    if content is not None:
+        model.write_bytes(content)
+    images = _image(tmp_path / "new" / "a.png").parent
+    assert predict_main(["--model", str(model), "--images", str(images), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}: {what}") and "distill." in err  # names the tool that writes one
+
+
+def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    assert export_main(["--ckpt", str(config), "--out", str(tmp_path / "s.onnx")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: not a PyTorch checkpoint")
+
+
+def test_predict_on_cuda_without_cuda_suggests_the_cpu(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    images = _image(tmp_path / "new" / "a.png").parent
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    assert predict_main(["--model", ckpt, "--images", str(images), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "--device cpu" in err
+    assert predict_main(["--model", ckpt, "--images", str(images), "--device", "gpu"]) == 2
+    assert "--device gpu" in capsys.readouterr().err
