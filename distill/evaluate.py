@@ -79,7 +79,6 @@ def evaluate(
     threshold is the run's when fit used the same `model.test_views`, else it is chosen on val first.
     `precision` is a Lightning precision ("32-true", "bf16-mixed"); default: the run's trainer.precision.
     """
-    import lightning.pytorch as pl
 
     from distill.metrics import DEFAULT_THRESHOLDS
     from distill.module import DistillModule
@@ -100,13 +99,8 @@ def evaluate(
         overrides["test_views"] = views
     model = DistillModule.load_from_checkpoint(str(ckpt), map_location="cpu", **overrides)
     data = build_datamodule(ckpt, data_overrides or {})
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        precision=precision or (run_config(ckpt).get("trainer") or {}).get("precision") or "32-true",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+    trainer = evaluation_trainer(
+        accelerator, precision or (run_config(ckpt).get("trainer") or {}).get("precision") or "32-true"
     )
     if threshold is not None:
         model.chosen_threshold = model.teacher_threshold = model.views_threshold = float(threshold)
@@ -131,6 +125,26 @@ def evaluate(
     written["report"] = write_report_md(out / "report.md", report, ckpt, "overlays" in written)
     print(f"wrote {out}/: {', '.join(path.name for path in written.values())}")
     return report
+
+
+def evaluation_trainer(accelerator: str, precision: str | int) -> Any:
+    """A one-device Lightning Trainer that logs and saves nothing. Lightning refusing `--precision` or
+    `--accelerator` (an unknown name, a GPU this machine lacks) is the user's to fix: a ConfigError
+    naming both flags, with Lightning's list of what it takes."""
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(
+            accelerator=accelerator,
+            precision=precision,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+    except (ValueError, ImportError, MisconfigurationException) as err:
+        raise ConfigError(f"--precision {precision} --accelerator {accelerator}: {err}") from err
 
 
 def write_report_md(path: Path, report: dict[str, Any], ckpt: Path, overlays: bool) -> Path:

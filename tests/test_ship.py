@@ -355,3 +355,11 @@ def test_predict_on_cuda_without_cuda_suggests_the_cpu(tiny_run, tmp_path, monke
     assert "CUDA is not available" in err and "--device cpu" in err
     assert predict_main(["--model", ckpt, "--images", str(images), "--device", "gpu"]) == 2
     assert "--device gpu" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_an_unknown_precision_in_words(tiny_run, capsys):
+    assert (
+        evaluate_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--precision", "banana"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: --precision banana") and "bf16-mixed" in err
