@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from distill.errors import ConfigError
 from distill.export import is_onnx, read_metadata
 from distill.students import chosen_threshold, load_student
 from distill.views import mean_over_views
+
+OUTPUT_FOLDERS = ("masks", "probs")  # under --out: the thresholded masks, the probabilities x 255
 
 
 def checked_device(device: str) -> str:
@@ -90,6 +93,44 @@ def load_predictor(
     return predict, threshold
 
 
+def find_images(images: Path, out: Path) -> list[Path]:
+    """The image files under `images`, sorted, leaving out the folders predict writes (`out/masks`,
+    `out/probs`): with `--out` inside `--images`, a second run would read the first one's outputs."""
+    if not images.is_dir():
+        what = "is a file, not a folder" if images.exists() else "does not exist"
+        raise ConfigError(f"{images}: {what}; --images takes a folder of images")
+    written = [(out / sub).resolve() for sub in OUTPUT_FOLDERS]
+    paths = sorted(
+        path
+        for path in images.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(path.resolve().is_relative_to(folder) for folder in written)
+    )
+    if not paths:
+        raise ConfigError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return paths
+
+
+def output_names(paths: list[Path], images: Path) -> dict[Path, Path]:
+    """Each image's output name under masks/ and probs/ (its path under `images`, as .png).
+
+    Refuses, before anything is written, images that would share one (`x.png` and `x.jpg`): the
+    second would silently overwrite the first one's mask."""
+    by_name: dict[Path, list[Path]] = defaultdict(list)
+    for path in paths:
+        by_name[path.relative_to(images).with_suffix(".png")].append(path)
+    shared = [
+        " and ".join(map(str, sources)) + f" -> {name}"
+        for name, sources in by_name.items()
+        if len(sources) > 1
+    ]
+    if shared:
+        raise ConfigError(
+            f"{images}: images that would write the same mask: {'; '.join(shared)}; rename one of each"
+        )
+    return {sources[0]: name for name, sources in by_name.items()}
+
+
 def predict_folder(
     model: Path,
     images: Path,
@@ -105,21 +146,18 @@ def predict_folder(
     (default: detected per image).
     """
     check_bit_depth(bit_depth)
-    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ConfigError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    names = output_names(find_images(images, out), images)
     predict, chosen = load_predictor(model, device, views)
     threshold = threshold if threshold is not None else chosen
     if threshold is None:
         raise ConfigError(f"{model}: carries no chosen threshold; pass --threshold")
-    for path in tqdm(paths, desc="predict", unit="img"):
+    for path, name in tqdm(names.items(), desc="predict", unit="img"):
         prob = predict(read_image(path, bit_depth=bit_depth))
-        name = path.relative_to(images).with_suffix(".png")
-        for sub, array in (("masks", (prob >= threshold) * 255), ("probs", np.round(prob * 255))):
+        for sub, array in zip(OUTPUT_FOLDERS, ((prob >= threshold) * 255, np.round(prob * 255)), strict=True):
             target = out / sub / name
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array.astype(np.uint8)).save(target)
-    return len(paths)
+    return len(names)
 
 
 @reports_user_errors

@@ -257,13 +257,30 @@ def test_predict_with_views_from_a_checkpoint_and_from_a_views_onnx_agree(
         load_predictor(tmp_path / "views.onnx", views=["hflip"])
 
 
+def _fake_predictor(monkeypatch) -> None:
+    """predict without a model: every image gets probability 0.5 at threshold 0.5 (the folder logic alone)."""
+    import distill.predict as predict
+
+    def half(image: np.ndarray) -> np.ndarray:
+        return np.full(image.shape[:2], 0.5, np.float32)
+
+    monkeypatch.setattr(predict, "load_predictor", lambda model, device, views: (half, 0.5))
+
+
+def _image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(path)
+    return path
+
+
 def test_predict_takes_the_readers_images_upright_and_marks_prob_equal_to_the_threshold(
     tmp_path, monkeypatch
 ):
     """One suffix list (the readers', .gif and .webp too), one decoding (EXIF applied) and one rule
     (prob >= t, as the metrics and overlays) for checkpoints and ONNX alike."""
-    import distill.predict as predict
+    from distill.predict import predict_folder
 
+    _fake_predictor(monkeypatch)
     images = tmp_path / "new"
     images.mkdir()
     Image.fromarray(np.zeros((6, 8), np.uint8)).save(images / "a.gif")
@@ -271,12 +288,7 @@ def test_predict_takes_the_readers_images_upright_and_marks_prob_equal_to_the_th
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 8 wide x 6 high, shown 6 wide x 8 high
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(images / "c.jpg", exif=exif)
-
-    def at_threshold(image: np.ndarray) -> np.ndarray:
-        return np.full(image.shape[:2], 0.5, np.float32)
-
-    monkeypatch.setattr(predict, "load_predictor", lambda model, device, views: (at_threshold, 0.5))
-    assert predict.predict_folder(tmp_path / "student.onnx", images, tmp_path / "out") == 3
+    assert predict_folder(tmp_path / "student.onnx", images, tmp_path / "out") == 3
     for name, shape in (("a", (6, 8)), ("b", (6, 8)), ("c", (8, 6))):
         mask = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png"))
         assert mask.shape == shape and (mask == 255).all(), name
@@ -301,22 +313,6 @@ def test_views_in_another_order_are_the_same_views(tiny_views_run, tmp_path):
         str(ckpt), map_location="cpu", test_views=list(reversed(VIEWS))
     )
     assert model.views_threshold == fit_val["chosen_threshold"]["student_views"]
-
-
-def _fake_predictor(monkeypatch) -> None:
-    """predict without a model: every image gets probability 0.5 at threshold 0.5 (the folder logic alone)."""
-    import distill.predict as predict
-
-    def half(image: np.ndarray) -> np.ndarray:
-        return np.full(image.shape[:2], 0.5, np.float32)
-
-    monkeypatch.setattr(predict, "load_predictor", lambda model, device, views: (half, 0.5))
-
-
-def _image(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(path)
-    return path
 
 
 @pytest.mark.parametrize(
@@ -363,3 +359,35 @@ def test_evaluate_refuses_an_unknown_precision_in_words(tiny_run, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("error: --precision banana") and "bf16-mixed" in err
+
+
+def test_predict_refuses_two_images_that_would_write_one_mask_before_writing_any(
+    tmp_path, monkeypatch, capsys
+):
+    _fake_predictor(monkeypatch)
+    png, jpg = _image(tmp_path / "new" / "x.png"), _image(tmp_path / "new" / "x.jpg")
+    _image(tmp_path / "new" / "a.png")
+    out = tmp_path / "out"
+    assert predict_main(["--model", "m.onnx", "--images", str(tmp_path / "new"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(png) in err and str(jpg) in err and "x.png" in err and "rename" in err
+    assert not out.exists()
+
+
+def test_predict_does_not_read_its_own_outputs_inside_the_images_folder(tmp_path, monkeypatch, capsys):
+    _fake_predictor(monkeypatch)
+    images = tmp_path / "new"
+    _image(images / "a.png")
+    args = ["--model", "m.onnx", "--images", str(images), "--out", str(images / "pred")]
+    assert predict_main(args) == 0
+    assert predict_main(args) == 0
+    assert "wrote 1 masks" in capsys.readouterr().out.splitlines()[-1]
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png")) == [
+        "a.png", "pred/masks/a.png", "pred/probs/a.png",
+    ]  # fmt: skip
+
+
+def test_predict_says_the_images_folder_does_not_exist(tmp_path, capsys):
+    args = ["--model", "m.onnx", "--images", str(tmp_path / "nowhere")]
+    assert predict_main(args) == 2
+    assert f"{tmp_path / 'nowhere'}: does not exist" in capsys.readouterr().err
