@@ -4,7 +4,10 @@ For each image it writes `<out>/masks/<name>.png` (255 where prob >= the model's
 or `--threshold`; the rule the metrics use) and `<out>/probs/<name>.png` (probability x 255). The
 threshold comes from the checkpoint or the ONNX metadata: the one chosen on validation, so the masks
 are the ones the evaluation measured. Images are the files the dataset readers take
-(`distill.data.images.IMAGE_SUFFIXES`), decoded the same way (EXIF orientation applied). `--views d4`
+(`distill.data.images.IMAGE_SUFFIXES`), decoded the same way (EXIF orientation applied), except
+what predict writes itself (`<out>/masks`, `<out>/probs`, when `--out` lies inside `--images`). Two
+images that would write one mask (`x.png`, `x.jpg`) are refused before anything is written. An image
+that does not read stops the run, or with `--skip-bad` is left out and listed at the end. `--views d4`
 averages the model's logits over test-time views (for a checkpoint, with the threshold `fit` chose
 over the same `model.test_views`).
 """
@@ -15,6 +18,7 @@ import argparse
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +28,12 @@ from tqdm import tqdm
 
 from distill.cli import reports_user_errors, views_flag
 from distill.data.images import IMAGE_SUFFIXES, check_bit_depth, read_image
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DatasetError
 from distill.export import is_onnx, read_metadata
 from distill.students import chosen_threshold, load_student
 from distill.views import mean_over_views
 
+SKIP_BAD_HINT = "--skip-bad leaves images that do not read out, lists them and goes on"
 OUTPUT_FOLDERS = ("masks", "probs")  # under --out: the thresholded masks, the probabilities x 255
 
 
@@ -93,6 +98,15 @@ def load_predictor(
     return predict, threshold
 
 
+@dataclass
+class Predicted:
+    """What `predict_folder` did: how many images it wrote masks for, and the ones it left out
+    because they did not read (`skip_bad`)."""
+
+    written: int
+    left_out: list[DatasetError]
+
+
 def find_images(images: Path, out: Path) -> list[Path]:
     """The image files under `images`, sorted, leaving out the folders predict writes (`out/masks`,
     `out/probs`): with `--out` inside `--images`, a second run would read the first one's outputs."""
@@ -139,11 +153,13 @@ def predict_folder(
     device: str = "auto",
     views: list[str] | None = None,
     bit_depth: int | None = None,
-) -> int:
-    """Write masks and probability maps for every image under `images`; returns how many.
+    skip_bad: bool = False,
+) -> Predicted:
+    """Write masks and probability maps for every image under `images`.
 
     `bit_depth`: the bits 16-bit grayscale images hold, as the reader option of the same name
-    (default: detected per image).
+    (default: detected per image). `skip_bad`: an image that does not read is left out (and listed)
+    instead of stopping the run, as `cache_teacher --skip-bad` does; refused when none reads.
     """
     check_bit_depth(bit_depth)
     names = output_names(find_images(images, out), images)
@@ -151,13 +167,38 @@ def predict_folder(
     threshold = threshold if threshold is not None else chosen
     if threshold is None:
         raise ConfigError(f"{model}: carries no chosen threshold; pass --threshold")
+    left_out: list[DatasetError] = []
     for path, name in tqdm(names.items(), desc="predict", unit="img"):
-        prob = predict(read_image(path, bit_depth=bit_depth))
-        for sub, array in zip(OUTPUT_FOLDERS, ((prob >= threshold) * 255, np.round(prob * 255)), strict=True):
-            target = out / sub / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array.astype(np.uint8)).save(target)
-    return len(names)
+        try:
+            image = read_image(path, bit_depth=bit_depth)
+        except DatasetError as err:
+            if not skip_bad:
+                raise with_skip_bad_hint(err) from None
+            left_out.append(err)
+            continue
+        write_prediction(out, name, predict(image), threshold)
+    if len(left_out) == len(names):
+        raise ConfigError(f"{images}: none of the {len(names)} images could be read:\n{listing(left_out)}")
+    return Predicted(len(names) - len(left_out), left_out)
+
+
+def write_prediction(out: Path, name: Path, prob: np.ndarray, threshold: float) -> None:
+    """`out/masks/<name>` (255 where prob >= threshold, the metrics' rule) and `out/probs/<name>`."""
+    for sub, array in zip(OUTPUT_FOLDERS, ((prob >= threshold) * 255, np.round(prob * 255)), strict=True):
+        target = out / sub / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array.astype(np.uint8)).save(target)
+
+
+def with_skip_bad_hint(err: DatasetError) -> DatasetError:
+    """`err` with `--skip-bad` in its fix: the run stops at one image that does not read, and the user
+    should not have to look up how to go on without it."""
+    return DatasetError(err.path, err.problem, f"{err.fix}; {SKIP_BAD_HINT}" if err.fix else SKIP_BAD_HINT)
+
+
+def listing(errors: list[DatasetError]) -> str:
+    """One indented line per image left out, for the end of the run's output."""
+    return "\n".join(f"  {err}" for err in errors)
 
 
 @reports_user_errors
@@ -189,11 +230,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--views", type=views_flag, default=None, help="average over these test-time views (d4 = all 8)"
     )
-    args = parser.parse_args(argv)
-    n = predict_folder(
-        args.model, args.images, args.out, args.threshold, args.device, args.views, args.bit_depth
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave images that do not read out, list them at the end and go on (exit status 0 "
+        "unless none reads); without it the first one stops the run",
     )
-    print(f"wrote {n} masks and probability maps to {args.out}/masks and {args.out}/probs")
+    args = parser.parse_args(argv)
+    done = predict_folder(
+        args.model,
+        args.images,
+        args.out,
+        args.threshold,
+        args.device,
+        args.views,
+        args.bit_depth,
+        args.skip_bad,
+    )
+    print(f"wrote {done.written} masks and probability maps to {args.out}/masks and {args.out}/probs")
+    if done.left_out:
+        print(f"left out {len(done.left_out)} unreadable image(s) (--skip-bad):\n{listing(done.left_out)}")
     return 0
 
 

@@ -288,7 +288,7 @@ def test_predict_takes_the_readers_images_upright_and_marks_prob_equal_to_the_th
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 8 wide x 6 high, shown 6 wide x 8 high
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(images / "c.jpg", exif=exif)
-    assert predict_folder(tmp_path / "student.onnx", images, tmp_path / "out") == 3
+    assert predict_folder(tmp_path / "student.onnx", images, tmp_path / "out").written == 3
     for name, shape in (("a", (6, 8)), ("b", (6, 8)), ("c", (8, 6))):
         mask = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png"))
         assert mask.shape == shape and (mask == 255).all(), name
@@ -391,3 +391,20 @@ def test_predict_says_the_images_folder_does_not_exist(tmp_path, capsys):
     args = ["--model", "m.onnx", "--images", str(tmp_path / "nowhere")]
     assert predict_main(args) == 2
     assert f"{tmp_path / 'nowhere'}: does not exist" in capsys.readouterr().err
+
+
+def test_predict_skip_bad_lists_unreadable_images_and_goes_on(tmp_path, monkeypatch, capsys):
+    _fake_predictor(monkeypatch)
+    images = tmp_path / "new"
+    _image(images / "a.png")
+    (images / "b.png").write_bytes(b"not a png")
+    args = ["--model", "m.onnx", "--images", str(images)]
+    assert predict_main([*args, "--out", str(tmp_path / "stop")]) == 2
+    assert "b.png" in (err := capsys.readouterr().err) and "--skip-bad" in err
+    assert predict_main([*args, "--out", str(tmp_path / "on"), "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 masks" in out and "left out 1 unreadable image" in out and str(images / "b.png") in out
+    assert (tmp_path / "on" / "masks" / "a.png").is_file()
+    (images / "a.png").write_bytes(b"nor this")
+    assert predict_main([*args, "--out", str(tmp_path / "none"), "--skip-bad"]) == 2
+    assert "none of the 2 images" in capsys.readouterr().err
