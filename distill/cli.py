@@ -59,6 +59,15 @@ def views_flag(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def probability(text: str) -> float:
+    """A `--threshold` flag: a probability in [0, 1] (masks are prob >= threshold, so 5 leaves every
+    mask empty and -1 fills it)."""
+    value = float(text)  # a ValueError: argparse says "invalid probability value"
+    if not 0 <= value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text}: a threshold is a probability; give one in [0, 1]")
+    return value
+
+
 def comma_list(text: str) -> list[str]:
     """`a, b,c` -> ["a", "b", "c"] (empty parts dropped)."""
     return [part.strip() for part in text.split(",") if part.strip()]

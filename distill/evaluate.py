@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from distill.cli import add_deprecated_alias, key_value, reports_user_errors, views_flag
+from distill.cli import add_deprecated_alias, key_value, probability, reports_user_errors, views_flag
 from distill.errors import ConfigError
 from distill.report import LABELS, WHO
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default <run>/eval_<split>)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--threshold", type=float, default=None, help="fixed threshold for student and teacher"
+        "--threshold", type=probability, default=None, help="fixed threshold (0-1) for student and teacher"
     )
     group.add_argument(
         "--threshold-from",

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from distill.cli import reports_user_errors, views_flag
+from distill.cli import probability, reports_user_errors, views_flag
 from distill.data.images import IMAGE_SUFFIXES, check_bit_depth, read_image
 from distill.errors import ConfigError, DatasetError
 from distill.export import is_onnx, read_metadata
@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("predictions"), help="output folder (masks/, probs/)"
     )
-    parser.add_argument("--threshold", type=float, default=None, help="override the model's chosen threshold")
+    parser.add_argument(
+        "--threshold", type=probability, default=None, help="override the model's chosen threshold (0-1)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (checkpoints only)")
     parser.add_argument(
         "--bit-depth",

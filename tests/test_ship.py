@@ -408,3 +408,14 @@ def test_predict_skip_bad_lists_unreadable_images_and_goes_on(tmp_path, monkeypa
     (images / "a.png").write_bytes(b"nor this")
     assert predict_main([*args, "--out", str(tmp_path / "none"), "--skip-bad"]) == 2
     assert "none of the 2 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["predict", "evaluate"])
+@pytest.mark.parametrize("threshold", ["5", "-0.1", "nan"])
+def test_a_threshold_is_a_probability(tiny_run, tmp_path, capsys, tool, threshold):
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    main, args = (predict_main, ["--model", ckpt, "--images", str(tmp_path)]) if tool == "predict" else (
+        evaluate_main, ["--ckpt", ckpt])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--threshold", threshold])
+    assert exit_.value.code == 2 and "[0, 1]" in capsys.readouterr().err
