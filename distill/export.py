@@ -157,6 +157,17 @@ def max_abs_error(student: torch.nn.Module, onnx_path: Path, sizes: tuple[int, .
     return worst
 
 
+def checked_out(out: Path) -> Path:
+    """`--out`, refused unless named *.onnx: `predict` would take any other name for a checkpoint. Not
+    renamed either: the file would not be where the user (or a script) looks for it."""
+    if not is_onnx(out):
+        suggestion = out / "student.onnx" if out.is_dir() else out.with_name(f"{out.name}.onnx")
+        raise ConfigError(
+            f"--out {out}: an ONNX file's name must end in .onnx (predict tells models by it); give {suggestion}"
+        )
+    return out
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -170,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by distill.fit")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="output file (default: <ckpt dir>/../student.onnx)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output file, named *.onnx: predict tells an ONNX model by that suffix; another name is "
+        "refused, not renamed (default: <ckpt dir>/../student.onnx)",
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument(
@@ -180,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fold these test-time views into the graph (d4 = all 8)",
     )
     args = parser.parse_args(argv)
-    out = args.out or args.ckpt.parent.parent / "student.onnx"
+    out = checked_out(args.out or args.ckpt.parent.parent / "student.onnx")
     result = export_onnx(args.ckpt, out, opset=args.opset, views=args.views)
     print(
         f"wrote {out} ({result['params']:,} parameters, views {result['views'] or 'none'}, "

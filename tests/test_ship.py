@@ -419,3 +419,11 @@ def test_a_threshold_is_a_probability(tiny_run, tmp_path, capsys, tool, threshol
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--threshold", threshold])
     assert exit_.value.code == 2 and "[0, 1]" in capsys.readouterr().err
+
+
+def test_export_refuses_an_out_without_the_onnx_suffix(tiny_run, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert export_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}:") and f"{out}.onnx" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
