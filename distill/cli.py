@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec
 
 import yaml
@@ -57,6 +58,12 @@ def views_flag(text: str) -> list[str]:
         return expand_views(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def optional_path(text: str) -> Path | None:
+    """A path flag that may be set to nothing: `None` (what a W&B agent writes for null) and `null` give
+    None, as `--key=None` does in `distill.fit` (`none_as_null`), not a folder named "None"."""
+    return None if text in ("None", "null") else Path(text)
 
 
 def probability(text: str) -> float:

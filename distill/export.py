@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distill import __version__
-from distill.cli import reports_user_errors, views_flag
+from distill.cli import optional_path, reports_user_errors, views_flag
 from distill.errors import ConfigError, DistillError
 from distill.students import chosen_threshold, load_student
 from distill.views import ViewMean
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
     parser.add_argument(
         "--out",
-        type=Path,
+        type=optional_path,
         default=None,
         help="output file, named *.onnx: predict tells an ONNX model by that suffix; another name is "
         "refused, not renamed (default: <ckpt dir>/../student.onnx)",

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from distill.cli import probability, reports_user_errors, views_flag
+from distill.cli import optional_path, probability, reports_user_errors, views_flag
 from distill.data.images import IMAGE_SUFFIXES, check_bit_depth, read_image
 from distill.errors import ConfigError, DatasetError
 from distill.export import is_onnx, read_metadata
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     parser.add_argument(
-        "--out", type=Path, default=Path("predictions"), help="output folder (masks/, probs/)"
+        "--out", type=optional_path, default=None, help="output folder (masks/, probs/; default: predictions)"
     )
     parser.add_argument(
         "--threshold", type=probability, default=None, help="override the model's chosen threshold (0-1)"
@@ -239,17 +239,18 @@ def main(argv: list[str] | None = None) -> int:
         "unless none reads); without it the first one stops the run",
     )
     args = parser.parse_args(argv)
+    out = args.out or Path("predictions")
     done = predict_folder(
         args.model,
         args.images,
-        args.out,
+        out,
         args.threshold,
         args.device,
         args.views,
         args.bit_depth,
         args.skip_bad,
     )
-    print(f"wrote {done.written} masks and probability maps to {args.out}/masks and {args.out}/probs")
+    print(f"wrote {done.written} masks and probability maps to {out}/masks and {out}/probs")
     if done.left_out:
         print(f"left out {len(done.left_out)} unreadable image(s) (--skip-bad):\n{listing(done.left_out)}")
     return 0

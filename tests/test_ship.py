@@ -427,3 +427,42 @@ def test_export_refuses_an_out_without_the_onnx_suffix(tiny_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"error: --out {out}:") and f"{out}.onnx" in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_evaluate_reads_None_as_null_and_scores_without_the_teacher(tiny_run, tmp_path, capsys):
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    out = tmp_path / "alone"
+    args = ["--ckpt", ckpt, "--out", str(out), "--data-root", "None", "--cache-dir", "None"]
+    assert evaluate_main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "teacher" not in metrics and "student" in metrics
+    assert (
+        metrics["per_image_ids"] == json.loads((tiny_run / "metrics_test.json").read_text())["per_image_ids"]
+    )
+
+
+def test_evaluate_on_other_data_names_its_own_cache_flag(tiny_run, tmp_path, capsys):
+    from distill.synth import make_dataset
+
+    other = make_dataset(tmp_path / "other", count=12, size=64, style="fundus", seed=1)
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    assert evaluate_main(["--ckpt", ckpt, "--data-root", str(other), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-dir DIR" in err and "--cache-dir None" in err
+
+
+@pytest.mark.parametrize("tool", ["predict", "export"])
+def test_predict_and_export_read_None_as_their_default_out(tiny_run, tmp_path, monkeypatch, tool):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    monkeypatch.chdir(tmp_path)
+    if tool == "export":
+        copy = tmp_path / "run" / "checkpoints" / "best.ckpt"
+        copy.parent.mkdir(parents=True)
+        shutil.copy(ckpt, copy)
+        assert export_main(["--ckpt", str(copy), "--out", "None"]) == 0
+        assert (tmp_path / "run" / "student.onnx").is_file() and not (tmp_path / "None").exists()
+    else:
+        _fake_predictor(monkeypatch)
+        images = _image(tmp_path / "new" / "a.png").parent
+        assert predict_main(["--model", "m.onnx", "--images", str(images), "--out", "None"]) == 0
+        assert (tmp_path / "predictions" / "masks" / "a.png").is_file() and not (tmp_path / "None").exists()
