@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec
 
 import yaml
@@ -57,6 +58,21 @@ def views_flag(text: str) -> list[str]:
         return expand_views(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def optional_path(text: str) -> Path | None:
+    """A path flag that may be set to nothing: `None` (what a W&B agent writes for null) and `null` give
+    None, as `--key=None` does in `distill.fit` (`none_as_null`), not a folder named "None"."""
+    return None if text in ("None", "null") else Path(text)
+
+
+def probability(text: str) -> float:
+    """A `--threshold` flag: a probability in [0, 1] (masks are prob >= threshold, so 5 leaves every
+    mask empty and -1 fills it)."""
+    value = float(text)  # a ValueError: argparse says "invalid probability value"
+    if not 0 <= value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text}: a threshold is a probability; give one in [0, 1]")
+    return value
 
 
 def comma_list(text: str) -> list[str]:

@@ -9,7 +9,9 @@
 Data, cache, precision and test-time views default to the run's own `config.yaml` (beside
 `checkpoints/`), so a checkpoint is evaluated on what it was trained against, and gives the numbers
 `fit` reported, unless flags say otherwise (`--data-format`, `--data-root`, `--reader-option K=V`,
-`--cache-dir`: the names `cache_teacher` uses; `--precision`, `--views`). Writes `metrics.json` (the
+`--cache-dir`: the names `cache_teacher` uses; `--precision`, `--views`). A path flag given `None` or
+`null` (a W&B agent's null) means no path, as in `distill.fit`: `--cache-dir None` scores the student
+without the teacher, `--out None` writes where it would by default. Writes `metrics.json` (the
 contract in docs/DESIGN.md), `per_image.csv`, `curves.png`, `overlays.png` (as `fit` writes them,
 `distill.report.write_outputs`) and `report.md` that ties them together.
 """
@@ -20,13 +22,22 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from distill.cli import add_deprecated_alias, key_value, reports_user_errors, views_flag
-from distill.errors import ConfigError
+from distill.cli import (
+    add_deprecated_alias,
+    key_value,
+    optional_path,
+    probability,
+    reports_user_errors,
+    views_flag,
+)
+from distill.errors import CacheError, ConfigError
 from distill.report import LABELS, WHO
 
 THRESHOLD_SOURCES = ("ckpt", "val")
@@ -39,7 +50,8 @@ def run_config(ckpt: Path) -> dict[str, Any]:
 
 
 def build_datamodule(ckpt: Path, overrides: dict[str, Any]) -> Any:
-    """VesselDataModule from the run's data config, with non-None `overrides` (data_root, cache_dir...).
+    """VesselDataModule from the run's data config, with `overrides` (data_root, cache_dir...) in place of
+    the run's settings; `cache_dir: None` scores without the teacher.
 
     `overrides["reader_options"]` is merged key by key into the run's reader options, which are
     dropped when `data_format` names another format than the run's (they were that reader's).
@@ -47,7 +59,7 @@ def build_datamodule(ckpt: Path, overrides: dict[str, Any]) -> Any:
     from distill.data.datamodule import VesselDataModule
 
     data = dict(run_config(ckpt).get("data") or {})
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = dict(overrides)
     if overrides.get("data_format", data.get("data_format")) != data.get("data_format"):
         data["reader_options"] = {}
     reader_options = {**(data.get("reader_options") or {}), **overrides.pop("reader_options", {})}
@@ -79,7 +91,6 @@ def evaluate(
     threshold is the run's when fit used the same `model.test_views`, else it is chosen on val first.
     `precision` is a Lightning precision ("32-true", "bf16-mixed"); default: the run's trainer.precision.
     """
-    import lightning.pytorch as pl
 
     from distill.metrics import DEFAULT_THRESHOLDS
     from distill.module import DistillModule
@@ -100,14 +111,28 @@ def evaluate(
         overrides["test_views"] = views
     model = DistillModule.load_from_checkpoint(str(ckpt), map_location="cpu", **overrides)
     data = build_datamodule(ckpt, data_overrides or {})
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        precision=precision or (run_config(ckpt).get("trainer") or {}).get("precision") or "32-true",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+    trainer = evaluation_trainer(
+        accelerator, precision or (run_config(ckpt).get("trainer") or {}).get("precision") or "32-true"
     )
+    with cache_fix_in_evaluate_flags():
+        score_split(trainer, model, data, split, threshold, threshold_from)
+    report, samples = model.results[split], model.overlay_samples
+    if threshold is not None:
+        report["chosen_threshold"]["rule"] = f"fixed {threshold}"
+
+    out = Path(out) if out else ckpt.resolve().parent.parent / f"eval_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_outputs(out, report, count_parameters(model.student), ckpt, samples)
+    written["report"] = write_report_md(out / "report.md", report, ckpt, "overlays" in written)
+    print(f"wrote {out}/: {', '.join(path.name for path in written.values())}")
+    return report
+
+
+def score_split(
+    trainer: Any, model: Any, data: Any, split: str, threshold: float | None, threshold_from: str
+) -> None:
+    """Fill `model.results[split]`: at `threshold`, or at the checkpoint's thresholds, or (views the run
+    chose none for, `threshold_from="val"`) at thresholds chosen on val first."""
     if threshold is not None:
         model.chosen_threshold = model.teacher_threshold = model.views_threshold = float(threshold)
         model.freeze_thresholds = True  # validation scores at it instead of choosing
@@ -121,16 +146,39 @@ def evaluate(
         trainer.validate(model, datamodule=data, verbose=False)
     else:
         trainer.test(model, datamodule=data, verbose=False)
-    report, samples = model.results[split], model.overlay_samples
-    if threshold is not None:
-        report["chosen_threshold"]["rule"] = f"fixed {threshold}"
 
-    out = Path(out) if out else ckpt.resolve().parent.parent / f"eval_{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    written = write_outputs(out, report, count_parameters(model.student), ckpt, samples)
-    written["report"] = write_report_md(out / "report.md", report, ckpt, "overlays" in written)
-    print(f"wrote {out}/: {', '.join(path.name for path in written.values())}")
-    return report
+
+@contextmanager
+def cache_fix_in_evaluate_flags() -> Iterator[None]:
+    """A teacher cache that does not fit the data (new --data-root, say) names fit's and cache_teacher's
+    settings in its fix; add evaluate's own: --cache-dir, or --cache-dir None for no teacher."""
+    try:
+        yield
+    except CacheError as err:
+        raise CacheError(
+            f"{err}\nevaluate: --cache-dir DIR takes the teacher cache made for these data, "
+            "--cache-dir None scores the student without the teacher"
+        ) from err
+
+
+def evaluation_trainer(accelerator: str, precision: str | int) -> Any:
+    """A one-device Lightning Trainer that logs and saves nothing. Lightning refusing `--precision` or
+    `--accelerator` (an unknown name, a GPU this machine lacks) is the user's to fix: a ConfigError
+    naming both flags, with Lightning's list of what it takes."""
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(
+            accelerator=accelerator,
+            precision=precision,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+    except (ValueError, ImportError, MisconfigurationException) as err:
+        raise ConfigError(f"--precision {precision} --accelerator {accelerator}: {err}") from err
 
 
 def write_report_md(path: Path, report: dict[str, Any], ckpt: Path, overlays: bool) -> Path:
@@ -236,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             prog="python -m distill.evaluate compare", description="Compare finished runs side by side."
         )
         parser.add_argument("runs", nargs="+", type=Path, help="run directories (students/<run>)")
-        parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
+        parser.add_argument(
+            "--out", type=optional_path, default=None, help="also write the table here (Markdown)"
+        )
         parser.add_argument("--latency-size", type=int, default=512, help="image side for the latency column")
         args = parser.parse_args(argv[1:])
         print(compare(args.runs, args.out, args.latency_size))
@@ -252,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split", default="test", choices=["val", "test"], help="split to evaluate (default test)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default <run>/eval_<split>)")
+    parser.add_argument(
+        "--out", type=optional_path, default=None, help="output folder (default <run>/eval_<split>)"
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--threshold", type=float, default=None, help="fixed threshold for student and teacher"
+        "--threshold", type=probability, default=None, help="fixed threshold (0-1) for student and teacher"
     )
     group.add_argument(
         "--threshold-from",
@@ -264,14 +316,19 @@ def main(argv: list[str] | None = None) -> int:
         help="ckpt: the threshold frozen on validation during fit (default); val: choose again on val now",
     )
     parser.add_argument("--data-format", default=None, help="dataset format (default: the run's config)")
-    parser.add_argument("--data-root", default=None, help="dataset directory (default: the run's config)")
+    parser.add_argument(
+        "--data-root", type=optional_path, default=None, help="dataset directory (default: the run's config)"
+    )
     parser.add_argument(
         "--reader-option", dest="reader_options", action="append", type=key_value, default=[], metavar="K=V",
         help="dataset reader option, value read as YAML (repeatable; merged over the run's own, which "
         "are dropped when --data-format names another format)",
     )  # fmt: skip
     cache_dir = parser.add_argument(
-        "--cache-dir", default=None, help="teacher cache directory (default: the run's config)"
+        "--cache-dir",
+        type=optional_path,
+        default=argparse.SUPPRESS,
+        help="teacher cache directory (default: the run's config); None scores the student without the teacher",
     )
     add_deprecated_alias(parser, "--cache", cache_dir)
     parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
@@ -286,13 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also score the student over these test-time views (d4 = all 8; default: the run's model.test_views)",
     )
     args = parser.parse_args(argv)
-    overrides = {
-        "data_format": args.data_format,
-        "data_root": args.data_root,
-        "reader_options": dict(args.reader_options),
-        "cache_dir": args.cache_dir,
-        "batch_size": args.batch_size,
-    }
+    given = {"data_format": args.data_format, "data_root": args.data_root, "batch_size": args.batch_size}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    overrides["reader_options"] = dict(args.reader_options)
+    if "cache_dir" in args:  # given, None included: no teacher
+        overrides["cache_dir"] = args.cache_dir
     report = evaluate(
         args.ckpt,
         args.split,

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from distill import __version__
-from distill.cli import reports_user_errors, views_flag
-from distill.errors import DistillError
+from distill.cli import optional_path, reports_user_errors, views_flag
+from distill.errors import ConfigError, DistillError
 from distill.students import chosen_threshold, load_student
 from distill.views import ViewMean
 
@@ -98,12 +98,40 @@ def _set_metadata(path: Path, metadata: dict[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
+def is_onnx(path: str | Path) -> bool:
+    """Whether `path` names an ONNX model: `predict` tells a model's kind by this suffix alone."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_exported(path: str | Path) -> Any:
+    """The onnx.ModelProto (weights left on disk) of a model `export_onnx` wrote.
+
+    A missing file, one that is not ONNX, or an ONNX graph that does not map `image` to `logits` is
+    refused in words, not with protobuf's DecodeError or onnxruntime's errors."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path, fix = Path(path), "give a .onnx written by `python -m distill.export`"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; {fix}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as err:
+        raise ConfigError(f"{path}: not an ONNX model ({err}); {fix}") from err
+    if not model.graph.node:
+        raise ConfigError(f"{path}: not an ONNX model (it holds no graph); {fix}")
+    names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+    if names != (["image"], ["logits"]):
+        raise ConfigError(
+            f"{path}: an ONNX model with inputs and outputs {names}, not image -> logits; {fix}"
+        )
+    return model
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata written by `export_onnx` (JSON values decoded)."""
-    import onnx
-
     out = {}
-    for entry in onnx.load(str(path), load_external_data=False).metadata_props:
+    for entry in load_exported(path).metadata_props:
         try:
             out[entry.key] = json.loads(entry.value)
         except json.JSONDecodeError:
@@ -129,6 +157,17 @@ def max_abs_error(student: torch.nn.Module, onnx_path: Path, sizes: tuple[int, .
     return worst
 
 
+def checked_out(out: Path) -> Path:
+    """`--out`, refused unless named *.onnx: `predict` would take any other name for a checkpoint. Not
+    renamed either: the file would not be where the user (or a script) looks for it."""
+    if not is_onnx(out):
+        suggestion = out / "student.onnx" if out.is_dir() else out.with_name(f"{out.name}.onnx")
+        raise ConfigError(
+            f"--out {out}: an ONNX file's name must end in .onnx (predict tells models by it); give {suggestion}"
+        )
+    return out
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -142,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by distill.fit")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="output file (default: <ckpt dir>/../student.onnx)"
+        "--out",
+        type=optional_path,
+        default=None,
+        help="output file, named *.onnx: predict tells an ONNX model by that suffix; another name is "
+        "refused, not renamed (default: <ckpt dir>/../student.onnx)",
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument(
@@ -152,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fold these test-time views into the graph (d4 = all 8)",
     )
     args = parser.parse_args(argv)
-    out = args.out or args.ckpt.parent.parent / "student.onnx"
+    out = checked_out(args.out or args.ckpt.parent.parent / "student.onnx")
     result = export_onnx(args.ckpt, out, opset=args.opset, views=args.views)
     print(
         f"wrote {out} ({result['params']:,} parameters, views {result['views'] or 'none'}, "

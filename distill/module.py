@@ -34,7 +34,7 @@ from distill.metrics import (
 )
 from distill.report import WHO, kd_margin
 from distill.students import CHECKPOINT_FORMAT_VERSION, StudentConfig, count_parameters, create_student
-from distill.views import expand_views, mean_over_views
+from distill.views import expand_views, mean_over_views, same_views
 
 
 class EpochLossMeans:
@@ -457,5 +457,5 @@ class DistillModule(pl.LightningModule):
         self.chosen_threshold = info.get("chosen_threshold")
         self.teacher_threshold = info.get("teacher_threshold")
         # A threshold chosen over other views (or none) is no threshold for these: validate first.
-        same_views = info.get("test_views", []) == list(self.test_views)
-        self.views_threshold = info.get("views_threshold") if same_views else None
+        chosen_for_these = same_views(info.get("test_views") or (), self.test_views)
+        self.views_threshold = info.get("views_threshold") if chosen_for_these else None

@@ -13,6 +13,7 @@ and checkpoints hold only what runs, and DDP (which needs a gradient for every p
 from __future__ import annotations
 
 import inspect
+import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch import nn
 
 from distill.errors import ConfigError
 from distill.registry import Registry
+from distill.views import same_views
 
 CHECKPOINT_FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -298,7 +300,7 @@ def chosen_threshold(info: dict[str, Any], views: Sequence[str] = ()) -> float |
     """
     if not views:
         return info.get("chosen_threshold")
-    if list(views) == info.get("test_views") and info.get("views_threshold") is not None:
+    if same_views(views, info.get("test_views") or ()) and info.get("views_threshold") is not None:
         return info["views_threshold"]
     warnings.warn(
         f"the run chose no threshold over the views {list(views)} (its model.test_views: "
@@ -315,7 +317,13 @@ def load_student(
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise ConfigError(f"{ckpt_path}: no such checkpoint")
-    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:
+        raise ConfigError(
+            f"{ckpt_path}: not a PyTorch checkpoint (torch.load: {type(err).__name__}); "
+            "give a checkpoint written by `python -m distill.fit`"
+        ) from err
     info = checkpoint.get("distill") if isinstance(checkpoint, dict) else None
     if not isinstance(info, dict) or "student" not in info:
         raise ConfigError(

@@ -72,6 +72,12 @@ def check_views(names: list[str]) -> list[str]:
     return names
 
 
+def same_views(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether `a` and `b` name the same views: their logit mean, and so a threshold chosen for it, does
+    not depend on their order (views never repeat, see `check_views`)."""
+    return set(a) == set(b)
+
+
 def expand_views(names: str | Sequence[str]) -> list[str]:
     """View names from a flag or config (`"d4"`, `"identity,hflip"`, `["hflip", "vflip"]`) -> checked names.
 

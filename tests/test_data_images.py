@@ -250,3 +250,12 @@ def test_embedded_bytes_decode_like_files(tmp_path):
     buffer = io.BytesIO()
     save_as_camera(buffer, upright, 8, format="PNG")
     assert np.array_equal(read_image(tmp_path / "x.json", buffer.getvalue()), upright)
+
+
+def test_read_image_gives_an_array_torch_can_take_as_it_is(tmp_path):
+    """Writable: torch.from_numpy of a read-only array warns (every predict run did), and shares it."""
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((6, 8), np.uint16)).save(tmp_path / "b.png")
+    for name in ("a.png", "b.png"):
+        image = read_image(tmp_path / name)
+        assert image.flags.writeable and image.flags.c_contiguous, name

@@ -15,6 +15,7 @@ from PIL import Image
 from distill.errors import ConfigError
 from distill.evaluate import main as evaluate_main
 from distill.export import TOLERANCE, export_onnx, read_metadata
+from distill.export import main as export_main
 from distill.predict import main as predict_main
 from distill.students import load_student
 from distill.views import VIEWS, ViewMean
@@ -256,13 +257,30 @@ def test_predict_with_views_from_a_checkpoint_and_from_a_views_onnx_agree(
         load_predictor(tmp_path / "views.onnx", views=["hflip"])
 
 
+def _fake_predictor(monkeypatch) -> None:
+    """predict without a model: every image gets probability 0.5 at threshold 0.5 (the folder logic alone)."""
+    import distill.predict as predict
+
+    def half(image: np.ndarray) -> np.ndarray:
+        return np.full(image.shape[:2], 0.5, np.float32)
+
+    monkeypatch.setattr(predict, "load_predictor", lambda model, device, views: (half, 0.5))
+
+
+def _image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(path)
+    return path
+
+
 def test_predict_takes_the_readers_images_upright_and_marks_prob_equal_to_the_threshold(
     tmp_path, monkeypatch
 ):
     """One suffix list (the readers', .gif and .webp too), one decoding (EXIF applied) and one rule
     (prob >= t, as the metrics and overlays) for checkpoints and ONNX alike."""
-    import distill.predict as predict
+    from distill.predict import predict_folder
 
+    _fake_predictor(monkeypatch)
     images = tmp_path / "new"
     images.mkdir()
     Image.fromarray(np.zeros((6, 8), np.uint8)).save(images / "a.gif")
@@ -270,12 +288,181 @@ def test_predict_takes_the_readers_images_upright_and_marks_prob_equal_to_the_th
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 8 wide x 6 high, shown 6 wide x 8 high
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(images / "c.jpg", exif=exif)
-
-    def at_threshold(image: np.ndarray) -> np.ndarray:
-        return np.full(image.shape[:2], 0.5, np.float32)
-
-    monkeypatch.setattr(predict, "load_predictor", lambda model, device, views: (at_threshold, 0.5))
-    assert predict.predict_folder(tmp_path / "student.onnx", images, tmp_path / "out") == 3
+    assert predict_folder(tmp_path / "student.onnx", images, tmp_path / "out").written == 3
     for name, shape in (("a", (6, 8)), ("b", (6, 8)), ("c", (8, 6))):
         mask = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png"))
         assert mask.shape == shape and (mask == 255).all(), name
+
+
+def test_views_in_another_order_are_the_same_views(tiny_views_run, tmp_path):
+    """Their logit mean does not depend on the order, so neither does the threshold chosen for them."""
+    import warnings
+
+    ckpt = tiny_views_run / "checkpoints" / "best.ckpt"
+    fit_val = json.loads((tiny_views_run / "metrics_val.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the run chose no threshold over the views"
+        export_onnx(ckpt, tmp_path / "views.onnx", views=list(reversed(VIEWS)), check_sizes=(32,))
+    assert (
+        read_metadata(tmp_path / "views.onnx")["chosen_threshold"]
+        == fit_val["chosen_threshold"]["student_views"]
+    )
+    from distill.module import DistillModule
+
+    model = DistillModule.load_from_checkpoint(
+        str(ckpt), map_location="cpu", test_views=list(reversed(VIEWS))
+    )
+    assert model.views_threshold == fit_val["chosen_threshold"]["student_views"]
+
+
+@pytest.mark.parametrize(
+    "name, content, what",
+    [
+        ("missing.onnx", None, "no such file"),
+        ("fake.onnx", b"garbage", "not an ONNX model"),
+        ("empty.onnx", b"", "not an ONNX model"),
+        ("config.json", b"{}", "not a PyTorch checkpoint"),
+        ("best.ckpt", b"", "not a PyTorch checkpoint"),
+    ],
+)
+def test_predict_refuses_a_model_file_it_cannot_read_in_words(tmp_path, capsys, name, content, what):
+    model = tmp_path / name
+    if content is not None:
+        model.write_bytes(content)
+    images = _image(tmp_path / "new" / "a.png").parent
+    assert predict_main(["--model", str(model), "--images", str(images), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}: {what}") and "distill." in err  # names the tool that writes one
+
+
+def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    assert export_main(["--ckpt", str(config), "--out", str(tmp_path / "s.onnx")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: not a PyTorch checkpoint")
+
+
+def test_predict_on_cuda_without_cuda_suggests_the_cpu(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    images = _image(tmp_path / "new" / "a.png").parent
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    assert predict_main(["--model", ckpt, "--images", str(images), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "--device cpu" in err
+    assert predict_main(["--model", ckpt, "--images", str(images), "--device", "gpu"]) == 2
+    assert "--device gpu" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_an_unknown_precision_in_words(tiny_run, capsys):
+    assert (
+        evaluate_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--precision", "banana"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: --precision banana") and "bf16-mixed" in err
+
+
+def test_predict_refuses_two_images_that_would_write_one_mask_before_writing_any(
+    tmp_path, monkeypatch, capsys
+):
+    _fake_predictor(monkeypatch)
+    png, jpg = _image(tmp_path / "new" / "x.png"), _image(tmp_path / "new" / "x.jpg")
+    _image(tmp_path / "new" / "a.png")
+    out = tmp_path / "out"
+    assert predict_main(["--model", "m.onnx", "--images", str(tmp_path / "new"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(png) in err and str(jpg) in err and "x.png" in err and "rename" in err
+    assert not out.exists()
+
+
+def test_predict_does_not_read_its_own_outputs_inside_the_images_folder(tmp_path, monkeypatch, capsys):
+    _fake_predictor(monkeypatch)
+    images = tmp_path / "new"
+    _image(images / "a.png")
+    args = ["--model", "m.onnx", "--images", str(images), "--out", str(images / "pred")]
+    assert predict_main(args) == 0
+    assert predict_main(args) == 0
+    assert "wrote 1 masks" in capsys.readouterr().out.splitlines()[-1]
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png")) == [
+        "a.png", "pred/masks/a.png", "pred/probs/a.png",
+    ]  # fmt: skip
+
+
+def test_predict_says_the_images_folder_does_not_exist(tmp_path, capsys):
+    args = ["--model", "m.onnx", "--images", str(tmp_path / "nowhere")]
+    assert predict_main(args) == 2
+    assert f"{tmp_path / 'nowhere'}: does not exist" in capsys.readouterr().err
+
+
+def test_predict_skip_bad_lists_unreadable_images_and_goes_on(tmp_path, monkeypatch, capsys):
+    _fake_predictor(monkeypatch)
+    images = tmp_path / "new"
+    _image(images / "a.png")
+    (images / "b.png").write_bytes(b"not a png")
+    args = ["--model", "m.onnx", "--images", str(images)]
+    assert predict_main([*args, "--out", str(tmp_path / "stop")]) == 2
+    assert "b.png" in (err := capsys.readouterr().err) and "--skip-bad" in err
+    assert predict_main([*args, "--out", str(tmp_path / "on"), "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 masks" in out and "left out 1 unreadable image" in out and str(images / "b.png") in out
+    assert (tmp_path / "on" / "masks" / "a.png").is_file()
+    (images / "a.png").write_bytes(b"nor this")
+    assert predict_main([*args, "--out", str(tmp_path / "none"), "--skip-bad"]) == 2
+    assert "none of the 2 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["predict", "evaluate"])
+@pytest.mark.parametrize("threshold", ["5", "-0.1", "nan"])
+def test_a_threshold_is_a_probability(tiny_run, tmp_path, capsys, tool, threshold):
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    main, args = (predict_main, ["--model", ckpt, "--images", str(tmp_path)]) if tool == "predict" else (
+        evaluate_main, ["--ckpt", ckpt])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--threshold", threshold])
+    assert exit_.value.code == 2 and "[0, 1]" in capsys.readouterr().err
+
+
+def test_export_refuses_an_out_without_the_onnx_suffix(tiny_run, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert export_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}:") and f"{out}.onnx" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_evaluate_reads_None_as_null_and_scores_without_the_teacher(tiny_run, tmp_path, capsys):
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    out = tmp_path / "alone"
+    args = ["--ckpt", ckpt, "--out", str(out), "--data-root", "None", "--cache-dir", "None"]
+    assert evaluate_main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "teacher" not in metrics and "student" in metrics
+    assert (
+        metrics["per_image_ids"] == json.loads((tiny_run / "metrics_test.json").read_text())["per_image_ids"]
+    )
+
+
+def test_evaluate_on_other_data_names_its_own_cache_flag(tiny_run, tmp_path, capsys):
+    from distill.synth import make_dataset
+
+    other = make_dataset(tmp_path / "other", count=12, size=64, style="fundus", seed=1)
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    assert evaluate_main(["--ckpt", ckpt, "--data-root", str(other), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-dir DIR" in err and "--cache-dir None" in err
+
+
+@pytest.mark.parametrize("tool", ["predict", "export"])
+def test_predict_and_export_read_None_as_their_default_out(tiny_run, tmp_path, monkeypatch, tool):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    monkeypatch.chdir(tmp_path)
+    if tool == "export":
+        copy = tmp_path / "run" / "checkpoints" / "best.ckpt"
+        copy.parent.mkdir(parents=True)
+        shutil.copy(ckpt, copy)
+        assert export_main(["--ckpt", str(copy), "--out", "None"]) == 0
+        assert (tmp_path / "run" / "student.onnx").is_file() and not (tmp_path / "None").exists()
+    else:
+        _fake_predictor(monkeypatch)
+        images = _image(tmp_path / "new" / "a.png").parent
+        assert predict_main(["--model", "m.onnx", "--images", str(images), "--out", "None"]) == 0
+        assert (tmp_path / "predictions" / "masks" / "a.png").is_file() and not (tmp_path / "None").exists()

@@ -141,7 +141,8 @@ def to_rgb(image: Image.Image, source: Path, bit_depth: int | None = None) -> np
         raise DatasetError(source, "floating-point images are not supported", "save it as 8- or 16-bit PNG")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    # A copy: np.asarray of a PIL image is a read-only view, which torch.from_numpy warns about.
+    return np.array(image.convert("RGB"), dtype=np.uint8, order="C")
 
 
 def brightness(image: Image.Image) -> np.ndarray:
