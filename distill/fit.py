@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -47,6 +48,8 @@ from distill.students import count_parameters
 
 MONITOR = "val/student/dice@best"
 RUN_MARKER = ".distill-run"  # in every run directory fit claims: what fit may clear without --overwrite
+# What a fit that failed before its first checkpoint leaves: the marker, the config, the logger's files.
+FAILED_ATTEMPT_ENTRIES = {RUN_MARKER, "config.yaml", "logs", "wandb", "checkpoints"}
 _RUN_NAME_ENV = "DISTILL_RUN_NAME"  # so that DDP ranks started later agree on a timestamped name
 # Lightning warns when an epoch has fewer batches than log_every_n_steps, as if logging restarted
 # each epoch; it counts steps over the whole run (and so does DistillModule), so short epochs of a
@@ -143,33 +146,41 @@ class DistillCLI(LightningCLI):
     def _claim_run_dir(self, run_dir: Path) -> None:
         """Never mix two runs in one directory, and never delete what fit did not write.
 
-        A directory that holds a run is refused unless this run resumes it (--ckpt_path inside it) or
-        --overwrite clears it; one that holds only what a failed attempt of fit left (its RUN_MARKER,
-        no checkpoint or metrics) is cleared; one with files fit did not write is refused. Rank 0
-        only (the others follow it). Claimed directories get the marker.
+        A run directory (`is_run_dir`) is refused unless this run resumes it (--ckpt_path inside it)
+        or --overwrite clears it; one that holds only what a failed attempt of fit leaves
+        (FAILED_ATTEMPT_ENTRIES, with the marker) is cleared; anything else that is not empty is
+        refused, --overwrite or not. Rank 0 only (the others follow it). Claimed directories get the
+        marker.
         """
         if rank_zero_only.rank != 0:
             return
         ckpt_path = self.config["ckpt_path"]
         if ckpt_path and not Path(ckpt_path).is_file():
             raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        if ckpt_path and not zipfile.is_zipfile(ckpt_path):
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path}: not a checkpoint (give a .ckpt that distill.fit wrote)"
+            )
+        if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+            raise ConfigError(
+                f"{run_dir} is a file or a symbolic link: pick another --run_name or --runs_dir"
+            )
         if run_dir.is_dir() and any(run_dir.iterdir()):
             held = ", ".join(sorted(p.name for p in run_dir.iterdir() if p.name != RUN_MARKER))
-            ours = (run_dir / RUN_MARKER).is_file() or _holds_results(run_dir)
-            resumes = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
-            if not ours:
-                raise ConfigError(
-                    f"{run_dir} holds files that distill.fit did not write ({held}): pick another --run_name "
-                    "or --runs_dir"
-                )
-            if self.config["overwrite"]:
+            resumes = resumes_in(run_dir, ckpt_path)
+            if not is_run_dir(run_dir):
+                if not (run_dir / RUN_MARKER).is_file() or not _only_a_failed_attempt(run_dir):
+                    raise ConfigError(
+                        f"{run_dir} holds files that distill.fit did not write ({held}): pick another "
+                        "--run_name or --runs_dir"
+                    )
+                print(f"note: {run_dir} held only what a failed attempt left ({held}); cleared", flush=True)
+                shutil.rmtree(run_dir)
+            elif self.config["overwrite"]:
                 if resumes:
                     raise ConfigError(
                         f"--overwrite would delete {ckpt_path}, the checkpoint to resume from: drop one of the two"
                     )
-                shutil.rmtree(run_dir)
-            elif not _holds_results(run_dir):  # a failed attempt of fit: nothing to lose
-                print(f"note: {run_dir} held only what a failed attempt left ({held}); cleared", flush=True)
                 shutil.rmtree(run_dir)
             elif resumes:
                 derived = sorted(
@@ -246,14 +257,36 @@ class DistillCLI(LightningCLI):
                     save_dir=str(run_dir),
                     offline=_wandb_offline(),
                 )
-        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        # A resumed run logs beside the earlier rows (Lightning's CSV writer would replace them).
+        version = (
+            f"resumed-{time.strftime('%Y%m%d-%H%M%S')}"
+            if resumes_in(run_dir, self.config["ckpt_path"])
+            else ""
+        )
+        return CSVLogger(save_dir=str(run_dir), name="logs", version=version)
 
 
-def _holds_results(run_dir: Path) -> bool:
-    """Whether a run directory holds something a run produced: a checkpoint or a metrics/report file."""
-    checkpoints = run_dir / "checkpoints"
-    saved = checkpoints.is_dir() and any(checkpoints.iterdir())
-    return saved or any(run_dir.glob("metrics_*.json")) or any(run_dir.glob("*.png"))
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run fit made: its marker or its config.yaml, with a checkpoint or
+    metrics of fit's names (what runs made before the marker existed hold)."""
+    made = (run_dir / RUN_MARKER).is_file() or (run_dir / "config.yaml").is_file()
+    saved = any((run_dir / "checkpoints" / name).is_file() for name in ("best.ckpt", "last.ckpt"))
+    return made and (saved or any((run_dir / f"metrics_{split}.json").is_file() for split in ("val", "test")))
+
+
+def _only_a_failed_attempt(run_dir: Path) -> bool:
+    """Whether `run_dir` holds nothing but what fit writes before its first checkpoint."""
+    for entry in run_dir.iterdir():
+        if entry.is_symlink() or entry.name not in FAILED_ATTEMPT_ENTRIES:
+            return False
+        if entry.name == "checkpoints" and any(entry.iterdir()):
+            return False
+    return True
+
+
+def resumes_in(run_dir: Path, ckpt_path: str | None) -> bool:
+    """Whether --ckpt_path continues the run in `run_dir` (a checkpoint inside it)."""
+    return bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
 
 
 def _wandb_available() -> bool:
@@ -329,7 +362,9 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = cli.config.clone()
         config["overwrite"] = False  # reusing this file must never clear a run directory
-        cli.parser.save(config, run_dir / "config.yaml", overwrite=True, multifile=False)
+        # A resumed run keeps the config.yaml that made its checkpoints; its own goes beside it.
+        name = "config.resumed.yaml" if resumes_in(run_dir, cli.config["ckpt_path"]) else "config.yaml"
+        cli.parser.save(config, run_dir / name, overwrite=True, multifile=False)
 
     with _collective_timeout_explained(trainer, cli.config["ddp_timeout_s"]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=WRONG_LOGGING_INTERVAL_WARNING)
@@ -340,11 +375,15 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
             resume = f"; resume with --ckpt_path {last}" if last.is_file() else ""
             print(f"error: stopped by SIGTERM at step {trainer.global_step}{resume}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from stop
-    best = Path(trainer.checkpoint_callback.best_model_path or run_dir / "checkpoints" / "last.ckpt")
-    if not trainer.checkpoint_callback.best_model_path:  # stopped before its first validation (max_steps)
+    # This run's best.ckpt, not the callback's best_model_path: a run started from another run's
+    # checkpoint restores that run's path and score.
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        best = run_dir / "checkpoints" / "last.ckpt"
         rank_zero_info(
-            f"note: training stopped at step {trainer.global_step}, before its first validation: the final "
-            f"weights are scored, saved as {best}"
+            f"note: no best.ckpt in {run_dir} (training stopped at step {trainer.global_step} before its first "
+            "validation, or started from another run's checkpoint and never beat its score): the final weights "
+            f"are scored, saved as {best}"
         )
         trainer.validate(model, datamodule=data, verbose=False)  # chooses the thresholds test uses
         trainer.save_checkpoint(best)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,6 +374,13 @@ def test_last_ckpt_is_every_validation_and_a_resumed_run_continues_the_batch_str
             data, cache, tmp_path, "--run_name=cut", "--trainer.max_epochs=3", f"--ckpt_path={last}", *common
         )
     )
+    # The resumed run keeps the config and the log rows of the run it continues, and adds its own.
+    assert yaml.safe_load((tmp_path / "cut" / "config.yaml").read_text())["trainer"]["max_epochs"] == 1
+    assert (
+        yaml.safe_load((tmp_path / "cut" / "config.resumed.yaml").read_text())["trainer"]["max_epochs"] == 3
+    )
+    assert (tmp_path / "cut" / "logs" / "metrics.csv").is_file()
+    assert len(list((tmp_path / "cut" / "logs").glob("resumed-*/metrics.csv"))) == 1
     whole, cut = recorded_steps(tmp_path / "whole.jsonl"), recorded_steps(tmp_path / "cut.jsonl")
     assert sorted(cut) == sorted(whole) == list(range(6)) and cut == whole
 
@@ -389,6 +397,25 @@ def test_fit_never_clears_or_joins_a_folder_it_did_not_make(tiny_data_and_cache,
         ):
             main([*args, *extra])
     assert (mine / "notes.txt").read_text() == "precious" and not (mine / "checkpoints").exists()
+    # What only looks like a run (pictures, someone's checkpoints) or a failed attempt with more in it
+    photos, project, failed = tmp_path / "photos", tmp_path / "project", tmp_path / "failed"
+    (photos / "holiday.png").parent.mkdir()
+    (photos / "holiday.png").write_bytes(b"png")
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "epoch=3.ckpt").write_bytes(b"ckpt")
+    (failed / "inner").mkdir(parents=True)
+    (failed / ".distill-run").touch()
+    (failed / "config.yaml").write_text("{}")
+    for folder in (photos, project, failed):
+        before = sorted(folder.rglob("*"))
+        with pytest.raises(ConfigError, match="holds files that distill.fit did not write"):
+            main([*args, f"--run_name={folder.name}", "--overwrite"])
+        assert sorted(folder.rglob("*")) == before
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file or a symbolic link"):
+        main([*args, "--run_name=afile"])
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        main([*args, "--run_name=new", f"--ckpt_path={tmp_path / 'afile'}"])
     for name in (".", "..", "a/b"):
         with pytest.raises(ConfigError, match="plain folder name"):
             main([*args, f"--run_name={name}"])
@@ -408,6 +435,10 @@ def test_fit_never_clears_or_joins_a_folder_it_did_not_make(tiny_data_and_cache,
                 f"--ckpt_path={other}",
             ]
         )
+    # A new run may start from another run's checkpoint; it scores its own weights, never that run's best.
+    main([*args, "--run_name=fresh", f"--ckpt_path={other}", "--trainer.max_epochs=2"])
+    scored = json.loads((tmp_path / "fresh" / "metrics_test.json").read_text())["checkpoint"]
+    assert Path(scored).parent == tmp_path / "fresh" / "checkpoints"
 
 
 def test_a_run_stopped_before_its_first_validation_scores_its_final_weights(
