@@ -370,11 +370,15 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         warnings.filterwarnings("ignore", message=WRONG_LOGGING_INTERVAL_WARNING)
         try:
             trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
-        except SIGTERMException as stop:  # a SystemExit without a code: the run would "succeed"
+        except SystemExit as stop:  # Lightning's on SIGTERM (no code: "success") and after Ctrl-C (1)
+            sigterm = isinstance(stop, SIGTERMException)
+            if not (sigterm or trainer.interrupted):
+                raise
             last = run_dir / "checkpoints" / "last.ckpt"
             resume = f"; resume with --ckpt_path {last}" if last.is_file() else ""
-            print(f"error: stopped by SIGTERM at step {trainer.global_step}{resume}", file=sys.stderr)
-            raise SystemExit(128 + signal.SIGTERM) from stop
+            how = "SIGTERM" if sigterm else "Ctrl-C"
+            print(f"error: stopped by {how} at step {trainer.global_step}{resume}", file=sys.stderr)
+            raise SystemExit(128 + (signal.SIGTERM if sigterm else signal.SIGINT)) from stop
     # This run's best.ckpt, not the callback's best_model_path: a run started from another run's
     # checkpoint restores that run's path and score.
     best = run_dir / "checkpoints" / "best.ckpt"

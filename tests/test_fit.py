@@ -461,7 +461,10 @@ def test_a_run_stopped_before_its_first_validation_scores_its_final_weights(
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics_test.json").is_file()
 
 
-def test_sigterm_stops_a_run_with_a_failing_status_and_how_to_resume(tiny_data_and_cache, tmp_path):
+@pytest.mark.parametrize("stop, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_a_stopped_run_exits_with_the_signals_status_and_how_to_resume(
+    tiny_data_and_cache, tmp_path, stop, name
+):
     """Lightning's SIGTERMException is a SystemExit without a code: schedulers saw a pre-empted run succeed."""
     data, cache = tiny_data_and_cache
     record = tmp_path / "steps.jsonl"
@@ -475,7 +478,7 @@ def test_sigterm_stops_a_run_with_a_failing_status_and_how_to_resume(tiny_data_a
     deadline = time.monotonic() + 240
     while not (record.is_file() and len(record.read_text().splitlines()) > 4) and time.monotonic() < deadline:
         time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM at step" in stderr and "--ckpt_path" in stderr
+    assert process.returncode == 128 + stop
+    assert f"stopped by {name} at step" in stderr and "--ckpt_path" in stderr
