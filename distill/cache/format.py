@@ -52,7 +52,7 @@ import numpy as np
 
 from distill import __version__
 from distill.errors import CacheError
-from distill.views import check_views
+from distill.views import check_views, same_views
 
 # 2: each index record carries the input hash of the item it was computed from ("hash"), so a cache
 # grows with its dataset; version-1 records take theirs from the manifest's dataset items.
@@ -148,8 +148,10 @@ def manifest_differences(cached: dict, given: dict) -> list[str]:
     for key in COMPARED_KEYS:
         cached_value, given_value = plain(cached.get(key)), plain(given.get(key))
         if key == "views" and isinstance(cached_value, list) and isinstance(given_value, list):
-            cached_value, given_value = sorted(cached_value), sorted(given_value)  # rows are keyed by view
-        if cached_value != given_value:
+            differ = not same_views(cached_value, given_value)  # rows are keyed by view, not by order
+        else:
+            differ = cached_value != given_value
+        if differ:
             lines.append(f"{key}: cache {_short(cached.get(key))} vs given {_short(given.get(key))}")
     lines += [f"teacher {line}" for line in teacher_differences(cached["teacher"], given["teacher"])]
     return lines
