@@ -260,6 +260,15 @@ def skeleton_recall(probs: Tensor, skeleton: Tensor, roi: Tensor) -> Tensor:
     return 1 - ((probs * skeleton).sum() + SMOOTH) / (skeleton.sum() + SMOOTH)
 
 
+def stack_terms(terms: dict[str, Tensor]) -> tuple[tuple[str, ...], Tensor]:
+    """(names, values [len(names)] float32): a step's loss terms as one new tensor, for bookkeeping.
+
+    One copy, so that what is kept past the step (finiteness checks, epoch sums, logged values) never
+    aliases a compiled step's outputs, which CUDA graphs overwrite at the next step.
+    """
+    return tuple(terms), torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+
+
 class FiniteCheck:
     """Whether a step's loss terms are finite, fetched to the host without stalling the GPU's queue.
 
@@ -269,9 +278,10 @@ class FiniteCheck:
     later, that step is long done.
     """
 
-    def __init__(self, terms: dict[str, Tensor]):
-        self.terms = {name: value.detach() for name, value in terms.items()}
-        finite = torch.stack([value.float().reshape(()) for value in self.terms.values()]).isfinite()
+    def __init__(self, names: tuple[str, ...], values: Tensor):
+        """`values` [len(names)]: the step's loss terms, in the order of `names`."""
+        self.names, self.values = names, values.detach()
+        finite = self.values.isfinite()
         self.ready: torch.cuda.Event | None = None
         if finite.is_cuda:
             self.finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
@@ -287,7 +297,11 @@ class FiniteCheck:
             self.ready.synchronize()
         if bool(self.finite.all()):
             return None
-        return list(self.terms)[int((~self.finite).nonzero()[0])]
+        return self.names[int((~self.finite).nonzero()[0])]
+
+    def value(self, name: str) -> float:
+        """The term's value (waits for the GPU)."""
+        return float(self.values[self.names.index(name)])
 
 
 def _check_shape(name: str, tensor: Tensor | None, shape: torch.Size) -> None:

@@ -11,6 +11,7 @@ checkpoints hold (Lightning's WeightAveraging with torch's EMA).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from distill.errors import ConfigError
-from distill.losses import DistillLoss, FiniteCheck
+from distill.losses import DistillLoss, FiniteCheck, stack_terms
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
     PerImageDice,
@@ -35,6 +36,9 @@ from distill.metrics import (
 from distill.report import WHO, kd_margin
 from distill.students import CHECKPOINT_FORMAT_VERSION, StudentConfig, count_parameters, create_student
 from distill.views import expand_views, mean_over_views, same_views
+
+# torch.compile's modes (model.compile); see torch.compile's documentation.
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class EpochLossMeans:
@@ -50,12 +54,13 @@ class EpochLossMeans:
         self.sums: Tensor | None = None
         self.count = 0
 
-    def add(self, terms: dict[str, Tensor], batch_size: int) -> None:
-        values = torch.stack([value.detach().float() for value in terms.values()]) * batch_size
+    def add(self, names: tuple[str, ...], values: Tensor, batch_size: int) -> None:
+        """Add one step's terms: `values` [len(names)], the batch means of the terms `names`."""
+        values = values.detach() * batch_size
         if self.sums is None:
-            self.names, self.sums = tuple(terms), values
-        elif tuple(terms) != self.names:
-            raise RuntimeError(f"loss terms changed within an epoch: {self.names} -> {tuple(terms)}")
+            self.names, self.sums = names, values
+        elif names != self.names:
+            raise RuntimeError(f"loss terms changed within an epoch: {self.names} -> {names}")
         else:
             self.sums += values
         self.count += batch_size
@@ -100,7 +105,10 @@ class DistillModule(pl.LightningModule):
             "recall_target" (the highest threshold whose recall >= recall_target).
         recall_target: the recall that "recall_target" asks for.
         channels_last: run the student in channels_last memory format on CUDA (faster convolutions).
-        compile: torch.compile the student for training (evaluation runs it uncompiled).
+        compile: torch.compile the student and its loss as one graph for training: true (torch's
+            "default" mode) or a torch.compile mode. "reduce-overhead" also replays the step's kernels
+            as CUDA graphs, which pays where launching them is the bottleneck (small crops, small
+            students); it needs fixed crop and batch sizes. Evaluation runs the student uncompiled.
         n_overlays: images drawn in overlays_<split>.png.
         test_views: D4 views whose logit mean also scores the student ("d4" = all 8; null: none).
         ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999)
@@ -118,7 +126,7 @@ class DistillModule(pl.LightningModule):
         threshold_rule: Literal["max_dice", "recall_target"] = "max_dice",
         recall_target: float = 0.85,
         channels_last: bool = True,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
         n_overlays: int = 6,
         test_views: list[str] | str | None = None,
         ema_decay: float | None = None,
@@ -178,7 +186,7 @@ class DistillModule(pl.LightningModule):
         # The first n_overlays images of the last val or test pass, with both predictions and their
         # ids (for overlay pictures).
         self.overlay_samples: dict[str, Any] = {}
-        self._compiled: nn.Module | None = None
+        self._compiled_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = None
         self._unchecked: tuple[int, int, int, FiniteCheck] | None = None  # see training_step
         self._epoch_losses = EpochLossMeans()
 
@@ -203,35 +211,55 @@ class DistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.hparams.compile:
-            # Kept off the module tree, so that state_dict keys stay "student.*".
-            object.__setattr__(self, "_compiled", torch.compile(self.student))
+            mode = "default" if self.hparams.compile is True else self.hparams.compile
+            # Static shapes: training crops and batches have one size. Without dynamic=False a second
+            # compile of this code in one process (another run, another crop size) makes dynamo trace
+            # symbolic sizes, on which inductor fails for crops that are not multiples of 32.
+            self._compiled_loss = torch.compile(self.student_loss, mode=mode, dynamic=False)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Student logits; compiled in training only (evaluation's full-size images would recompile it)."""
+        """Student logits [B,1,H,W] of images [B,3,H,W] (float, normalised by the student)."""
         if self.hparams.channels_last and images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        student = self._compiled if self._compiled is not None and self.training else self.student
-        return student(images)
+        return self.student(images)
+
+    def student_loss(
+        self,
+        images: Tensor,
+        mask: Tensor,
+        roi: Tensor,
+        teacher: Tensor | None = None,
+        skeleton: Tensor | None = None,
+        teacher_valid: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss: (total, terms by name) of `DistillLoss` on the student's logits of `images`."""
+        return self.loss(self(images), mask, roi, teacher, skeleton, teacher_valid)
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[str, ...], Tensor]:
+        """(total, term names, term values [len(names)]) of a training batch, compiled with model.compile."""
+        student_loss = self.student_loss
+        if self._compiled_loss is not None:
+            # Under "reduce-overhead" the graphs' outputs are overwritten by the next step: nothing
+            # kept beyond this step aliases them (stack_terms copies the terms, Lightning the total).
+            torch.compiler.cudagraph_mark_step_begin()
+            student_loss = self._compiled_loss
+        keys = ("image", "mask", "roi", "teacher", "skeleton", "teacher_valid")
+        total, terms = student_loss(*(batch.get(key) for key in keys))
+        return (total, *stack_terms(terms))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits = self(batch["image"])
-        total, terms = self.loss(
-            logits,
-            batch["mask"],
-            batch["roi"],
-            batch.get("teacher"),
-            batch.get("skeleton"),
-            batch.get("teacher_valid"),
-        )
+        total, names, values = self.training_loss(batch)
         # Checking finiteness needs the GPU's answer: check the previous step's terms (finished by now,
         # see FiniteCheck) so the host never waits for this one; a NaN is still named exactly.
         self._check_finite()
-        self._unchecked = (self.global_step, self.current_epoch, batch_idx, FiniteCheck(terms))
-        batch_size = logits.shape[0]
-        self._epoch_losses.add(terms, batch_size)
+        self._unchecked = (self.global_step, self.current_epoch, batch_idx, FiniteCheck(names, values))
+        batch_size = batch["image"].shape[0]
+        self._epoch_losses.add(names, values, batch_size)
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:  # the steps Lightning's logger writes
-            step_values = {f"train/loss/{name}_step": value for name, value in terms.items()}
+            step_values = {
+                f"train/loss/{name}_step": value for name, value in zip(names, values.unbind(), strict=True)
+            }
             step_values["train/lr"] = self.optimizers().param_groups[0]["lr"]
             self.log_dict(step_values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
         return total
@@ -245,7 +273,7 @@ class DistillModule(pl.LightningModule):
         bad = check.first_nonfinite()
         if bad is not None:
             raise FloatingPointError(
-                f"loss term {bad!r} is {check.terms[bad].item()} at global step {step} "
+                f"loss term {bad!r} is {check.value(bad)} at global step {step} "
                 f"(epoch {epoch}, batch {batch_idx}): lower model.lr, check the data and "
                 "teacher cache, or resume from the last good checkpoint"
             )

@@ -1,8 +1,9 @@
 """How close does training get to what the GPU can do? Students trained three ways, per model and regime.
 
   bare      the closest practical ceiling: the student network (smp/timm model with its input
-            normalisation), torch.compile'd, plain BCE, backward, fused AdamW, on one batch already
-            on the GPU; no loss terms, clipping, module or Trainer.
+            normalisation) and a plain BCE, torch.compile'd in the mode of --compile (else the
+            default mode), backward, fused AdamW, on one batch already on the GPU; no loss terms,
+            clipping, module or Trainer.
   pure      DistillModule's training step (DistillLoss with KD, clipping at 1.0, AdamW) on that batch.
   pipeline  the real `Trainer.fit` path: VesselDataModule (decoded records, teacher cache, `default`
             augmentation made on the device or by DataLoader workers, see --augment-on), the
@@ -18,6 +19,7 @@ cache of synthetic teacher logits. Results go to <out>/fit_<gpu>[_<tag>].json, r
 model and regime, so a run cut short keeps what it measured.
 
     python scripts/bench_fit.py --compile --profile            # 3 models x 2 regimes on one GPU
+    python scripts/bench_fit.py --compile reduce-overhead      # the step (and bare) as CUDA graphs
     python scripts/bench_fit.py --devices 1 2 --regimes 512x32  # DDP scaling on two GPUs
     python scripts/bench_fit.py --tiny                          # CPU smoke test: 64 px, a few steps
 """
@@ -35,6 +37,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import get_args
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,7 +54,7 @@ from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.datamodule import VesselDataModule  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
-from distill.module import DistillModule  # noqa: E402
+from distill.module import CompileMode, DistillModule  # noqa: E402
 from distill.students import StudentConfig, count_parameters, create_student  # noqa: E402
 from distill.synth import generate_sample  # noqa: E402
 
@@ -282,15 +285,22 @@ def bench_bare(
     network = create_student(**student.kwargs()).to(device)
     if device.type == "cuda":
         network.to(memory_format=torch.channels_last)
-    compiled = torch.compile(network) if args.compile_bare else network
+
+    def loss(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(network(image).float(), target)
+
+    mode = args.compile or "default"
+    compiled = torch.compile(loss, mode=mode) if args.compile_bare else loss
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, fused=device.type == "cuda")
     batch = fake_batch(regime, device)
     target = batch["mask"].float()
 
     def step() -> None:
+        if args.compile_bare and mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.precision):
-            logits = compiled(batch["image"])
-        F.binary_cross_entropy_with_logits(logits.float(), target).backward()
+            total = compiled(batch["image"], target)
+        total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -300,8 +310,8 @@ def bench_bare(
 
 
 def training_module(student: StudentConfig, args: argparse.Namespace) -> DistillModule:
-    """The module the pure and pipeline figures train: KD on, torch.compile with --compile."""
-    return DistillModule(student=student, loss={"kd_alpha": 0.5}, compile=args.compile)
+    """The module the pure and pipeline figures train: KD on, torch.compile in the mode of --compile."""
+    return DistillModule(student=student, loss={"kd_alpha": 0.5}, compile=args.compile or False)
 
 
 def bench_pure(
@@ -317,7 +327,7 @@ def bench_pure(
 
     def step() -> None:
         with autocast(device, args.precision):  # around the loss too, as Lightning's precision plugin does
-            total, _ = module.loss(module(batch["image"]), batch["mask"], batch["roi"], batch["teacher"])
+            total, _, _ = module.training_loss(batch)
         total.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), GRADIENT_CLIP)
         optimizer.step()
@@ -598,7 +608,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the student in pure and pipeline"
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=list(get_args(CompileMode)),
+        help="torch.compile the student and loss in pure and pipeline (model.compile), and bare, in "
+        "this mode (default: 'default'); without it pure and pipeline run eagerly",
     )
     parser.add_argument(
         "--no-compile-bare", dest="compile_bare", action="store_false", help="bare uncompiled"

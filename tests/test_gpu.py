@@ -13,7 +13,7 @@ from distill.data.device_augment import DeviceAugment, ResidentSplit
 from distill.data.prefetch import prefetch_to_device
 from distill.data.sampling import Draw, EndlessBatches, EpochStream
 from distill.fit import main as fit
-from distill.losses import FiniteCheck
+from distill.losses import FiniteCheck, stack_terms
 from distill.module import DistillModule
 from distill.students import StudentConfig
 from tests.test_device_augment import check_aligned, probe_record
@@ -65,8 +65,8 @@ def test_the_epoch_stream_prefetches_across_epochs_on_cuda():
 
 def test_finite_check_names_a_nan_term_on_cuda():
     terms = {"gt_bce": torch.tensor(0.3, device="cuda"), "kd_bce": torch.tensor(float("nan"), device="cuda")}
-    assert FiniteCheck(terms).first_nonfinite() == "kd_bce"
-    assert FiniteCheck({"gt_bce": torch.ones((), device="cuda")}).first_nonfinite() is None
+    assert FiniteCheck(*stack_terms(terms)).first_nonfinite() == "kd_bce"
+    assert FiniteCheck(*stack_terms({"gt_bce": torch.ones((), device="cuda")})).first_nonfinite() is None
 
 
 @pytest.mark.parametrize(
@@ -98,6 +98,46 @@ def test_the_shipped_gpu_configs_train_and_report(config, tiny_data_and_cache, t
         assert reports[split]["n_images"] >= 1
         assert (tmp_path / "gpu" / f"metrics_{split}.json").is_file()
     assert (tmp_path / "gpu" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_reduce_overhead_replays_cuda_graphs_and_trains_as_eager(tmp_path):
+    """model.compile="reduce-overhead": the step's graphs are CUDA graphs, and the losses are eager's."""
+    from torch._dynamo.utils import counters
+
+    from tests.test_module import TINY, RecordLosses, fake_batches, identity_loader, trainer
+
+    losses = {}
+    for compile in (False, "reduce-overhead"):
+        torch.manual_seed(0)
+        counters.clear()
+        module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, compile=compile)
+        record = RecordLosses()
+        run = trainer(tmp_path / str(compile), accelerator="gpu", devices=1, max_steps=4, callbacks=[record])
+        run.fit(module, identity_loader(fake_batches(4)), identity_loader(fake_batches(1, seed=1)))
+        losses[compile] = torch.stack(record.losses).cpu()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    torch.testing.assert_close(losses["reduce-overhead"], losses[False], rtol=1e-3, atol=1e-4)
+
+
+def test_a_shipped_config_trains_with_cuda_graphs_to_the_end(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    reports = fit(
+        [
+            "--config=configs/fit/small_data.yaml",
+            "--model.compile=reduce-overhead",
+            "--data.data_format=merged",
+            "--data.crop_size=48",
+            "--data.batch_size=4",
+            "--trainer.max_steps=6",
+            "--trainer.val_check_interval=3",
+            f"--data.data_root={data}",
+            f"--data.cache_dir={cache}",
+            f"--runs_dir={tmp_path}",
+            "--run_name=graphs",
+            "--wandb=false",
+        ]
+    )
+    assert reports["test"]["n_images"] >= 1 and (tmp_path / "graphs" / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_device_batches_on_the_gpu_are_aligned_and_the_same_from_a_pinned_host_store(monkeypatch):
@@ -136,7 +176,7 @@ def test_a_training_step_and_a_device_batch_never_wait_for_the_gpu():
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        FiniteCheck(terms)
+        FiniteCheck(*stack_terms(terms))
 
     step(0)  # first calls allocate, autotune and may sync
     torch.cuda.synchronize()

@@ -20,6 +20,7 @@ from distill.losses import (
     soft_dice,
     soft_skeleton,
     soft_tversky,
+    stack_terms,
 )
 from tests._loss_term_plugin import MeanProbability
 
@@ -307,8 +308,8 @@ def test_first_nonfinite_names_the_term():
         "kd_bce": torch.tensor(float("nan")),
         "total": torch.tensor(math.inf),
     }
-    assert FiniteCheck(terms).first_nonfinite() == "kd_bce"
-    assert FiniteCheck({"gt_bce": torch.tensor(0.3)}).first_nonfinite() is None
+    assert FiniteCheck(*stack_terms(terms)).first_nonfinite() == "kd_bce"
+    assert FiniteCheck(*stack_terms({"gt_bce": torch.tensor(0.3)})).first_nonfinite() is None
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,16 @@ def identity_loader(batches):
     return DataLoader(batches, batch_size=None)
 
 
+class RecordLosses(pl.Callback):
+    """The total loss of every training step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach().clone())
+
+
 def test_training_step_logs_every_term_and_validation_scores_both(tmp_path):
     module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, thresholds=[0.25, 0.5, 0.75])
     run = trainer(tmp_path)
@@ -164,12 +174,28 @@ def test_recall_target_reports_whether_it_fell_back(tmp_path):
     assert chosen["fell_back"] == {"student": True, "teacher": True}
 
 
-def test_compiled_student_trains_and_keeps_plain_checkpoint_keys(tmp_path):
-    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, compile=True)
-    run = trainer(tmp_path, max_steps=2)
-    run.fit(module, identity_loader(fake_batches(2)), identity_loader(fake_batches(1, seed=1)))
-    assert module._compiled is not None and run.global_step == 2
+def test_compiled_student_and_loss_train_as_eager_and_keep_plain_checkpoint_keys(tmp_path):
+    """model.compile compiles student and loss in one graph: the same losses step by step as eager."""
+    losses = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, compile=compile)
+        record = RecordLosses()
+        run = trainer(tmp_path / str(compile), max_steps=3, callbacks=[record])
+        run.fit(module, identity_loader(fake_batches(3)), identity_loader(fake_batches(1, seed=1)))
+        losses[compile] = torch.stack(record.losses)
+    assert (module._compiled_loss is not None) and run.global_step == 3
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
     assert all(key.startswith(("student.", "loss.", "curves.", "per_image.")) for key in module.state_dict())
+
+
+def test_a_second_compiled_run_in_one_process_at_another_crop_size_trains(tmp_path):
+    """Dynamo would trace the second run with symbolic sizes (inductor failed on a 48 px crop's padding)."""
+    for size in (32, 48):
+        module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, compile=True)
+        run = trainer(tmp_path / str(size), max_steps=2)
+        run.fit(module, identity_loader(fake_batches(2, size=size)))
+        assert run.global_step == 2
 
 
 def test_a_one_threshold_grid_and_a_one_image_split_still_give_lists(tmp_path):
