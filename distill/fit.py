@@ -344,6 +344,9 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         run=False,
         seed_everything_default=0,
         save_config_callback=None,
+        # The module's own AdamW + warm-up/cosine (model.lr, model.weight_decay, model.warmup_fraction):
+        # Lightning's --optimizer/--lr_scheduler would replace them and ignore those settings silently.
+        auto_configure_optimizers=False,
         args=none_as_null(sys.argv[1:] if args is None else args),
         parser_kwargs={"description": __doc__.split("\n")[0], "prog": "python -m distill.fit"},
     )

@@ -482,3 +482,11 @@ def test_a_stopped_run_exits_with_the_signals_status_and_how_to_resume(
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + stop
     assert f"stopped by {name} at step" in stderr and "--ckpt_path" in stderr
+
+
+def test_lightning_optimizer_flags_are_refused_rather_than_silently_replacing_the_module_s(capsys):
+    """--optimizer=SGD would have dropped model.lr, weight_decay and the warm-up/cosine schedule unsaid."""
+    for flag in ("--optimizer=SGD", "--lr_scheduler=StepLR"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--config=configs/fit/demo.yaml", flag, "--print_config"])
+        assert stop.value.code != 0 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
