@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from distill.cache import teacher_differences
 from distill.cli import (
     add_deprecated_alias,
     key_value,
@@ -114,6 +115,8 @@ def evaluate(
     trainer = evaluation_trainer(
         accelerator, precision or (run_config(ckpt).get("trainer") or {}).get("precision") or "32-true"
     )
+    if threshold is None and threshold_from == "ckpt":
+        forget_another_teachers_threshold(model, data)
     with cache_fix_in_evaluate_flags():
         score_split(trainer, model, data, split, threshold, threshold_from)
     report, samples = model.results[split], model.overlay_samples
@@ -128,21 +131,42 @@ def evaluate(
     return report
 
 
+def forget_another_teachers_threshold(model: Any, data: Any) -> None:
+    """Drop the checkpoint's teacher threshold when the cache scored now holds another teacher (or
+    other views of it) than the one the run chose it for, so that it is chosen on val again."""
+    recorded, current = model.scored_teacher, data.scored_teacher()
+    if model.teacher_threshold is None or recorded is None or current is None:
+        return  # nothing to compare (checkpoints from before the record, or no teacher)
+    differences = [line.split(":")[0] for line in teacher_differences(recorded, current)]
+    if differences:
+        print(
+            f"note: {data.cache_dir} is not the teacher the run chose its teacher threshold for "
+            f"(differs in {', '.join(differences[:4])}{', ...' if len(differences) > 4 else ''}): "
+            "the teacher's threshold is chosen on val",
+            flush=True,
+        )
+        model.teacher_threshold = None
+
+
 def score_split(
     trainer: Any, model: Any, data: Any, split: str, threshold: float | None, threshold_from: str
 ) -> None:
-    """Fill `model.results[split]`: at `threshold`, or at the checkpoint's thresholds, or (views the run
-    chose none for, `threshold_from="val"`) at thresholds chosen on val first."""
+    """Fill `model.results[split]`: at `threshold`, or at the checkpoint's thresholds (a side it has none
+    for, such as views or a teacher the run did not score, chosen on val first), or with
+    `threshold_from="val"` at thresholds chosen on val."""
     if threshold is not None:
         model.chosen_threshold = model.teacher_threshold = model.views_threshold = float(threshold)
         model.freeze_thresholds = True  # validation scores at it instead of choosing
-    elif split == "test" and (
-        threshold_from == "val" or (model.test_views and model.views_threshold is None)
-    ):
+    elif threshold_from == "ckpt":
+        model.freeze_thresholds = True  # validation keeps these, choosing only the missing ones
+        unchosen = (model.test_views and model.views_threshold is None) or (
+            data.has_teacher and model.teacher_threshold is None
+        )
+        if split == "test" and unchosen:
+            trainer.validate(model, datamodule=data, verbose=False)
+    elif split == "test":
         trainer.validate(model, datamodule=data, verbose=False)  # chooses every side's threshold on val
     if split == "val":
-        if threshold_from == "ckpt" and not (model.test_views and model.views_threshold is None):
-            model.freeze_thresholds = True  # score val at the checkpoint's thresholds, as test is
         trainer.validate(model, datamodule=data, verbose=False)
     else:
         trainer.test(model, datamodule=data, verbose=False)

@@ -180,6 +180,9 @@ class DistillModule(pl.LightningModule):
         )
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
+        self.scored_teacher: dict[str, Any] | None = (
+            None  # the teacher it is for (VesselDataModule.scored_teacher)
+        )
         self.views_threshold: float | None = None  # the student's over test_views, chosen on validation
         self.freeze_thresholds = False  # True: validation too scores at the thresholds set, choosing none
         self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)
@@ -210,6 +213,8 @@ class DistillModule(pl.LightningModule):
             self.student.to(memory_format=torch.channels_last)
 
     def on_fit_start(self) -> None:
+        scored_teacher = getattr(self.trainer.datamodule, "scored_teacher", None)
+        self.scored_teacher = scored_teacher() if scored_teacher is not None else None
         if self.hparams.compile:
             mode = "default" if self.hparams.compile is True else self.hparams.compile
             # Static shapes: training crops and batches have one size. Without dynamic=False a second
@@ -473,6 +478,7 @@ class DistillModule(pl.LightningModule):
             "student": dict(self.student.config),
             "chosen_threshold": self.chosen_threshold,
             "teacher_threshold": self.teacher_threshold,
+            "scored_teacher": self.scored_teacher,
             "test_views": list(self.test_views),
             "views_threshold": self.views_threshold,
             "threshold_rule": self.threshold_rule,
@@ -484,6 +490,7 @@ class DistillModule(pl.LightningModule):
         info = checkpoint.get("distill", {})
         self.chosen_threshold = info.get("chosen_threshold")
         self.teacher_threshold = info.get("teacher_threshold")
+        self.scored_teacher = info.get("scored_teacher")
         # A threshold chosen over other views (or none) is no threshold for these: validate first.
         chosen_for_these = same_views(info.get("test_views") or (), self.test_views)
         self.views_threshold = info.get("views_threshold") if chosen_for_these else None

@@ -205,6 +205,44 @@ def test_evaluate_views_on_a_run_without_them_chooses_their_threshold_on_val(tin
     assert "student+views" in capsys.readouterr().out
 
 
+def test_evaluate_with_another_teacher_chooses_its_threshold_on_val(
+    tiny_run, tiny_data_and_cache, tmp_path, capsys
+):
+    """The run's teacher threshold was chosen for its own cache; another teacher's maps get their own."""
+    from distill import cache_teacher
+
+    data, _ = tiny_data_and_cache
+    other = tmp_path / "other_teacher"
+    made = [
+        "--config",
+        "configs/teacher/frangi_synthetic.yaml",
+        "--data-root",
+        str(data),
+        "--out",
+        str(other),
+    ]
+    assert cache_teacher.main([*made, "--views", "identity", "--teacher-option", "sigmas=[2,4]"]) == 0
+    ckpt = str(tiny_run / "checkpoints" / "best.ckpt")
+    capsys.readouterr()
+    assert evaluate_main(["--ckpt", ckpt, "--cache-dir", str(other), "--out", str(tmp_path / "test")]) == 0
+    assert "is not the teacher the run chose its teacher threshold for (differs in teacher." in (
+        capsys.readouterr().out
+    )
+    on_val = tmp_path / "val"
+    args = ["--ckpt", ckpt, "--cache-dir", str(other), "--split", "val", "--threshold-from", "val"]
+    assert evaluate_main([*args, "--out", str(on_val)]) == 0
+    chosen = json.loads((tmp_path / "test" / "metrics.json").read_text())["chosen_threshold"]
+    fit_test = json.loads((tiny_run / "metrics_test.json").read_text())["chosen_threshold"]
+    assert (
+        chosen["teacher"] == json.loads((on_val / "metrics.json").read_text())["chosen_threshold"]["teacher"]
+    )
+    assert chosen["student"] == fit_test["student"]
+    # The run's own cache: its threshold holds, nothing said.
+    capsys.readouterr()
+    assert evaluate_main(["--ckpt", ckpt, "--out", str(tmp_path / "own")]) == 0
+    assert "is not the teacher" not in capsys.readouterr().out
+
+
 def test_evaluate_refuses_unknown_views(tiny_run, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--views", "d4,spin"])

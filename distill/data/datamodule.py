@@ -47,7 +47,7 @@ from skimage.morphology import skeletonize
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from distill.cache import TeacherCache
+from distill.cache import TeacherCache, read_manifest
 from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment, mean_map, sample_rng
 from distill.data.device_augment import DeviceAugment, DeviceBatches, ResidentSplit
@@ -360,6 +360,19 @@ class VesselDataModule(pl.LightningDataModule):
     @property
     def has_teacher(self) -> bool:
         return self.cache_dir is not None
+
+    def scored_teacher(self) -> dict[str, Any] | None:
+        """What decides the teacher maps that validation and test score (None without a cache): the
+        cache's teacher fingerprint and views, and `teacher_views`. A teacher threshold chosen on one
+        holds for no other (`DistillModule` keeps it in checkpoints; `distill.evaluate` compares)."""
+        if self.cache_dir is None:
+            return None
+        manifest = read_manifest(self.cache_dir)
+        return {
+            "teacher": manifest["teacher"],
+            "views": sorted(manifest["views"]),
+            "teacher_views": self.teacher_views,
+        }
 
     @property
     def train_ids(self) -> list[str]:
