@@ -243,6 +243,29 @@ def test_evaluate_with_another_teacher_chooses_its_threshold_on_val(
     assert "is not the teacher" not in capsys.readouterr().out
 
 
+def test_evaluate_with_a_cache_for_a_run_without_one_chooses_the_teachers_threshold_on_val(
+    tiny_data_and_cache, tmp_path
+):
+    from distill.fit import main as fit_main
+    from tests.conftest import tiny_fit_args
+
+    data, cache = tiny_data_and_cache
+    no_teacher = ["--run_name=gt", "--data.cache_dir=null", "--loss.kd_alpha=0", "--trainer.max_epochs=1"]
+    fit_main(tiny_fit_args(data, cache, tmp_path, *no_teacher))
+    ckpt = str(tmp_path / "gt" / "checkpoints" / "best.ckpt")
+    args = ["--ckpt", ckpt, "--cache-dir", str(cache)]
+    assert evaluate_main([*args, "--out", str(tmp_path / "test")]) == 0
+    assert (
+        evaluate_main([*args, "--split", "val", "--threshold-from", "val", "--out", str(tmp_path / "val")])
+        == 0
+    )
+    chosen = {
+        split: json.loads((tmp_path / split / "metrics.json").read_text())["chosen_threshold"]["teacher"]
+        for split in ("test", "val")
+    }
+    assert chosen["test"] == chosen["val"]
+
+
 def test_evaluate_refuses_unknown_views(tiny_run, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--views", "d4,spin"])
