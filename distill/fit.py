@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -371,36 +371,40 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     with _collective_timeout_explained(trainer, cli.config["ddp_timeout_s"]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=WRONG_LOGGING_INTERVAL_WARNING)
-        try:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        with _stop_explained(
+            trainer,
+            lambda: (
+                f"at step {trainer.global_step}"
+                + (f"; resume with --ckpt_path {last}" if last.is_file() else "")
+            ),
+        ):
             trainer.fit(model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
-        except SystemExit as stop:  # Lightning's on SIGTERM (no code: "success") and after Ctrl-C (1)
-            sigterm = isinstance(stop, SIGTERMException)
-            if not (sigterm or trainer.interrupted):
-                raise
-            last = run_dir / "checkpoints" / "last.ckpt"
-            resume = f"; resume with --ckpt_path {last}" if last.is_file() else ""
-            how = "SIGTERM" if sigterm else "Ctrl-C"
-            print(f"error: stopped by {how} at step {trainer.global_step}{resume}", file=sys.stderr)
-            raise SystemExit(128 + (signal.SIGTERM if sigterm else signal.SIGINT)) from stop
     # This run's best.ckpt, not the callback's best_model_path: a run started from another run's
     # checkpoint restores that run's path and score.
     best = run_dir / "checkpoints" / "best.ckpt"
-    if not best.is_file():
-        best = run_dir / "checkpoints" / "last.ckpt"
-        rank_zero_info(
-            f"note: no best.ckpt in {run_dir} (training stopped at step {trainer.global_step} before its first "
-            "validation, or started from another run's checkpoint and never beat its score): the final weights "
-            f"are scored, saved as {best}"
-        )
-        trainer.validate(model, datamodule=data, verbose=False)  # chooses the thresholds test uses
-        trainer.save_checkpoint(best)
-
     reports: dict[str, dict[str, Any]] = {}
     overlay_samples: dict[str, dict[str, Any]] = {}
-    trainer.validate(model, datamodule=data, ckpt_path=str(best), verbose=False)
-    reports["val"], overlay_samples["val"] = model.results["val"], model.overlay_samples
-    trainer.test(model, datamodule=data, ckpt_path=str(best), verbose=False)
-    reports["test"], overlay_samples["test"] = model.results["test"], model.overlay_samples
+    with _stop_explained(
+        trainer,
+        lambda: (
+            f"while scoring {best} (training had finished): score it with "
+            f"python -m distill.evaluate --ckpt {best} --split val, and --split test"
+        ),
+    ):
+        if not best.is_file():
+            best = run_dir / "checkpoints" / "last.ckpt"
+            rank_zero_info(
+                f"note: no best.ckpt in {run_dir} (training stopped at step {trainer.global_step} before its "
+                "first validation, or started from another run's checkpoint and never beat its score): the "
+                f"final weights are scored, saved as {best}"
+            )
+            trainer.validate(model, datamodule=data, verbose=False)  # chooses the thresholds test uses
+            trainer.save_checkpoint(best)
+        trainer.validate(model, datamodule=data, ckpt_path=str(best), verbose=False)
+        reports["val"], overlay_samples["val"] = model.results["val"], model.overlay_samples
+        trainer.test(model, datamodule=data, ckpt_path=str(best), verbose=False)
+        reports["test"], overlay_samples["test"] = model.results["test"], model.overlay_samples
     if not trainer.is_global_zero:
         return reports
 
@@ -422,6 +426,24 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
     )
     print(f"run: {run_dir}  (best checkpoint {best}, {params / 1e6:.2f}M student parameters)")
     return reports
+
+
+@contextmanager
+def _stop_explained(trainer: pl.Trainer, where: Callable[[], str]) -> Iterator[None]:
+    """Exit 143 on SIGTERM and 130 on Ctrl-C, saying `where()` (what was stopped and what to run next).
+
+    Lightning ends a trainer call stopped by SIGTERM with a SystemExit without a code ("success" to
+    schedulers) and one stopped by Ctrl-C with exit status 1.
+    """
+    try:
+        yield
+    except SystemExit as stop:
+        sigterm = isinstance(stop, SIGTERMException)
+        if not (sigterm or trainer.interrupted):
+            raise
+        how = "SIGTERM" if sigterm else "Ctrl-C"
+        print(f"error: stopped by {how} {where()}", file=sys.stderr)
+        raise SystemExit(128 + (signal.SIGTERM if sigterm else signal.SIGINT)) from stop
 
 
 @reports_user_errors

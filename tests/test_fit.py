@@ -484,6 +484,28 @@ def test_a_stopped_run_exits_with_the_signals_status_and_how_to_resume(
     assert f"stopped by {name} at step" in stderr and "--ckpt_path" in stderr
 
 
+def test_a_run_stopped_while_scoring_exits_143_and_says_how_to_score_it(tiny_data_and_cache, tmp_path):
+    """SIGTERM in the final test pass ended with Lightning's code-less SystemExit: status 0, no metrics."""
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(
+        data,
+        cache,
+        tmp_path,
+        "--run_name=scoring",
+        "--trainer.max_epochs=1",
+        "--wandb=false",
+        "--data.batch_size=1",  # several test batches: Lightning stops after the first
+        "--trainer.callbacks+=tests._signals.TerminateDuringTest",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.fit", *args], capture_output=True, text=True, timeout=600
+    )
+    best = tmp_path / "scoring" / "checkpoints" / "best.ckpt"
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert f"stopped by SIGTERM while scoring {best}" in done.stderr
+    assert f"python -m distill.evaluate --ckpt {best}" in done.stderr and best.is_file()
+
+
 def test_lightning_optimizer_flags_are_refused_rather_than_silently_replacing_the_module_s(capsys):
     """--optimizer=SGD would have dropped model.lr, weight_decay and the warm-up/cosine schedule unsaid."""
     for flag in ("--optimizer=SGD", "--lr_scheduler=StepLR"):
