@@ -24,8 +24,9 @@ USER_ERROR_EXIT = 2  # what argparse exits with for a bad command line, too
 
 def reports_user_errors(main: Callable[_P, int]) -> Callable[_P, int]:
     """Decorate a CLI's `main`: a DistillError (bad input or config, the user's to fix; its message
-    names the file or setting and the fix) prints `error: <message>` on stderr and returns exit
-    status 2 instead of a traceback. Any other exception is a bug and keeps its traceback."""
+    names the file or setting and the fix) or a PermissionError (a file or folder this user may not
+    read or write) prints `error: <message>` on stderr and returns exit status 2 instead of a
+    traceback. Any other exception is a bug and keeps its traceback."""
 
     @functools.wraps(main)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> int:
@@ -33,7 +34,13 @@ def reports_user_errors(main: Callable[_P, int]) -> Callable[_P, int]:
             return main(*args, **kwargs)
         except DistillError as err:
             print(f"error: {err}", file=sys.stderr)
-            return USER_ERROR_EXIT
+        except PermissionError as err:
+            print(
+                f"error: {err.filename or err}: permission denied; check the owner and mode of that "
+                "file or its folder, or point the command at a place you may write",
+                file=sys.stderr,
+            )
+        return USER_ERROR_EXIT
 
     return run
 
