@@ -189,7 +189,7 @@ class DistillModule(pl.LightningModule):
         # The first n_overlays images of the last val or test pass, with both predictions and their
         # ids (for overlay pictures).
         self.overlay_samples: dict[str, Any] = {}
-        self._compiled_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = None
+        self._compiled_loss: Callable[..., tuple[Tensor, tuple[str, ...], Tensor]] | None = None
         self._unchecked: tuple[int, int, int, FiniteCheck] | None = None  # see training_step
         self._epoch_losses = EpochLossMeans()
 
@@ -213,7 +213,8 @@ class DistillModule(pl.LightningModule):
             self.student.to(memory_format=torch.channels_last)
 
     def on_fit_start(self) -> None:
-        scored_teacher = getattr(self.trainer.datamodule, "scored_teacher", None)
+        # _trainer: also called without one (scripts/bench_fit.py's pure step)
+        scored_teacher = getattr(getattr(self._trainer, "datamodule", None), "scored_teacher", None)
         self.scored_teacher = scored_teacher() if scored_teacher is not None else None
         if self.hparams.compile:
             mode = "default" if self.hparams.compile is True else self.hparams.compile
@@ -236,21 +237,26 @@ class DistillModule(pl.LightningModule):
         teacher: Tensor | None = None,
         skeleton: Tensor | None = None,
         teacher_valid: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The training loss: (total, terms by name) of `DistillLoss` on the student's logits of `images`."""
-        return self.loss(self(images), mask, roi, teacher, skeleton, teacher_valid)
+    ) -> tuple[Tensor, tuple[str, ...], Tensor]:
+        """(total, term names, term values [len(names)]) of `DistillLoss` on the student's logits of `images`.
+
+        The values are stacked here, inside the compiled graph, as a new tensor: returned as detached
+        aliases of the total, inductor dropped the total's gradient when a lone term at scale 1 was both.
+        """
+        total, terms = self.loss(self(images), mask, roi, teacher, skeleton, teacher_valid)
+        return (total, *stack_terms(terms))
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[str, ...], Tensor]:
         """(total, term names, term values [len(names)]) of a training batch, compiled with model.compile."""
         student_loss = self.student_loss
         if self._compiled_loss is not None:
             # Under "reduce-overhead" the graphs' outputs are overwritten by the next step: nothing
-            # kept beyond this step aliases them (stack_terms copies the terms, Lightning the total).
+            # kept beyond this step aliases them (the values are copied, Lightning clones the total).
             torch.compiler.cudagraph_mark_step_begin()
             student_loss = self._compiled_loss
         keys = ("image", "mask", "roi", "teacher", "skeleton", "teacher_valid")
-        total, terms = student_loss(*(batch.get(key) for key in keys))
-        return (total, *stack_terms(terms))
+        total, names, values = student_loss(*(batch.get(key) for key in keys))
+        return total, names, values.clone() if self._compiled_loss is not None else values
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, names, values = self.training_loss(batch)

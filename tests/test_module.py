@@ -189,6 +189,17 @@ def test_compiled_student_and_loss_train_as_eager_and_keep_plain_checkpoint_keys
     assert all(key.startswith(("student.", "loss.", "curves.", "per_image.")) for key in module.state_dict())
 
 
+@pytest.mark.parametrize("loss", [{"kd_alpha": 1}, {"kd_alpha": 0, "gt_dice": {"weight": None}}])
+def test_a_compiled_loss_of_one_term_at_scale_one_keeps_its_gradient(loss):
+    """Inductor folded 0 + 1.0 * term into the term, returned detached beside it, and the total lost its grad."""
+    module = DistillModule(student=TINY, loss=loss, compile=True)
+    module.on_fit_start()
+    total, names, values = module.training_loss(fake_batches(1)[0])
+    total.backward()
+    assert all(p.grad is not None for p in module.student.parameters() if p.requires_grad)
+    assert values.shape == (len(names),) and "total" in names
+
+
 def test_a_second_compiled_run_in_one_process_at_another_crop_size_trains(tmp_path):
     """Dynamo would trace the second run with symbolic sizes (inductor failed on a 48 px crop's padding)."""
     for size in (32, 48):
