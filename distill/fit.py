@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distill.cli import none_as_null, reports_user_errors
@@ -352,6 +352,18 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     run_dir = Path(trainer.default_root_dir)
+    start_method = getattr(trainer.strategy, "_start_method", "popen")
+    if start_method != "popen":
+        raise ConfigError(
+            f"--trainer.strategy: ranks started by {start_method} (ddp_spawn, ddp_fork, ddp_notebook) cannot "
+            "hand their validation and test scores back to fit: use --trainer.strategy=ddp"
+        )
+    if model.hparams.compile and data.crop_size is None:
+        rank_zero_warn(
+            "model.compile with data.crop_size null: training batches take the images' sizes, and every "
+            "new size compiles the step again (torch stops compiling after 8 and runs it eagerly); set "
+            "data.crop_size for one training shape"
+        )
     needing = model.loss.terms_needing("teacher_logits")
     if needing and not data.has_teacher:
         raise ConfigError(

@@ -512,3 +512,20 @@ def test_lightning_optimizer_flags_are_refused_rather_than_silently_replacing_th
         with pytest.raises(SystemExit) as stop:
             main(["--config=configs/fit/demo.yaml", flag, "--print_config"])
         assert stop.value.code != 0 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_spawned_or_forked_ranks_are_refused_before_training(tiny_data_and_cache, tmp_path, strategy):
+    """Their validation and test ran in the ranks and fit's own model held no scores: KeyError at the end."""
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=spawn", "--wandb=false")
+    with pytest.raises(ConfigError, match="use --trainer.strategy=ddp"):
+        main([*args, "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy={strategy}"])
+    assert not (tmp_path / "spawn" / "checkpoints").exists()
+
+
+def test_compiling_with_whole_images_of_any_size_warns(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=c", "--wandb=false", "--model.compile=true")
+    with pytest.warns(UserWarning, match="every new size compiles the step again"):
+        main([*args, "--trainer.max_steps=1", "--trainer.max_epochs=-1"])
