@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -36,6 +37,15 @@ from distill.metrics import (
 from distill.report import WHO, kd_margin
 from distill.students import CHECKPOINT_FORMAT_VERSION, StudentConfig, count_parameters, create_student
 from distill.views import expand_views, mean_over_views, same_views
+
+
+def cat_padded(first: Tensor, second: Tensor) -> Tensor:
+    """[B1,C,H1,W1] and [B2,C,H2,W2] -> [B1+B2,C,H,W], padded with 0 at the bottom/right to the larger
+    H and W, as `collate_padded` pads a batch (batches of different image sizes, e.g. for overlays)."""
+    height, width = max(first.shape[-2], second.shape[-2]), max(first.shape[-1], second.shape[-1])
+    grown = [F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2])) for t in (first, second)]
+    return torch.cat(grown)
+
 
 # torch.compile's modes (model.compile); see torch.compile's documentation.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -350,7 +360,7 @@ class DistillModule(pl.LightningModule):
             for key, value in new.items():
                 value = value[take].detach().cpu()
                 self.overlay_samples[key] = (
-                    torch.cat([self.overlay_samples[key], value]) if key in self.overlay_samples else value
+                    cat_padded(self.overlay_samples[key], value) if key in self.overlay_samples else value
                 )
             if "id" in batch:  # so that each overlay row can name its image
                 self.overlay_samples["id"] = [*self.overlay_samples.get("id", []), *batch["id"][take]]

@@ -251,3 +251,16 @@ def test_bad_ema_decay_and_views_name_the_setting():
         DistillModule(student=TINY, ema_decay=1.0)
     with pytest.raises(ConfigError, match="model.test_views.*spin"):
         DistillModule(student=TINY, test_views="d4,spin")
+
+
+def test_validation_batches_of_different_image_sizes_fill_the_overlays(tmp_path):
+    """Each eval batch is padded to its own largest image; the overlay samples of two such batches were
+    concatenated unpadded (RuntimeError: sizes of tensors must match)."""
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, n_overlays=4)
+    val = fake_batches(1, size=32, seed=1) + fake_batches(1, size=48, seed=2)
+    trainer(tmp_path, max_steps=1).fit(module, identity_loader(fake_batches(1)), identity_loader(val))
+    samples = module.overlay_samples
+    assert samples["image"].shape == (4, 3, 48, 48) and samples["student"].shape == (4, 1, 48, 48)
+    assert (
+        samples["roi"][:2, :, 32:].sum() == 0 and samples["roi"][2:].sum() > 0
+    )  # padding is outside the roi
