@@ -115,8 +115,6 @@ def evaluate(
     trainer = evaluation_trainer(
         accelerator, precision or (run_config(ckpt).get("trainer") or {}).get("precision") or "32-true"
     )
-    if threshold is None and threshold_from == "ckpt":
-        forget_another_teachers_threshold(model, data)
     with cache_fix_in_evaluate_flags():
         score_split(trainer, model, data, split, threshold, threshold_from)
     report, samples = model.results[split], model.overlay_samples
@@ -158,6 +156,7 @@ def score_split(
         model.chosen_threshold = model.teacher_threshold = model.views_threshold = float(threshold)
         model.freeze_thresholds = True  # validation scores at it instead of choosing
     elif threshold_from == "ckpt":
+        forget_another_teachers_threshold(model, data)
         model.freeze_thresholds = True  # validation keeps these, choosing only the missing ones
         unchosen = (model.test_views and model.views_threshold is None) or (
             data.has_teacher and model.teacher_threshold is None

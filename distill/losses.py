@@ -261,10 +261,11 @@ def skeleton_recall(probs: Tensor, skeleton: Tensor, roi: Tensor) -> Tensor:
 
 
 def stack_terms(terms: dict[str, Tensor]) -> tuple[tuple[str, ...], Tensor]:
-    """(names, values [len(names)] float32): a step's loss terms as one new tensor, for bookkeeping.
+    """(names, values [len(names)] float32): a step's loss terms as one new tensor, for bookkeeping
+    (finiteness checks, epoch sums, logged values).
 
-    One copy, so that what is kept past the step (finiteness checks, epoch sums, logged values) never
-    aliases a compiled step's outputs, which CUDA graphs overwrite at the next step.
+    A new tensor, not detached aliases of the terms: inside a compiled step those aliases made inductor
+    drop the total's gradient when a lone term at scale 1 was the total (see DistillModule.student_loss).
     """
     return tuple(terms), torch.stack([value.detach().float().reshape(()) for value in terms.values()])
 

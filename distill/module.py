@@ -190,9 +190,7 @@ class DistillModule(pl.LightningModule):
         )
         self.chosen_threshold: float | None = None  # the student's, chosen on validation, frozen for test
         self.teacher_threshold: float | None = None
-        self.scored_teacher: dict[str, Any] | None = (
-            None  # the teacher it is for (VesselDataModule.scored_teacher)
-        )
+        self.scored_teacher: dict[str, Any] | None = None  # whose teacher_threshold (see on_fit_start)
         self.views_threshold: float | None = None  # the student's over test_views, chosen on validation
         self.freeze_thresholds = False  # True: validation too scores at the thresholds set, choosing none
         self.results: dict[str, dict[str, Any]] = {}  # split -> metrics.json body (see distill.report)

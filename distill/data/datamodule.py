@@ -367,7 +367,7 @@ class VesselDataModule(pl.LightningDataModule):
         holds for no other (`DistillModule` keeps it in checkpoints; `distill.evaluate` compares)."""
         if self.cache_dir is None:
             return None
-        manifest = read_manifest(self.cache_dir)
+        manifest = self.cache.manifest if self.cache is not None else read_manifest(self.cache_dir)
         return {
             "teacher": manifest["teacher"],
             "views": sorted(manifest["views"]),
