@@ -33,7 +33,9 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -152,6 +154,7 @@ def datamodule(
         crop_size=regime.size,
         augment="default",
         augment_on=augment_on,
+        samples_per_epoch=args.epoch_samples,
     )
 
 
@@ -238,6 +241,60 @@ def profile_summary(profiler: torch.profiler.profile, wall_s: float, steps: int)
     }
 
 
+class HostSampler:
+    """Where the main thread's host time goes: its Python stack sampled every `interval` s from a side thread.
+
+    torch.profiler sees operators, not the Python around them (Lightning's loop, the batch fetch, hooks),
+    and cProfile slows that Python several-fold. `summary()`: shares of samples by function, as the
+    innermost frame ("self") and anywhere on the stack ("inclusive"). Biased towards calls that
+    release the GIL (backward, CUDA waits, queue reads): the sampler gets the GIL at once there, and
+    waits for it while the main thread runs Python. It slows the main thread (a figure measured with
+    it is not comparable with one without).
+    """
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.target = interval, threading.main_thread().ident
+        self.own: Counter = Counter()  # by code object; named in summary()
+        self.anywhere: Counter = Counter()
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            frame = sys._current_frames().get(self.target)
+            if frame is None:
+                continue
+            self.samples += 1
+            self.own[frame.f_code] += 1
+            codes = set()
+            while frame is not None:
+                codes.add(frame.f_code)
+                frame = frame.f_back
+            self.anywhere.update(codes)
+
+    def __enter__(self) -> HostSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self, top: int = 80) -> dict:
+        def where(code) -> str:
+            path = Path(code.co_filename)
+            return f"{path.parent.name}/{path.name}:{getattr(code, 'co_qualname', code.co_name)}"
+
+        def shares(counts: Counter) -> list[dict]:
+            return [
+                {"where": where(code), "share": round(n / self.samples, 4)}
+                for code, n in counts.most_common(top)
+            ]
+
+        return {"samples": self.samples, "self": shares(self.own), "inclusive": shares(self.anywhere)}
+
+
 def profiler(device: torch.device) -> torch.profiler.profile:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -322,7 +379,7 @@ def bench_pure(
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)  # as DistillModule.setup does under the Trainer
     module.on_fit_start()  # torch.compile, as under the Trainer
-    optimizer = module.make_optimizer()
+    optimizer = module.make_optimizer(fused=device.type == "cuda")  # as configure_optimizers without fp16
     batch = fake_batch(regime, device)
 
     def step() -> None:
@@ -345,7 +402,9 @@ class StepTimer(pl.Callback):
     loop fetches batches.
     """
 
-    def __init__(self, warmup: int, steps: int, profile_steps: int, batch: int, out: Path):
+    def __init__(
+        self, warmup: int, steps: int, profile_steps: int, batch: int, out: Path, sample_host: bool = False
+    ):
         self.warmup, self.steps, self.profile_steps, self.batch, self.out = (
             warmup,
             steps,
@@ -353,6 +412,7 @@ class StepTimer(pl.Callback):
             batch,
             out,
         )
+        self.sampler = HostSampler() if sample_host else None
         self.last_end: float | None = None
         self.between = 0.0
         self.result: dict = {}
@@ -363,6 +423,8 @@ class StepTimer(pl.Callback):
         if step == self.warmup:
             synchronize(pl_module.device)
             self.start = time.perf_counter()
+            if self.sampler is not None:
+                self.sampler.__enter__()
         elif self.warmup < step < self.warmup + self.steps:
             self.between += now - self.last_end
         elif step == self.warmup + self.steps and self.profile_steps:
@@ -382,6 +444,9 @@ class StepTimer(pl.Callback):
                 "world_size": trainer.world_size,
                 "between_steps_ms": 1000 * self.between / max(1, self.steps - 1),
             }
+            if self.sampler is not None:
+                self.sampler.__exit__()
+                self.result["host"] = self.sampler.summary()
         elif self.profiler is not None and step == self.warmup + self.steps + self.profile_steps:
             synchronize(pl_module.device)
             wall = time.perf_counter() - self.profile_start
@@ -416,7 +481,7 @@ def timed_trainer(args: argparse.Namespace, regime: Regime, devices: int, out: P
         enable_model_summary=False,
         log_every_n_steps=10,
         gradient_clip_val=GRADIENT_CLIP,
-        callbacks=[StepTimer(args.warmup, args.steps, profile_steps, regime.batch, out)],
+        callbacks=[StepTimer(args.warmup, args.steps, profile_steps, regime.batch, out, args.host_samples)],
     )
 
 
@@ -460,7 +525,7 @@ def bench_loop(student: StudentConfig, regime: Regime, args: argparse.Namespace)
     batches = SameBatch(fake_batch(regime, torch.device("cpu")), trainer.max_steps)
     trainer.fit(training_module(student, args), train_dataloaders=batches)
     timed = json.loads(out.read_text())
-    return {"img_s": timed["img_s"], "between_steps_ms": timed["between_steps_ms"]}
+    return {key: timed[key] for key in ("img_s", "between_steps_ms", "host") if key in timed}
 
 
 def bench_loader(
@@ -585,8 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--regimes",
         nargs="+",
         type=Regime.parse,
-        default=[Regime(256, 16), Regime(512, 32)],
-        help="SIZExBATCH",
+        help="SIZExBATCH (default: 256x16 512x32; 64x4 with --tiny)",
     )
     parser.add_argument("--figures", nargs="+", default=["bare", "pure", "pipeline"], choices=FIGURES)
     parser.add_argument("--augment-on", nargs="+", default=["device"], choices=["device", "workers"])
@@ -601,12 +665,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument(
+        "--host-samples",
+        action="store_true",
+        help="sample the host's Python stack over the timed steps of the Lightning figures (HostSampler)",
+    )
+    parser.add_argument(
         "--images", type=int, default=384, help="dataset size at 512 px (the train split is ~70%%)"
     )
     parser.add_argument(
         "--unique", type=int, default=16, help="distinct synthetic images (repeated under new ids)"
     )
     parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument(
+        "--epoch-samples",
+        type=int,
+        default=850,
+        help="training samples per epoch (data.samples_per_epoch; default: the train split of ~1220 images, "
+        "so epoch ends, where Lightning syncs and logs, come as often as in real runs)",
+    )
     parser.add_argument(
         "--compile",
         nargs="?",
@@ -630,7 +706,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.regimes = args.regimes or ([Regime(64, 4)] if args.tiny else [Regime(256, 16), Regime(512, 32)])
     if args.tiny:
         args.warmup, args.steps, args.profile_steps, args.images, args.unique = 1, 2, 2, 24, 4
-        args.num_workers, args.precision = 0, "32-true"
+        args.num_workers, args.precision, args.epoch_samples = 0, "32-true", None
     if "pipeline" not in args.figures and args.devices != [1]:
         parser.error("--devices concerns the pipeline figure")
     return args
@@ -665,6 +741,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "steps",
                 "images",
                 "num_workers",
+                "epoch_samples",
                 "compile",
                 "compile_bare",
                 "devices",

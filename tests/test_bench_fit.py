@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +25,7 @@ def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
         "--devices", "1", "2",
         "--compile",
         "--profile",
+        "--host-samples",
         "--out", str(tmp_path),
     ]  # fmt: skip
     subprocess.run(command, check=True, timeout=1500)
@@ -34,6 +36,8 @@ def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
         profile = result[figure]["profile"]
         assert profile["wall_ms_per_step"] > 0 and profile["top_host_ops"], figure
         assert profile["gpu_busy_fraction"] is None and profile["host_syncs_per_step"] == 0  # no GPU here
+    for figure in ("pipeline_device", "pipeline_workers", "loop"):
+        assert result[figure]["host"]["samples"] > 0 and result[figure]["host"]["inclusive"], figure
     assert result["pipeline_device_2gpu"]["world_size"] == 2
     assert set(result["ratios"]) >= {"pipeline_device/bare", "pure/bare", "pipeline_device_2gpu/1gpu"}
     assert result["inference"]["latency_b1_ms"] > 0 and result["loader_device"]["img_s"] > 0
@@ -45,6 +49,23 @@ def load_bench_fit():
     sys.modules["bench_fit"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_host_sampler_finds_the_function_the_main_thread_is_busy_in():
+    bench_fit = load_bench_fit()
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    with bench_fit.HostSampler(interval=0.001) as sampler:
+        spin(0.4)
+    summary = sampler.summary()
+    shares = {row["where"]: row["share"] for row in summary["inclusive"]}
+    (spun,) = [where for where in shares if where.endswith(".<locals>.spin")]
+    assert summary["samples"] > 20 and shares[spun] > 0.8
+    assert summary["self"][0]["where"] == spun
 
 
 def test_the_profile_summary_counts_busy_time_once_launches_and_host_syncs():

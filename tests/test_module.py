@@ -264,3 +264,39 @@ def test_validation_batches_of_different_image_sizes_fill_the_overlays(tmp_path)
     assert (
         samples["roi"][:2, :, 32:].sum() == 0 and samples["roi"][2:].sum() > 0
     )  # padding is outside the roi
+
+
+class FusedAdamW(DistillModule):
+    """configure_optimizers picks fused AdamW on CUDA without a GradScaler; here on the CPU too."""
+
+    def make_optimizer(self, fused=False):
+        return super().make_optimizer(fused=True)
+
+
+class ClippedGradNorm(pl.Callback):
+    """The gradient norm each step handed to the optimizer (Lightning zeroes gradients in the next step)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+@pytest.mark.parametrize("algorithm, bound", [("norm", 1e-3), ("value", None)])
+def test_fused_adamw_trains_with_gradient_clipping_which_lightning_alone_refuses(tmp_path, algorithm, bound):
+    """Lightning raises for clipping with an optimizer that unscales itself; the module clips instead."""
+    module = FusedAdamW(student=StudentConfig(name="unet", encoder="resnet18"), loss={"kd_alpha": 0.5})
+    norms = ClippedGradNorm()
+    run = trainer(
+        tmp_path, max_steps=2, precision="bf16-mixed", gradient_clip_val=1e-3,
+        gradient_clip_algorithm=algorithm, callbacks=[norms], limit_val_batches=0,
+    )  # fmt: skip
+    run.fit(module, identity_loader(fake_batches(2)))
+    assert run.optimizers[0].defaults["fused"] and len(norms.norms) == 2
+    if algorithm == "norm":
+        assert max(norms.norms) <= bound * 1.01
+    else:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert max(float(g.abs().max()) for g in grads) <= 1e-3 * 1.0001
