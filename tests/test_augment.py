@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 
 import distill.data.augment as augment_module
-from distill.data.augment import D4, AffineSpec, Augment, ColourSpec, Preset, build_augment, list_presets
+from distill.data.augment import (
+    D4,
+    AffineSpec,
+    Augment,
+    ColourSpec,
+    Preset,
+    build_augment,
+    cut,
+    list_presets,
+    reflect,
+)
 from distill.errors import ConfigError
 from distill.views import VIEWS
 
@@ -244,3 +254,22 @@ def test_colour_specs_build_both_paths_from_the_same_numbers():
     assert build_augment("default", crop_size=64).window == Preset(
         views=D4, geometry=(AffineSpec(scale=0.15, degrees=20, shift=0.05, p=0.5),)
     ).window_side(64)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((40, 50, 3), np.uint8), ((40, 50), np.uint8), ((40, 50, 1), np.uint8), ((40, 50), np.float16)],
+)
+def test_a_window_past_the_borders_is_the_image_reflected_without_repeating_its_edge(shape, dtype):
+    """cut's fast border (OpenCV) against reflected indices (BORDER_REFLECT_101), on read-only input."""
+    array = (np.random.default_rng(0).random(shape) * 250).astype(dtype)
+    array.setflags(write=False)  # as the cache's memory maps are
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        side = int(rng.integers(20, 60))
+        top, left = int(rng.integers(-side // 2, 40)), int(rng.integers(-side // 2, 50))
+        rows = reflect(np.arange(top, top + side), shape[0])[:, None]
+        cols = reflect(np.arange(left, left + side), shape[1])
+        window = cut(array, (top, left, side))
+        assert window.shape == (side, side, *shape[2:]) and window.dtype == dtype
+        np.testing.assert_array_equal(window, array[rows, cols])
