@@ -108,8 +108,9 @@ def drop_unused_modules(net: nn.Module, size: int) -> tuple[str, ...]:
     net.eval()  # no dropout, no drop-path, BatchNorm statistics untouched
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # global RNG untouched
     params = dict(net.named_parameters())
-    logits = net(image)
-    grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
+    with torch.enable_grad():  # also when the caller builds the student under torch.no_grad()
+        logits = net(image)
+        grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
     unused = {name for name, grad in zip(params, grads, strict=True) if grad is None}
     dropped: list[str] = []
     for name, module in net.named_modules():  # parents before children: keep the outermost

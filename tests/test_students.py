@@ -161,3 +161,14 @@ def test_a_full_encoder_file_loads_into_a_shallower_student_without_warnings(tmp
     torch.testing.assert_close(
         student.net.encoder.layer2[0].conv1.weight, full.encoder.layer2[0].conv1.weight
     )
+
+
+def test_a_student_is_built_the_same_under_torch_no_grad():
+    """Finding the unused stages needs gradients; a caller's no_grad (inference code) must not break it."""
+    torch.manual_seed(0)
+    built = create_student("unet", "resnet18", encoder_depth=4, decoder_channels=[32, 16, 8, 4])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        under_no_grad = create_student("unet", "resnet18", encoder_depth=4, decoder_channels=[32, 16, 8, 4])
+    assert count_parameters(under_no_grad) == count_parameters(built)
+    assert all(p.requires_grad for p in under_no_grad.parameters())
