@@ -8,8 +8,9 @@
   pipeline  the real `Trainer.fit` path: VesselDataModule (decoded records, teacher cache, `default`
             augmentation made on the device or by DataLoader workers, see --augment-on), the
             module's step, logging; no validation. Timed over steps warmup..warmup+steps by a callback.
-  loop, loader, inference (on request): the Lightning loop on one pre-made batch (data free), the
-            train loader alone, and inference latency/throughput.
+  loop, loader, sample, inference (on request): the Lightning loop on one pre-made batch (data
+            free), the train loader alone, one worker's time per training crop (in this process),
+            and inference latency/throughput.
 
 Ratios: pipeline/bare (the target is >= 0.8), pure/bare, pipeline/pure; with `--devices 1 2`, the
 2-GPU pipeline (DDP) over the 1-GPU one. `--profile` runs torch.profiler over a few more steps of
@@ -55,6 +56,7 @@ from tqdm import tqdm  # noqa: E402
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.datamodule import VesselDataModule  # noqa: E402
+from distill.data.sampling import Draw  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
 from distill.module import CompileMode, DistillModule  # noqa: E402
 from distill.students import StudentConfig, count_parameters, create_student  # noqa: E402
@@ -74,7 +76,7 @@ TINY_MODELS = {
     "unet_mnv3": MODELS["unet_mnv3"],
 }
 GRADIENT_CLIP = 1.0  # as in configs/fit/*.yaml
-FIGURES = ("bare", "pure", "pipeline", "loop", "loader", "inference")
+FIGURES = ("bare", "pure", "pipeline", "loop", "loader", "sample", "inference")
 LAUNCH_CALLS = (
     "cudaLaunchKernel",
     "cuLaunchKernel",
@@ -412,7 +414,8 @@ class StepTimer(pl.Callback):
             batch,
             out,
         )
-        self.sampler = HostSampler() if sample_host else None
+        self.sample_host = sample_host
+        self.sampler: HostSampler | None = None  # started in the training process (ddp_spawn pickles this)
         self.last_end: float | None = None
         self.between = 0.0
         self.result: dict = {}
@@ -423,8 +426,8 @@ class StepTimer(pl.Callback):
         if step == self.warmup:
             synchronize(pl_module.device)
             self.start = time.perf_counter()
-            if self.sampler is not None:
-                self.sampler.__enter__()
+            if self.sample_host:
+                self.sampler = HostSampler().__enter__()
         elif self.warmup < step < self.warmup + self.steps:
             self.between += now - self.last_end
         elif step == self.warmup + self.steps and self.profile_steps:
@@ -550,6 +553,22 @@ def bench_loader(
     return {"img_s": args.steps * regime.batch / (time.perf_counter() - start)}
 
 
+def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Path) -> dict:
+    """One DataLoader worker's work per training crop (read, cut, augment; no collation), in this process."""
+    dm = datamodule(args, regime, "workers", data, cache)
+    dm.setup("fit")
+    stream = dm.train_dataloader()
+    split = stream.batches.dataset  # the worker path's VesselSplit
+    draws = [Draw(number % len(split), number) for number in range((args.warmup + args.steps) * regime.batch)]
+    for draw in draws[: args.warmup * regime.batch]:
+        split[draw]
+    start = time.perf_counter()
+    for draw in draws[args.warmup * regime.batch :]:
+        split[draw]
+    dm.close_train_stream()
+    return {"ms_per_sample": 1000 * (time.perf_counter() - start) / (args.steps * regime.batch)}
+
+
 @torch.no_grad()
 def bench_inference(
     student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
@@ -614,6 +633,8 @@ def measure(
     if "loader" in args.figures:
         for augment_on in args.augment_on:
             run(f"loader_{augment_on}", bench_loader, regime, augment_on, args, data, cache, device)
+    if "sample" in args.figures:
+        run("sample", bench_sample, regime, args, data, cache)
     if "inference" in args.figures:
         run("inference", bench_inference, student, regime, args, device)
     entry["seconds"] = seconds
@@ -776,6 +797,10 @@ def print_table(report: dict, out: Path) -> None:
         cells += [f"{r['ratios'][n]:>30.2f}" if n in r["ratios"] else f"{'-':>30}" for n in ratio_names]
         print(f"{r['model']:<14}{r['regime']:>8}" + "".join(cells))
     for r in rows:
+        if "sample" in r:
+            print(
+                f"sample {r['regime']}: {r['sample']['ms_per_sample']:.2f} ms per training crop (one worker)"
+            )
         for figure, value in r.items():
             if isinstance(value, dict) and "profile" in value:
                 p = value["profile"]

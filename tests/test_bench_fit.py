@@ -20,7 +20,7 @@ def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
         "--tiny",
         "--models", "unet_r34",
         "--regimes", "48x2",
-        "--figures", "bare", "pure", "pipeline", "loop", "loader", "inference",
+        "--figures", "bare", "pure", "pipeline", "loop", "loader", "sample", "inference",
         "--augment-on", "device", "workers",
         "--devices", "1", "2",
         "--compile",
@@ -41,6 +41,7 @@ def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
     assert result["pipeline_device_2gpu"]["world_size"] == 2
     assert set(result["ratios"]) >= {"pipeline_device/bare", "pure/bare", "pipeline_device_2gpu/1gpu"}
     assert result["inference"]["latency_b1_ms"] > 0 and result["loader_device"]["img_s"] > 0
+    assert result["sample"]["ms_per_sample"] > 0
 
 
 def load_bench_fit():
