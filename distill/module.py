@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -317,21 +318,15 @@ class DistillModule(pl.LightningModule):
     def make_optimizer(self, fused: bool = False) -> torch.optim.AdamW:
         """AdamW over every parameter; `fused`: torch's fused CUDA kernels, else its multi-tensor ones.
 
-        Fused, a step is one kernel per few hundred tensors and no host work per parameter; the
-        multi-tensor step reads two step counters per parameter on the host (~280 reads for UNet-R34),
-        which a CUDA-graphed training step waits on.
+        Fused, a step is a few kernels and no host work per parameter; the multi-tensor step reads
+        two step counters per parameter on the host (~280 reads per step for UNet-R34).
         """
         return torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused or None
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Fused kernels unscale a 16-mixed GradScaler's gradients inside the step, after clipping would
-        # have read them: with a scaler (fp16) the multi-tensor step, where Lightning unscales first.
-        fused = (
-            self.trainer.strategy.root_device.type == "cuda"
-            and getattr(self.trainer.precision_plugin, "scaler", None) is None
-        )
+        fused = self.trainer.strategy.root_device.type == "cuda" and self._clips_fused_gradients()
         optimizer = self.make_optimizer(fused)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup_steps = int(self.hparams.warmup_fraction * total_steps)
@@ -345,6 +340,17 @@ class DistillModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _clips_fused_gradients(self) -> bool:
+        """Whether the module can clip the gradients of a fused optimizer (configure_gradient_clipping).
+
+        Not with a GradScaler (16-mixed): the fused step unscales them inside, after clipping would
+        have read them scaled. Not with sharded strategies (FSDP, DeepSpeed): a rank holds a shard of
+        the gradients, whose norm is not theirs. Single-device and DDP runs hold them whole, unscaled.
+        """
+        return getattr(self.trainer.precision_plugin, "scaler", None) is None and isinstance(
+            self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy)
+        )
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,
@@ -354,17 +360,28 @@ class DistillModule(pl.LightningModule):
         """trainer.gradient_clip_val/algorithm, clipped here for the fused AdamW of configure_optimizers.
 
         Lightning refuses to clip for an optimizer that unscales gradients itself (what fused kernels
-        declare) because a GradScaler's gradients would still be scaled; the fused step is only used
-        without a scaler, so its gradients are the true ones. Other optimizers: Lightning's clipping.
+        declare) because a GradScaler's gradients would still be scaled; the module uses one only where
+        the gradients are whole and unscaled (`_clips_fused_gradients`), and refuses otherwise. Other
+        optimizers: Lightning's clipping.
+
+        Raises:
+            ConfigError: a fused optimizer with a GradScaler or a sharded strategy.
         """
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        elif gradient_clip_val:
-            parameters = [p for group in optimizer.param_groups for p in group["params"]]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+            return
+        if gradient_clip_val is None or gradient_clip_val <= 0:  # off, as in Lightning
+            return
+        if not self._clips_fused_gradients():  # e.g. a subclass's make_optimizer
+            raise ConfigError(
+                "a fused optimizer cannot be clipped here: its gradients are still scaled (16-mixed) or "
+                "sharded (FSDP/DeepSpeed); use an unfused optimizer or precision bf16-mixed"
+            )
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
 
     # -- validation and test ---------------------------------------------------------------------
 

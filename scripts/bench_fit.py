@@ -156,7 +156,7 @@ def datamodule(
         crop_size=regime.size,
         augment="default",
         augment_on=augment_on,
-        samples_per_epoch=args.epoch_samples,
+        samples_per_epoch=args.epoch_samples or None,
     )
 
 
@@ -381,7 +381,8 @@ def bench_pure(
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)  # as DistillModule.setup does under the Trainer
     module.on_fit_start()  # torch.compile, as under the Trainer
-    optimizer = module.make_optimizer(fused=device.type == "cuda")  # as configure_optimizers without fp16
+    # as configure_optimizers: fused on CUDA unless fp16's GradScaler
+    optimizer = module.make_optimizer(fused=device.type == "cuda" and not args.precision.startswith("16"))
     batch = fake_batch(regime, device)
 
     def step() -> None:
@@ -701,8 +702,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epoch-samples",
         type=int,
         default=850,
-        help="training samples per epoch (data.samples_per_epoch; default: the train split of ~1220 images, "
-        "so epoch ends, where Lightning syncs and logs, come as often as in real runs)",
+        help="training samples per epoch (data.samples_per_epoch; 0: one pass over the train split). "
+        "Default 850, the train split of a ~1220-image set, so that epoch ends (where Lightning logs "
+        "and syncs) come as often as in real runs",
     )
     parser.add_argument(
         "--compile",
@@ -728,6 +730,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.warmup, args.steps, args.profile_steps, args.images, args.unique = 1, 2, 2, 24, 4
         args.num_workers, args.precision, args.epoch_samples = 0, "32-true", None
+    if args.epoch_samples is not None and args.epoch_samples < 0:
+        parser.error("--epoch-samples must be >= 0 (0: one pass over the train split)")
     if "pipeline" not in args.figures and args.devices != [1]:
         parser.error("--devices concerns the pipeline figure")
     return args

@@ -258,11 +258,20 @@ def test_colour_specs_build_both_paths_from_the_same_numbers():
 
 @pytest.mark.parametrize(
     "shape, dtype",
-    [((40, 50, 3), np.uint8), ((40, 50), np.uint8), ((40, 50, 1), np.uint8), ((40, 50), np.float16)],
+    [
+        ((40, 50, 3), np.uint8),
+        ((40, 50), np.uint8),
+        ((40, 50, 1), np.uint8),
+        ((40, 50), np.float16),
+        ((40, 50), np.dtype(">f2")),  # not OpenCV's: numpy pads these
+        ((40, 50), np.int64),
+        ((40, 50, 2, 2), np.uint8),
+    ],
 )
 def test_a_window_past_the_borders_is_the_image_reflected_without_repeating_its_edge(shape, dtype):
     """cut's fast border (OpenCV) against reflected indices (BORDER_REFLECT_101), on read-only input."""
     array = (np.random.default_rng(0).random(shape) * 250).astype(dtype)
+    dtype = np.dtype(dtype)
     array.setflags(write=False)  # as the cache's memory maps are
     rng = np.random.default_rng(1)
     for _ in range(30):

@@ -300,3 +300,27 @@ def test_fused_adamw_trains_with_gradient_clipping_which_lightning_alone_refuses
     else:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert max(float(g.abs().max()) for g in grads) <= 1e-3 * 1.0001
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_a_clip_value_of_zero_or_less_leaves_fused_gradients_alone_as_lightning_does(algorithm):
+    module = FusedAdamW(student=TINY)
+    optimizer = module.make_optimizer()
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    for off in (None, 0.0, -1.0):
+        module.configure_gradient_clipping(optimizer, off, algorithm)
+    assert all(bool((p.grad == 3.0).all()) for p in module.parameters())
+
+
+def test_a_fused_optimizer_with_a_grad_scaler_is_refused_rather_than_clipped_scaled(tmp_path):
+    """fp16's GradScaler: the gradients are still scaled when clipping reads them (configure_optimizers
+    never pairs them; a subclass could)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    run = trainer(
+        tmp_path, max_steps=1, gradient_clip_val=1.0, limit_val_batches=0,
+        plugins=[MixedPrecision("16-mixed", "cpu")],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="still scaled"):
+        run.fit(FusedAdamW(student=TINY, loss={"kd_alpha": 0.5}), identity_loader(fake_batches(1)))

@@ -246,6 +246,7 @@ def preset_strong() -> Preset:
 
 
 Window = tuple[int, int, int]  # top, left, side: a square of an image; the parts outside it are reflected
+OPENCV_DTYPES = frozenset(map(np.dtype, ("u1", "i1", "u2", "i2", "i4", "f2", "f4", "f8")))  # cv2's depths
 
 
 def reflect(positions: np.ndarray, size: int) -> np.ndarray:
@@ -272,6 +273,8 @@ def cut(array: np.ndarray, window: Window | None) -> np.ndarray:
     ):
         # The part inside touches the image border it is reflected about: mirroring it is mirroring the
         # image. OpenCV's border is numpy's pad(mode="reflect") bit for bit, ~6x faster on HxWx3 uint8.
+        if array.ndim > 3 or not array.dtype.isnative or array.dtype not in OPENCV_DTYPES:
+            return np.pad(inside, pad + ((0, 0),) * (array.ndim - 2), mode="reflect")
         (up, down), (before, after) = pad
         padded = cv2.copyMakeBorder(inside, up, down, before, after, cv2.BORDER_REFLECT_101)
         return padded.reshape(side, side, *array.shape[2:])  # (OpenCV drops a trailing channel of 1)
