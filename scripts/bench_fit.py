@@ -5,8 +5,8 @@
             default mode), backward, fused AdamW, on one batch already on the GPU; no loss terms,
             clipping, module or Trainer.
   pure      DistillModule's training step (DistillLoss with KD, clipping at 1.0, AdamW) on that batch.
-  pipeline  the real `Trainer.fit` path: VesselDataModule (decoded records, teacher cache, `default`
-            augmentation made on the device or by DataLoader workers, see --augment-on), the
+  pipeline  the real `Trainer.fit` path: VesselDataModule (decoded records, teacher cache, the
+            --augment preset made on the device or by DataLoader workers, see --augment-on), the
             module's step, logging; no validation. Timed over steps warmup..warmup+steps by a callback.
   loop, loader, sample, inference (on request): the Lightning loop on one pre-made batch (data
             free), the train loader alone, one worker's time per training crop (in this process),
@@ -146,7 +146,7 @@ def make_data(root: Path, n_images: int, n_unique: int, size: int) -> tuple[Path
 def datamodule(
     args: argparse.Namespace, regime: Regime, augment_on: str, data: Path, cache: Path
 ) -> VesselDataModule:
-    """The data path of the pipeline: the synthetic set, its cache, `default` augmentation, crops of the regime."""
+    """The data path of the pipeline: the synthetic set, its cache, the --augment preset, crops of the regime."""
     return VesselDataModule(
         data_format="merged",
         data_root=str(data),
@@ -154,7 +154,7 @@ def datamodule(
         batch_size=regime.batch,
         num_workers=args.num_workers,
         crop_size=regime.size,
-        augment="default",
+        augment=args.augment,
         augment_on=augment_on,
         samples_per_epoch=args.epoch_samples or None,
     )
@@ -698,6 +698,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unique", type=int, default=16, help="distinct synthetic images (repeated under new ids)"
     )
     parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument("--augment", default="default", help="augmentation preset (data.augment)")
     parser.add_argument(
         "--epoch-samples",
         type=int,
@@ -766,6 +767,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "steps",
                 "images",
                 "num_workers",
+                "augment",
                 "epoch_samples",
                 "compile",
                 "compile_bare",

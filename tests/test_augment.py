@@ -16,6 +16,7 @@ import pytest
 import distill.data.augment as augment_module
 from distill.data.augment import (
     D4,
+    PRESETS,
     AffineSpec,
     Augment,
     ColourSpec,
@@ -282,3 +283,36 @@ def test_a_window_past_the_borders_is_the_image_reflected_without_repeating_its_
         window = cut(array, (top, left, side))
         assert window.shape == (side, side, *shape[2:]) and window.dtype == dtype
         np.testing.assert_array_equal(window, array[rows, cols])
+
+
+def test_the_centre_cropped_affine_is_affine_then_its_centre_up_to_opencvs_fixed_point():
+    """Same parameters, same source points: only OpenCV's 1/32-pixel rounding of the shifted matrix differs."""
+    yy, xx = np.mgrid[0:300, 0:300].astype(np.float32)
+    smooth = 127 + 100 * np.sin(xx / 13) * np.cos(yy / 17)  # a smooth image, as photographs are
+    image = np.repeat(smooth[..., None], 3, axis=2).astype(np.uint8)
+    mask = (smooth > 150).astype(np.uint8)
+    teacher = (smooth / 50 - 2.5).astype(np.float32)
+    spec = AffineSpec(scale=0.15, degrees=20, shift=0.05, p=1.0)
+    margin = (300 - 160) // 2
+    centre = (slice(margin, margin + 160), slice(margin, margin + 160))
+    for seed in range(5):
+        whole, cropped = (
+            A.Compose([t], additional_targets={"teacher": "image"})
+            for t in (spec.albumentations(160), spec.albumentations(160, side=160))
+        )
+        whole.set_random_seed(seed)
+        cropped.set_random_seed(seed)
+        a, b = (c(image=image, mask=mask, teacher=teacher) for c in (whole, cropped))
+        assert b["image"].shape == (160, 160, 3) and b["mask"].shape == (160, 160)
+        assert np.abs(a["image"][centre].astype(int) - b["image"]).max() <= 2
+        assert np.abs(a["teacher"][centre] - b["teacher"]).max() < 0.01
+        assert (a["mask"][centre] != b["mask"]).mean() < 0.001
+
+
+def test_each_window_transform_reads_and_writes_only_the_centre_the_next_one_needs():
+    preset = PRESETS["strong"]()
+    window, elastic_reads, crop = preset.sides(256)
+    assert crop == 256 and window == preset.window_side(256) > elastic_reads > crop
+    affine, cut_to, elastic = build_augment("strong", 256).spatial.transforms
+    assert affine.side == elastic_reads and (cut_to.height, cut_to.width) == (elastic_reads, elastic_reads)
+    assert isinstance(elastic, A.ElasticTransform)
