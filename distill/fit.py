@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,10 @@ class DistillCLI(LightningCLI):
     @property
     def run_dir(self) -> Path:
         name = self.config.get("run_name") or os.environ.get(_RUN_NAME_ENV)
-        if not name:
-            name = time.strftime("%Y%m%d-%H%M%S")
+        if not name:  # a timestamp, with -2, -3, ... when a run of this second exists
+            stamp, runs = time.strftime("%Y%m%d-%H%M%S"), Path(self.config["runs_dir"])
+            names = chain([stamp], (f"{stamp}-{i}" for i in count(2)))
+            name = next(n for n in names if not (runs / n).exists())
         if name in (".", "..") or any(sep in name for sep in ("/", "\\")):
             raise ConfigError(
                 f"--run_name {name!r} must be a plain folder name (no '.', '..' or path separator); "
@@ -338,6 +341,15 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     `args` (default: the command line) may spell null as Python's `None`, as a W&B agent does.
     """
+    inherited_name = os.environ.get(_RUN_NAME_ENV)  # set by the rank that started this one
+    try:
+        return _fit(args)
+    finally:
+        if inherited_name is None:  # the next fit in this process (a notebook, a loop) names its own run
+            os.environ.pop(_RUN_NAME_ENV, None)
+
+
+def _fit(args: list[str] | None) -> dict[str, dict[str, Any]]:
     cli = DistillCLI(
         DistillModule,
         VesselDataModule,

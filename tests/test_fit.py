@@ -529,3 +529,30 @@ def test_compiling_with_whole_images_of_any_size_warns(tiny_data_and_cache, tmp_
     args = tiny_fit_args(data, cache, tmp_path, "--run_name=c", "--wandb=false", "--model.compile=true")
     with pytest.warns(UserWarning, match="every new size compiles the step again"):
         main([*args, "--trainer.max_steps=1", "--trainer.max_epochs=-1"])
+
+
+def test_fits_without_a_run_name_in_one_process_get_their_own_timestamped_runs(
+    tiny_data_and_cache, tmp_path, monkeypatch
+):
+    """The name is shared with DDP ranks through the environment; it used to outlive the fit, so the
+    next fit in the process (a notebook, a loop) reused it and was refused as "already holds a run".
+    Two fits in one second: the second gets "-2"."""
+    import distill.fit
+
+    class FrozenClock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def strftime(spec, *when):
+            return "20261130-120000"
+
+    monkeypatch.setattr(distill.fit, "time", FrozenClock())
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=null", "--trainer.max_epochs=1", "--wandb=false")
+    main(args)
+    main(args)
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == ["20261130-120000", "20261130-120000-2"]
+    assert all((tmp_path / run / "metrics_test.json").is_file() for run in runs)
+    assert "DISTILL_RUN_NAME" not in os.environ
