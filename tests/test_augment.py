@@ -199,14 +199,11 @@ def test_the_window_holds_every_pixel_the_most_extreme_affine_reads():
     """Cut a window, warp it, keep its centre: the centre never shows the window's (reflected) border."""
     spec = AffineSpec(scale=0.15, degrees=20, shift=0.05, p=1.0)
     augment = Augment(Preset(views=("identity",), geometry=(spec,)), crop_size=48)
+    (shipped,) = augment.spatial.transforms  # the transform training uses, pinned to its extreme
     shift = round(spec.shift * 48)
-    extreme = A.Affine(
-        scale=(0.85, 0.85),
-        rotate=(20, 20),
-        translate_px=(shift, shift),
-        border_mode=cv2.BORDER_REFLECT_101,
-        p=1,
-    )
+    extreme = spec.albumentations(48, side=shipped.side)
+    extreme.scale, extreme.rotate = {"x": (0.85, 0.85), "y": (0.85, 0.85)}, (20, 20)
+    extreme.translate_px = {"x": (shift, shift), "y": (shift, shift)}
     augment.spatial = A.Compose([extreme], additional_targets={"roi": "mask", "teacher": "image"})
     size = 400
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
