@@ -5,10 +5,12 @@
 #   bash scripts/gpu_fit_bench.sh OUT 1gpu-256  # the first half of 1gpu (tests, 256x16), for a shorter time limit
 #   bash scripts/gpu_fit_bench.sh OUT 1gpu-512  # the second half (512x32, the two data paths)
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU test, pipeline scaling 1 -> 2 GPUs
+#   bash scripts/gpu_fit_bench.sh OUT graphs    # CUDA graphs (reduce-overhead), 12 workers: bare vs pipeline, 3 models, 512x32
+#   bash scripts/gpu_fit_bench.sh OUT 2gpu-graphs  # the same pipeline on 1 and 2 GPUs (DDP), UNet-R34 at 512x32
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -48,11 +50,24 @@ two_gpus() {
     bench bench_ddp --regimes 512x32 --figures pipeline --devices 1 2 --models unet_r34 segformer_b0 --tag ddp
 }
 
+graphs_args=(--compile reduce-overhead --augment-on workers --num-workers 12 --images 192 --unique 8 --work /tmp/bench_fit)
+
+graphs() {
+    bench bench_graphs512 "${graphs_args[@]}" --regimes 512x32 --figures bare pipeline --tag graphs512
+}
+
+two_gpus_graphs() {
+    bench bench_ddp_graphs "${graphs_args[@]}" --regimes 512x32 --figures pipeline --devices 1 2 \
+        --models unet_r34 --tag ddp_graphs
+}
+
 case "$WHAT" in
     1gpu) one_gpu_256; one_gpu_512 ;;
     1gpu-256) one_gpu_256 ;;
     1gpu-512) one_gpu_512 ;;
     2gpu) two_gpus ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512 or 2gpu" >&2; exit 2 ;;
+    graphs) graphs ;;
+    2gpu-graphs) two_gpus_graphs ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs or 2gpu-graphs" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
