@@ -55,6 +55,7 @@ from tqdm import tqdm  # noqa: E402
 
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
+from distill.data.augment import list_presets  # noqa: E402
 from distill.data.datamodule import VesselDataModule  # noqa: E402
 from distill.data.sampling import Draw  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
@@ -698,7 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unique", type=int, default=16, help="distinct synthetic images (repeated under new ids)"
     )
     parser.add_argument("--num-workers", type=int, default=8)
-    parser.add_argument("--augment", default="default", help="augmentation preset (data.augment)")
+    parser.add_argument(
+        "--augment", default="default", choices=list_presets(), help="augmentation preset (data.augment)"
+    )
     parser.add_argument(
         "--epoch-samples",
         type=int,
