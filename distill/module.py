@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, WeightAveraging
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -316,7 +316,7 @@ class DistillModule(pl.LightningModule):
         self._check_finite()
 
     def make_optimizer(self, fused: bool = False) -> torch.optim.AdamW:
-        """AdamW over every parameter; `fused`: torch's fused CUDA kernels, else its multi-tensor ones.
+        """AdamW over every parameter; `fused`: torch's fused kernels, else its default (multi-tensor on CUDA).
 
         Fused, a step is a few kernels and no host work per parameter; the multi-tensor step reads
         two step counters per parameter on the host (~280 reads per step for UNet-R34).
@@ -347,9 +347,10 @@ class DistillModule(pl.LightningModule):
         have read them scaled. Not with sharded strategies (FSDP, DeepSpeed): a rank holds a shard of
         the gradients, whose norm is not theirs. Single-device and DDP runs hold them whole, unscaled.
         """
-        return getattr(self.trainer.precision_plugin, "scaler", None) is None and isinstance(
-            self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy)
-        )
+        strategy = self.trainer.strategy
+        whole = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+        whole = whole and not isinstance(strategy, DeepSpeedStrategy)  # a DDPStrategy that shards them
+        return whole and getattr(self.trainer.precision_plugin, "scaler", None) is None
 
     def configure_gradient_clipping(
         self,

@@ -2,6 +2,7 @@
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -324,3 +325,24 @@ def test_a_fused_optimizer_with_a_grad_scaler_is_refused_rather_than_clipped_sca
     )  # fmt: skip
     with pytest.raises(ConfigError, match="still scaled"):
         run.fit(FusedAdamW(student=TINY, loss={"kd_alpha": 0.5}), identity_loader(fake_batches(1)))
+
+
+def test_fused_adamw_is_only_picked_where_the_module_can_clip_whole_unscaled_gradients(tmp_path):
+    """DeepSpeed is a DDPStrategy that shards gradients; FSDP shards them too; fp16 scales them."""
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        SingleDeviceStrategy,
+    )
+
+    module = DistillModule(student=TINY)
+    for strategy, scaler, expected in [
+        (SingleDeviceStrategy("cpu"), None, True),
+        (DDPStrategy(), None, True),
+        (DDPStrategy(), object(), False),
+        (DeepSpeedStrategy.__new__(DeepSpeedStrategy), None, False),
+        (FSDPStrategy.__new__(FSDPStrategy), None, False),
+    ]:
+        module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace(scaler=scaler))
+        assert module._clips_fused_gradients() is expected, (type(strategy).__name__, scaler)
