@@ -327,7 +327,7 @@ def test_a_fused_optimizer_with_a_grad_scaler_is_refused_rather_than_clipped_sca
         run.fit(FusedAdamW(student=TINY, loss={"kd_alpha": 0.5}), identity_loader(fake_batches(1)))
 
 
-def test_fused_adamw_is_only_picked_where_the_module_can_clip_whole_unscaled_gradients(tmp_path):
+def test_fused_adamw_is_only_picked_where_the_module_can_clip_whole_unscaled_gradients():
     """DeepSpeed is a DDPStrategy that shards gradients; FSDP shards them too; fp16 scales them."""
     from lightning.pytorch.strategies import (
         DDPStrategy,
