@@ -56,7 +56,7 @@ from tqdm import tqdm  # noqa: E402
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.augment import list_presets  # noqa: E402
-from distill.data.datamodule import VesselDataModule  # noqa: E402
+from distill.data.datamodule import GIL_SWITCH_INTERVAL, VesselDataModule  # noqa: E402
 from distill.data.sampling import Draw  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
 from distill.module import CompileMode, DistillModule  # noqa: E402
@@ -158,6 +158,7 @@ def datamodule(
         augment=args.augment,
         augment_on=augment_on,
         samples_per_epoch=args.epoch_samples or None,
+        gil_switch_interval=args.gil_switch_interval,
     )
 
 
@@ -700,6 +701,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument(
+        "--gil-switch-interval",
+        type=float,
+        default=GIL_SWITCH_INTERVAL,
+        help="data.gil_switch_interval of the worker path, in seconds (0.005: CPython's own)",
+    )
+    parser.add_argument(
         "--augment", default="default", choices=list_presets(), help="augmentation preset (data.augment)"
     )
     parser.add_argument(
@@ -772,6 +779,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "num_workers",
                 "augment",
                 "epoch_samples",
+                "gil_switch_interval",
                 "compile",
                 "compile_bare",
                 "devices",

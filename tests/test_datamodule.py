@@ -9,6 +9,7 @@ import gc
 import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from skimage.morphology import skeletonize
 from distill.cache import CacheWriter, TeacherCache
 from distill.data import open_dataset
 from distill.data.datamodule import (
+    GIL_SWITCH_INTERVAL,
     NO_MAP_LOGIT,
     WORKER_NICENESS,
     ForkSafeLoader,
@@ -263,7 +265,20 @@ def test_mixed_sizes_pad_with_roi_zero(data):
     np.testing.assert_array_equal(batch["roi"][1, 0].numpy(), large["roi"])
 
 
+def test_shortened_gil_turns_end_with_the_train_stream(data):
+    before = sys.getswitchinterval()
+    dm = module(data)
+    dm.train_dataloader()
+    dm._shorten_gil_turns()  # what train_dataloader does for DataLoader workers feeding a GPU
+    dm._shorten_gil_turns()  # (a second stream of the same fit keeps the interpreter's own value)
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL)  # (kept in microseconds)
+    dm.close_train_stream()
+    assert sys.getswitchinterval() == before
+
+
 def test_bad_settings_are_named(data):
+    with pytest.raises(ConfigError, match="data.gil_switch_interval=0: must be > 0"):
+        VesselDataModule(data_root=data["root"], gil_switch_interval=0)
     with pytest.raises(ConfigError, match="data.teacher_views"):
         VesselDataModule(data_root=data["root"], teacher_views="median")
     with pytest.raises(ConfigError, match="data.augment"):

@@ -136,6 +136,33 @@ def test_cuda_training_steps_with_fused_adamw_unless_a_grad_scaler_and_clips(tmp
         assert max(norms.norms) <= 1e-3 * 1.01
 
 
+def test_worker_batches_on_cuda_shorten_the_gil_turns_while_training(
+    tiny_data_and_cache, tmp_path, monkeypatch
+):
+    """The pin-memory thread gets the GIL for at most GIL_SWITCH_INTERVAL at a time while training, then it is as before."""
+    from distill.data.datamodule import GIL_SWITCH_INTERVAL
+
+    data, cache = tiny_data_and_cache
+    before, intervals = sys.getswitchinterval(), []
+    monkeypatch.setattr(sys, "setswitchinterval", intervals.append)
+    fit(
+        [
+            "--config=configs/fit/unet_r34_kd.yaml",
+            "--data.data_format=merged",
+            "--data.crop_size=48",
+            "--data.batch_size=4",
+            "--data.num_workers=2",
+            "--trainer.max_steps=2",
+            f"--data.data_root={data}",
+            f"--data.cache_dir={cache}",
+            f"--runs_dir={tmp_path}",
+            "--run_name=turns",
+            "--wandb=false",
+        ]
+    )
+    assert intervals == [GIL_SWITCH_INTERVAL, before]
+
+
 def test_a_shipped_config_trains_with_cuda_graphs_to_the_end(tiny_data_and_cache, tmp_path):
     data, cache = tiny_data_and_cache
     reports = fit(
