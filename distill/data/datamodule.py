@@ -562,3 +562,8 @@ class VesselDataModule(pl.LightningDataModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit":
             self.close_train_stream()
+
+    def on_exception(self, exception: BaseException) -> None:
+        # A fit that fails or is interrupted gets no teardown: stop its workers and restore the GIL
+        # switch interval here, so that the process goes on (a notebook, the next sweep trial) as before.
+        self.close_train_stream()
