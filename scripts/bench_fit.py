@@ -557,19 +557,26 @@ def bench_loader(
 
 
 def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Path) -> dict:
-    """One DataLoader worker's work per training crop (read, cut, augment; no collation), in this process."""
+    """One DataLoader worker's work per training crop (read, cut, augment; no collation), in this process,
+    on one torch thread as in a worker."""
     dm = datamodule(args, regime, "workers", data, cache)
     dm.setup("fit")
     stream = dm.train_dataloader()
     split = stream.batches.dataset  # the worker path's VesselSplit
     draws = [Draw(number % len(split), number) for number in range((args.warmup + args.steps) * regime.batch)]
-    for draw in draws[: args.warmup * regime.batch]:
-        split[draw]
-    start = time.perf_counter()
-    for draw in draws[args.warmup * regime.batch :]:
-        split[draw]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the DataLoader sets in each worker
+    try:
+        for draw in draws[: args.warmup * regime.batch]:
+            split[draw]
+        start = time.perf_counter()
+        for draw in draws[args.warmup * regime.batch :]:
+            split[draw]
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     dm.close_train_stream()
-    return {"ms_per_sample": 1000 * (time.perf_counter() - start) / (args.steps * regime.batch)}
+    return {"ms_per_sample": 1000 * seconds / (args.steps * regime.batch)}
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ the map's coordinates (away from pattern edges, where nearest and bilinear may l
 """
 
 import copy
+import warnings
 
 import albumentations as A
 import cv2
@@ -22,8 +23,10 @@ from distill.data.augment import (
     ColourSpec,
     Preset,
     build_augment,
+    converted,
     cut,
     list_presets,
+    mean_map,
     reflect,
 )
 from distill.errors import ConfigError
@@ -176,6 +179,54 @@ def test_the_same_generator_gives_the_same_sample_and_another_a_different_one():
     for key in ("image", "mask", "roi", "teacher"):
         np.testing.assert_array_equal(first[key], again[key])
     assert not np.array_equal(first["teacher"], other["teacher"])
+
+
+def float_edge_cases(dtype) -> np.ndarray:
+    """Random logits plus what rounding to float16 gets wrong most easily: ties, subnormals, overflow, specials."""
+    rng = np.random.default_rng(0)
+    tiny = np.finfo(np.float16).smallest_subnormal
+    special = [
+        0.0,
+        -0.0,
+        tiny,
+        tiny / 2,
+        tiny * 1.5,
+        65504.0,
+        65520.0,
+        70000.0,
+        -1e6,
+        1 + 2**-11,
+        1 + 3 * 2**-11,
+    ]
+    values = np.concatenate([rng.normal(0, 8, 5000), special, [np.inf, -np.inf, np.nan]])
+    return values.astype(dtype)
+
+
+@pytest.mark.parametrize("source, target", [(np.float16, np.float32), (np.float32, np.float16)])
+def test_torch_converts_floats_exactly_as_numpy_does(source, target, tmp_path):
+    values = float_edge_cases(source).reshape(-1, 1)
+    read_only = np.lib.format.open_memmap(tmp_path / "map.npy", "w+", source, values.shape)
+    read_only[:] = values
+    read_only = np.load(tmp_path / "map.npy", mmap_mode="r")  # as the cache hands out maps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not writable" warning leaks to the user
+        flipped = converted(read_only[::-1], target)  # a flipped view too
+    assert flipped.dtype == target and flipped.flags.c_contiguous
+    got, want = flipped[::-1], values.astype(target)
+    np.testing.assert_array_equal(got.view(np.uint16 if target == np.float16 else np.uint32)[:-1],
+                                  want.view(np.uint16 if target == np.float16 else np.uint32)[:-1])  # fmt: skip
+    assert np.isnan(got[-1]).all()  # (NaN payloads may differ)
+
+
+def test_the_mean_of_cached_views_is_numpys_bit_for_bit():
+    maps = [float_edge_cases(np.float16)[:5000].reshape(50, 100) * (i + 1) for i in range(8)]
+    total = np.zeros(maps[0].shape, np.float32)
+    for logits in maps:
+        total += logits
+    np.testing.assert_array_equal(
+        mean_map(maps).view(np.uint16), (total / 8).astype(np.float16).view(np.uint16)
+    )
+    assert mean_map(maps[:1]) is maps[0]
 
 
 def test_cached_views_are_averaged_on_the_window_not_on_the_whole_map(monkeypatch):

@@ -39,6 +39,7 @@ sample's place in the stream, not on which DataLoader worker makes it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+import numpy.typing as npt
+import torch
 
 from distill.errors import ConfigError
 from distill.registry import Registry
@@ -317,14 +320,35 @@ def cut(array: np.ndarray, window: Window | None) -> np.ndarray:
     ]
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing `array`'s memory, to be read only (cache maps are read-only memory maps)."""
+    if any(step < 0 for step in array.strides):  # a flipped view: torch takes positive strides only
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": nothing here writes to it
+        return torch.from_numpy(array)
+
+
+def converted(array: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
+    """A contiguous copy of `array` as `dtype`, converted by torch.
+
+    numpy converts float16 one element at a time: an 854² teacher window took 1.3 ms to float32 and
+    a 512² crop 0.7 ms back (1.9 of a worker's 7.1 ms per 512² crop), torch ~0.05 ms each. Both round
+    to nearest even: the values are numpy's bit for bit.
+    """
+    out = np.empty(array.shape, dtype)
+    torch.from_numpy(out).copy_(_tensor(array))
+    return out
+
+
 def mean_map(maps: Sequence[np.ndarray]) -> np.ndarray:
-    """float16 mean of same-shape logit maps (summed in float32); the one map itself when there is one."""
+    """float16 mean of same-shape logit maps (summed in float32, in order); the one map itself when there is one."""
     if len(maps) == 1:
         return maps[0]
-    total = np.zeros(maps[0].shape, np.float32)
+    total = torch.zeros(maps[0].shape, dtype=torch.float32)
     for logits in maps:
-        total += logits
-    return (total / len(maps)).astype(np.float16)
+        total += _tensor(logits)
+    return (total / len(maps)).half().numpy()
 
 
 def _seed(compose: A.Compose, rng: np.random.Generator) -> None:
@@ -411,7 +435,7 @@ class Augment:
             dtype = maps[0].dtype
             data["teacher"] = mean_map([cut(m, window) for m in maps])
             if self.spatial.transforms:
-                data["teacher"] = data["teacher"].astype(np.float32)
+                data["teacher"] = converted(data["teacher"], np.float32)
         data = {key: apply_view(value, view) for key, value in data.items()}
         if self.spatial.transforms:
             _seed(self.spatial, rng)
@@ -428,7 +452,7 @@ class Augment:
             _seed(self.photometric, rng)
             data["image"] = self.photometric(image=data["image"])["image"]
         if teacher is not None:
-            data["teacher"] = np.ascontiguousarray(data["teacher"], dtype=dtype)
+            data["teacher"] = converted(data["teacher"], dtype)
         return {**data, "view": view}
 
 
