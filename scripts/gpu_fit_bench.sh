@@ -7,10 +7,12 @@
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU test, pipeline scaling 1 -> 2 GPUs
 #   bash scripts/gpu_fit_bench.sh OUT graphs    # CUDA graphs (reduce-overhead), 12 workers: bare vs pipeline, 3 models, 512x32
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu-graphs  # the same pipeline on 1 and 2 GPUs (DDP), UNet-R34 at 512x32
+#   bash scripts/gpu_fit_bench.sh OUT gil       # 1 GPU, graphs: data.gil_switch_interval 5 / 1 / 0.2 / 0.05 ms, UNet-R34 256x16
+#   bash scripts/gpu_fit_bench.sh OUT rows      # 1 GPU, graphs: bare + pipeline, profiled, one model and regime per run
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|gil|rows}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|gil|rows}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -61,6 +63,24 @@ two_gpus_graphs() {
         --models unet_r34 --tag ddp_graphs
 }
 
+gil() {
+    local interval
+    for interval in 0.005 0.001 0.0002 0.00005; do
+        bench "bench_gil_$interval" "${graphs_args[@]}" --regimes 256x16 --models unet_r34 --figures pipeline \
+            --gil-switch-interval "$interval" --tag "gil_$interval"
+    done
+}
+
+rows() {
+    local regime model
+    for regime in 256x16 512x32; do
+        for model in unet_r34 unet_mnv3 segformer_b0; do
+            bench "bench_${model}_$regime" "${graphs_args[@]}" --regimes "$regime" --models "$model" \
+                --figures bare pipeline --profile --tag "${model}_$regime"
+        done
+    done
+}
+
 case "$WHAT" in
     1gpu) one_gpu_256; one_gpu_512 ;;
     1gpu-256) one_gpu_256 ;;
@@ -68,6 +88,8 @@ case "$WHAT" in
     2gpu) two_gpus ;;
     graphs) graphs ;;
     2gpu-graphs) two_gpus_graphs ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs or 2gpu-graphs" >&2; exit 2 ;;
+    gil) gil ;;
+    rows) rows ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, gil or rows" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
