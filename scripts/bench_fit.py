@@ -45,6 +45,7 @@ from typing import get_args
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import cv2  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -56,7 +57,7 @@ from tqdm import tqdm  # noqa: E402
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.augment import list_presets  # noqa: E402
-from distill.data.datamodule import GIL_SWITCH_INTERVAL, VesselDataModule  # noqa: E402
+from distill.data.datamodule import GIL_SWITCH_INTERVAL, MIN_SWITCH_INTERVAL, VesselDataModule  # noqa: E402
 from distill.data.sampling import Draw  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
 from distill.module import CompileMode, DistillModule  # noqa: E402
@@ -558,14 +559,15 @@ def bench_loader(
 
 def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Path) -> dict:
     """One DataLoader worker's work per training crop (read, cut, augment; no collation), in this process,
-    on one torch thread as in a worker."""
+    with one torch thread and no OpenCV thread pool, as in a worker (`init_worker`)."""
     dm = datamodule(args, regime, "workers", data, cache)
     dm.setup("fit")
     stream = dm.train_dataloader()
     split = stream.batches.dataset  # the worker path's VesselSplit
     draws = [Draw(number % len(split), number) for number in range((args.warmup + args.steps) * regime.batch)]
-    threads = torch.get_num_threads()
+    threads, opencv_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # what the DataLoader sets in each worker
+    cv2.setNumThreads(0)  # what init_worker sets
     try:
         for draw in draws[: args.warmup * regime.batch]:
             split[draw]
@@ -575,6 +577,7 @@ def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Pa
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
+        cv2.setNumThreads(opencv_threads)
     dm.close_train_stream()
     return {"ms_per_sample": 1000 * seconds / (args.steps * regime.batch)}
 
@@ -752,6 +755,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epoch-samples must be >= 0 (0: one pass over the train split)")
     if "pipeline" not in args.figures and args.devices != [1]:
         parser.error("--devices concerns the pipeline figure")
+    if not args.gil_switch_interval >= MIN_SWITCH_INTERVAL:
+        parser.error(f"--gil-switch-interval must be >= {MIN_SWITCH_INTERVAL} (0.005: CPython's own)")
     return args
 
 

@@ -276,32 +276,42 @@ def test_shortened_gil_turns_end_with_the_train_stream(data):
     assert sys.getswitchinterval() == before
 
 
-class _FailAtStep(pl.Callback):
+class _ShortTurnsThenFail(pl.Callback):
+    """Shortens the GIL turns inside the fit (what train_dataloader does on CUDA), then fails a step."""
+
+    def __init__(self):
+        self.during: float | None = None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 1:
+        if trainer.global_step == 0:
+            trainer.datamodule._shorten_gil_turns()
+        else:
+            self.during = sys.getswitchinterval()
             raise RuntimeError("a failing step")
 
 
 def test_a_failed_fit_stops_its_workers_and_restores_the_gil_turns(data, tmp_path):
     before = sys.getswitchinterval()
     dm = module(data, num_workers=1, crop_size=32)
-    dm._shorten_gil_turns()  # as train_dataloader does on CUDA; the failing fit's stream must end it
+    fail = _ShortTurnsThenFail()
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[_FailAtStep()],
+        default_root_dir=tmp_path, callbacks=[fail],
     )  # fmt: skip
     student = StudentConfig(
         name="unet", encoder="resnet18", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
     )
     with pytest.raises(RuntimeError, match="a failing step"):
         trainer.fit(DistillModule(student=student, loss={"kd_alpha": 0.0}), datamodule=dm)
+    assert fail.during == pytest.approx(GIL_SWITCH_INTERVAL)
     assert dm.train_stream is None and sys.getswitchinterval() == before
 
 
 def test_bad_settings_are_named(data):
-    with pytest.raises(ConfigError, match="data.gil_switch_interval=0: must be > 0"):
-        VesselDataModule(data_root=data["root"], gil_switch_interval=0)
+    for interval in (0, 1e-7):  # (CPython would store 1e-7 as 0 and then refuse to restore it)
+        with pytest.raises(ConfigError, match=f"data.gil_switch_interval={interval}: must be >= 1e-06"):
+            VesselDataModule(data_root=data["root"], gil_switch_interval=interval)
     with pytest.raises(ConfigError, match="data.teacher_views"):
         VesselDataModule(data_root=data["root"], teacher_views="median")
     with pytest.raises(ConfigError, match="data.augment"):

@@ -59,6 +59,7 @@ from distill.errors import CacheError, ConfigError, DistillError
 # The training process's GIL switch interval while DataLoader workers feed a GPU, in seconds (CPython's
 # default: 0.005); data.gil_switch_interval. See VesselDataModule._shorten_gil_turns.
 GIL_SWITCH_INTERVAL = 0.0002
+MIN_SWITCH_INTERVAL = 1e-6  # CPython keeps the interval in whole microseconds
 NO_MAP_LOGIT = -20.0  # the teacher logit of an id without a map: probability 2e-9, below any threshold
 WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_worker)
 
@@ -297,9 +298,10 @@ class VesselDataModule(pl.LightningDataModule):
         persistent_workers: keep validation/test workers alive between epochs (num_workers > 0); the
             train workers always run for the whole fit (see distill.data.sampling).
         gil_switch_interval: seconds the pin-memory thread may keep the GIL from the training loop
-            while DataLoader workers feed a GPU (`sys.setswitchinterval` during training; null leaves
-            CPython's 0.005). The default raised UNet-R34's throughput at 256x16 on an H200 by about
-            30% (BENCHMARKS.md).
+            while DataLoader workers feed a GPU through pinned memory (`sys.setswitchinterval` while
+            fitting; at least 1e-6, CPython's resolution; null leaves the interpreter's value, 0.005
+            unless changed). The default raised UNet-R34's throughput at 256x16 on an H200 by about
+            30% in one call (BENCHMARKS.md).
     """
 
     def __init__(
@@ -333,10 +335,10 @@ class VesselDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.samples_per_epoch={samples_per_epoch} must be >= 1 (or null: one pass)")
         if augment_on not in ("workers", "device"):
             raise ConfigError(f"data.augment_on={augment_on!r}: choose 'workers' or 'device'")
-        if gil_switch_interval is not None and not gil_switch_interval > 0:
+        if gil_switch_interval is not None and not gil_switch_interval >= MIN_SWITCH_INTERVAL:
             raise ConfigError(
-                f"data.gil_switch_interval={gil_switch_interval}: must be > 0 seconds, e.g. 0.0002, "
-                "or null for CPython's own"
+                f"data.gil_switch_interval={gil_switch_interval}: must be >= {MIN_SWITCH_INTERVAL} seconds "
+                "(CPython counts whole microseconds), e.g. 0.0002, or null for the interpreter's own"
             )
         if augment_on == "device" and skeletons:
             raise ConfigError(
@@ -500,7 +502,7 @@ class VesselDataModule(pl.LightningDataModule):
         else:
             train = VesselSplit(data.ids, data.load, data.augment, teacher, self.skeletons, seed)
             self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
-            if device.type == "cuda" and self.num_workers > 0 and self.gil_switch_interval is not None:
+            if self.pin_memory and device.type == "cuda" and self.num_workers > 0 and self.gil_switch_interval:
                 self._shorten_gil_turns()
         return self.train_stream
 
@@ -511,7 +513,8 @@ class VesselDataModule(pl.LightningDataModule):
         receives the workers' batches) may take it then; CPython lets a waiting thread force it back only
         after the switch interval, 5 ms by default, an eternity beside a 7 ms GPU step. Measured on an
         H200, UNet-R34 at 256x16 with 12 workers: 1222-1321 img/s at 5 ms, 1665 at 0.2 ms
-        (BENCHMARKS.md). Never lengthened; restored when the train stream closes.
+        (BENCHMARKS.md). Never set longer than the interpreter's value; that value is restored when
+        the train stream closes.
         """
         if self._switch_interval is None:
             self._switch_interval = sys.getswitchinterval()
@@ -536,12 +539,14 @@ class VesselDataModule(pl.LightningDataModule):
         return self.resident
 
     def close_train_stream(self) -> None:
-        if self.train_stream is not None:
-            self.train_stream.close()
+        try:
+            if self.train_stream is not None:
+                self.train_stream.close()
+        finally:
             self.train_stream = None
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            self._switch_interval = None
+            if self._switch_interval is not None:
+                sys.setswitchinterval(self._switch_interval)
+                self._switch_interval = None
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self._split(split)
@@ -565,5 +570,5 @@ class VesselDataModule(pl.LightningDataModule):
 
     def on_exception(self, exception: BaseException) -> None:
         # A fit that fails or is interrupted gets no teardown: stop its workers and restore the GIL
-        # switch interval here, so that the process goes on (a notebook, the next sweep trial) as before.
+        # switch interval here, so that the process goes on (a notebook, a loop of fits) as before.
         self.close_train_stream()
