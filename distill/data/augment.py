@@ -332,9 +332,9 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 def converted(array: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
     """A contiguous copy of `array` as `dtype`, converted by torch.
 
-    numpy converts float16 one element at a time: an 854² teacher window took 1.3 ms to float32 and
-    a 512² crop 0.7 ms back (1.9 of a worker's 7.1 ms per 512² crop), torch ~0.05 ms each. Both round
-    to nearest even: the values are numpy's bit for bit.
+    numpy converts float16 one element at a time: on one core, an 854² teacher window took 1.29 ms
+    to float32 and a 512² crop 0.69 ms back, torch 0.11 and 0.03 ms (BENCHMARKS.md). Both round to
+    nearest even: the values are numpy's bit for bit.
     """
     out = np.empty(array.shape, dtype)
     torch.from_numpy(out).copy_(_tensor(array))
