@@ -57,7 +57,7 @@ from tqdm import tqdm  # noqa: E402
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.augment import list_presets  # noqa: E402
-from distill.data.datamodule import GIL_SWITCH_INTERVAL, MIN_SWITCH_INTERVAL, VesselDataModule  # noqa: E402
+from distill.data.datamodule import VesselDataModule  # noqa: E402
 from distill.data.sampling import Draw  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
 from distill.module import CompileMode, DistillModule  # noqa: E402
@@ -159,7 +159,6 @@ def datamodule(
         augment=args.augment,
         augment_on=augment_on,
         samples_per_epoch=args.epoch_samples or None,
-        gil_switch_interval=args.gil_switch_interval,
     )
 
 
@@ -541,14 +540,14 @@ def bench_loader(
     """The train stream alone, batches on the device, across epoch boundaries as training runs it."""
     dm = datamodule(args, regime, augment_on, data, cache)
     dm.setup("fit")
+    # The stream a fit gets: on the trainer's device (on CUDA, copied there by the stream itself).
+    dm.trainer = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_progress_bar=False)
     stream, seen = dm.train_dataloader(), 0
     while seen < args.warmup + args.steps:
-        for batch in stream:
+        for _batch in stream:
             if seen == args.warmup:
                 synchronize(device)
                 start = time.perf_counter()
-            for key in ("image", "mask", "roi", "teacher"):
-                batch[key].to(device, non_blocking=True)
             seen += 1
             if seen == args.warmup + args.steps:
                 break
@@ -562,8 +561,7 @@ def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Pa
     with one torch thread and no OpenCV thread pool, as in a worker (`init_worker`)."""
     dm = datamodule(args, regime, "workers", data, cache)
     dm.setup("fit")
-    stream = dm.train_dataloader()
-    split = stream.batches.dataset  # the worker path's VesselSplit
+    split = dm.splits["train"]  # what a worker makes its samples with (VesselSplit)
     draws = [Draw(number % len(split), number) for number in range((args.warmup + args.steps) * regime.batch)]
     threads, opencv_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # what the DataLoader sets in each worker
@@ -578,7 +576,6 @@ def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Pa
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(opencv_threads)
-    dm.close_train_stream()
     return {"ms_per_sample": 1000 * seconds / (args.steps * regime.batch)}
 
 
@@ -711,12 +708,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument(
-        "--gil-switch-interval",
-        type=float,
-        default=GIL_SWITCH_INTERVAL,
-        help="data.gil_switch_interval of the worker path, in seconds (0.005: CPython's own)",
-    )
-    parser.add_argument(
         "--augment", default="default", choices=list_presets(), help="augmentation preset (data.augment)"
     )
     parser.add_argument(
@@ -755,8 +746,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epoch-samples must be >= 0 (0: one pass over the train split)")
     if "pipeline" not in args.figures and args.devices != [1]:
         parser.error("--devices concerns the pipeline figure")
-    if not args.gil_switch_interval >= MIN_SWITCH_INTERVAL:
-        parser.error(f"--gil-switch-interval must be >= {MIN_SWITCH_INTERVAL} (0.005: CPython's own)")
     return args
 
 
@@ -791,7 +780,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "num_workers",
                 "augment",
                 "epoch_samples",
-                "gil_switch_interval",
                 "compile",
                 "compile_bare",
                 "devices",

@@ -7,12 +7,13 @@
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU test, pipeline scaling 1 -> 2 GPUs
 #   bash scripts/gpu_fit_bench.sh OUT graphs    # CUDA graphs (reduce-overhead), 12 workers: bare vs pipeline, 3 models, 512x32
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu-graphs  # the same pipeline on 1 and 2 GPUs (DDP), UNet-R34 at 512x32
-#   bash scripts/gpu_fit_bench.sh OUT gil       # 1 GPU, graphs: data.gil_switch_interval 5 / 1 / 0.2 / 0.05 ms, UNet-R34 256x16
+#   bash scripts/gpu_fit_bench.sh OUT workers   # the worker path's data side alone: one worker's ms per crop, the loader's img/s
 #   bash scripts/gpu_fit_bench.sh OUT rows      # 1 GPU, graphs: bare + pipeline, profiled, one model and regime per run
+#                                               # (REGIMES="512x32" MODELS="unet_r34" to choose)
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|gil|rows}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|gil|rows}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|workers|rows}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|workers|rows}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -52,7 +53,10 @@ two_gpus() {
     bench bench_ddp --regimes 512x32 --figures pipeline --devices 1 2 --models unet_r34 segformer_b0 --tag ddp
 }
 
-graphs_args=(--compile reduce-overhead --augment-on workers --num-workers 12 --images 192 --unique 8 --work /tmp/bench_fit)
+# 40 warm-up steps first use up the batches the workers made while the step compiled (up to 27 with 12);
+# timed over 200 steps, a figure is the steady state, not the queue being drained.
+graphs_args=(--compile reduce-overhead --augment-on workers --num-workers 12 --images 192 --unique 8 --work /tmp/bench_fit
+    --warmup 40 --steps 200)
 
 graphs() {
     bench bench_graphs512 "${graphs_args[@]}" --regimes 512x32 --figures bare pipeline --tag graphs512
@@ -63,18 +67,16 @@ two_gpus_graphs() {
         --models unet_r34 --tag ddp_graphs
 }
 
-gil() {
-    local interval
-    for interval in 0.005 0.001 0.0002 0.00005; do
-        bench "bench_gil_$interval" "${graphs_args[@]}" --regimes 256x16 --models unet_r34 --figures pipeline \
-            --gil-switch-interval "$interval" --tag "gil_$interval"
-    done
+workers() {
+    bench bench_loader "${graphs_args[@]}" --regimes 512x32 256x16 --models unet_r34 --figures loader --tag loader
+    bench bench_sample "${graphs_args[@]}" --regimes 512x32 256x16 --models unet_r34 --figures sample \
+        --warmup 2 --steps 10 --tag sample
 }
 
 rows() {
     local regime model
-    for regime in 256x16 512x32; do
-        for model in unet_r34 unet_mnv3 segformer_b0; do
+    for regime in ${REGIMES:-256x16 512x32}; do
+        for model in ${MODELS:-unet_r34 unet_mnv3 segformer_b0}; do
             bench "bench_${model}_$regime" "${graphs_args[@]}" --regimes "$regime" --models "$model" \
                 --figures bare pipeline --profile --tag "${model}_$regime"
         done
@@ -88,8 +90,8 @@ case "$WHAT" in
     2gpu) two_gpus ;;
     graphs) graphs ;;
     2gpu-graphs) two_gpus_graphs ;;
-    gil) gil ;;
+    workers) workers ;;
     rows) rows ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, gil or rows" >&2; exit 2 ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, workers or rows" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -52,14 +51,20 @@ from distill.cache import TeacherCache, read_manifest
 from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment, mean_map, sample_rng
 from distill.data.device_augment import DeviceAugment, DeviceBatches, ResidentSplit
+from distill.data.ring import (
+    PREFETCH_FACTOR,
+    BatchRing,
+    NumberedBatches,
+    RingBatches,
+    RingWriter,
+    fields_of,
+    ring_slots,
+    unwrapped,
+)
 from distill.data.sampling import Draw, EndlessBatches, EpochStream, EvalShard, batches_per_epoch
 from distill.data.splits import SPLITS
 from distill.errors import CacheError, ConfigError, DistillError
 
-# The training process's GIL switch interval while DataLoader workers feed a GPU, in seconds (CPython's
-# default: 0.005); data.gil_switch_interval. See VesselDataModule._shorten_gil_turns.
-GIL_SWITCH_INTERVAL = 0.0002
-MIN_SWITCH_INTERVAL = 1e-6  # CPython keeps the interval in whole microseconds
 NO_MAP_LOGIT = -20.0  # the teacher logit of an id without a map: probability 2e-9, below any threshold
 WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_worker)
 
@@ -294,14 +299,10 @@ class VesselDataModule(pl.LightningDataModule):
             skeletons; the train split is held in GPU memory when it fits, see device_augment).
         split_seed: seed of the dataset's train/val/test split (used when no split file exists yet).
         skeletons: add the skeleton of the (augmented) mask for thin-vessel losses.
-        pin_memory: pin batches for a faster copy to the GPU (only used when CUDA is available).
+        pin_memory: pin batches for a faster copy to the GPU (only used when CUDA is available); with
+            crops, the train batch ring is pinned once (see distill.data.ring).
         persistent_workers: keep validation/test workers alive between epochs (num_workers > 0); the
             train workers always run for the whole fit (see distill.data.sampling).
-        gil_switch_interval: seconds the pin-memory thread may keep the GIL from the training loop
-            while DataLoader workers feed a GPU through pinned memory (`sys.setswitchinterval` while
-            fitting; at least 1e-6, CPython's resolution; null leaves the interpreter's value, 0.005
-            unless changed). The default raised UNet-R34's throughput at 256x16 on an H200 by about
-            30% in one call (BENCHMARKS.md).
     """
 
     def __init__(
@@ -322,7 +323,6 @@ class VesselDataModule(pl.LightningDataModule):
         skeletons: bool = False,
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        gil_switch_interval: float | None = GIL_SWITCH_INTERVAL,
     ):
         super().__init__()
         if teacher_views not in ("mean", "match"):
@@ -335,11 +335,6 @@ class VesselDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.samples_per_epoch={samples_per_epoch} must be >= 1 (or null: one pass)")
         if augment_on not in ("workers", "device"):
             raise ConfigError(f"data.augment_on={augment_on!r}: choose 'workers' or 'device'")
-        if gil_switch_interval is not None and not gil_switch_interval >= MIN_SWITCH_INTERVAL:
-            raise ConfigError(
-                f"data.gil_switch_interval={gil_switch_interval}: must be >= {MIN_SWITCH_INTERVAL} seconds "
-                "(CPython counts whole microseconds), e.g. 0.0002, or null for the interpreter's own"
-            )
         if augment_on == "device" and skeletons:
             raise ConfigError(
                 "data.skeletons=true needs data.augment_on=workers (skeletons are computed per sample "
@@ -364,7 +359,6 @@ class VesselDataModule(pl.LightningDataModule):
         self.skeletons = skeletons
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
-        self.gil_switch_interval = gil_switch_interval
         self.dataset: VesselDataset | None = None
         self.cache: TeacherCache | None = None
         self.teacher: TeacherMaps | None = None
@@ -373,7 +367,6 @@ class VesselDataModule(pl.LightningDataModule):
         self.splits: dict[str, VesselSplit] = {}
         self.resident: ResidentSplit | None = None  # the train split on the device (augment_on=device)
         self.train_stream: EpochStream | None = None
-        self._switch_interval: float | None = None  # the interpreter's own, while the train stream runs
 
     @property
     def has_teacher(self) -> bool:
@@ -453,15 +446,32 @@ class VesselDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, data: VesselSplit, **kwargs: Any) -> DataLoader:
+    def _loader(self, data: Dataset, **kwargs: Any) -> DataLoader:
+        settings = {"collate_fn": collate_padded, "pin_memory": self.pin_memory, **kwargs}
         return ForkSafeLoader(
             data,
             num_workers=self.num_workers,
-            collate_fn=collate_padded,
-            pin_memory=self.pin_memory,
             worker_init_fn=init_worker if self.num_workers > 0 else None,
-            **kwargs,
+            **settings,
         )
+
+    def _uses_ring(self) -> bool:
+        """Whether train workers write into a BatchRing: crops (one batch shape) and forked workers."""
+        forks = "fork" in multiprocessing.get_all_start_methods()
+        return self.crop_size is not None and self.num_workers > 0 and forks
+
+    def _ring_batches(self, train: VesselSplit, batches: EndlessBatches, device: torch.device) -> RingBatches:
+        """The worker path's train batches through a BatchRing sized for every batch in flight."""
+        slots = ring_slots(self.num_workers)
+        ring = BatchRing(fields_of(train[Draw(0, 0)]), self.batch_size, slots)
+        loader = self._loader(
+            RingWriter(train, ring, PER_SAMPLE_VALUES),
+            batch_sampler=NumberedBatches(batches, slots),
+            collate_fn=unwrapped,
+            pin_memory=False,
+            prefetch_factor=PREFETCH_FACTOR,
+        )
+        return RingBatches(loader, ring, device, self.pin_memory)
 
     def train_dataloader(self) -> EpochStream:
         """Shuffled, augmented batches as one stream that runs across epochs (see distill.data.sampling).
@@ -501,24 +511,11 @@ class VesselDataModule(pl.LightningDataModule):
             self.train_stream = EpochStream(stream, steps)
         else:
             train = VesselSplit(data.ids, data.load, data.augment, teacher, self.skeletons, seed)
-            self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
-            if self.pin_memory and device.type == "cuda" and self.num_workers > 0 and self.gil_switch_interval:
-                self._shorten_gil_turns()
+            if self._uses_ring():
+                self.train_stream = EpochStream(self._ring_batches(train, batches, device), steps)
+            else:
+                self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
         return self.train_stream
-
-    def _shorten_gil_turns(self) -> None:
-        """Let the training loop take the GIL back from the pin-memory thread within `gil_switch_interval`.
-
-        The loop releases the GIL around every operator it launches, and the pin-memory thread (which
-        receives the workers' batches) may take it then; CPython lets a waiting thread force it back only
-        after the switch interval, 5 ms by default, an eternity beside a 7 ms GPU step. Measured on an
-        H200, UNet-R34 at 256x16 with 12 workers: 1222-1321 img/s at 5 ms, 1665 at 0.2 ms
-        (BENCHMARKS.md). Never set longer than the interpreter's value; that value is restored when
-        the train stream closes.
-        """
-        if self._switch_interval is None:
-            self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, self.gil_switch_interval))
 
     def _resident(
         self, data: VesselSplit, teacher: TeacherMaps | None, device: torch.device
@@ -544,9 +541,6 @@ class VesselDataModule(pl.LightningDataModule):
                 self.train_stream.close()
         finally:
             self.train_stream = None
-            if self._switch_interval is not None:
-                sys.setswitchinterval(self._switch_interval)
-                self._switch_interval = None
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self._split(split)
@@ -569,6 +563,6 @@ class VesselDataModule(pl.LightningDataModule):
             self.close_train_stream()
 
     def on_exception(self, exception: BaseException) -> None:
-        # A fit that fails or is interrupted gets no teardown: stop its workers and restore the GIL
-        # switch interval here, so that the process goes on (a notebook, a loop of fits) as before.
+        # A fit that fails or is interrupted gets no teardown: stop its workers (and unpin the batch
+        # ring) here, so that the process goes on (a notebook, a loop of fits) as before.
         self.close_train_stream()
