@@ -42,6 +42,9 @@ from distill.errors import CacheError, ConfigError
 from distill.report import LABELS, WHO
 
 THRESHOLD_SOURCES = ("ckpt", "val")
+# Data options a run's config.yaml may hold that VesselDataModule no longer takes. Each changed only
+# how fast batches were made, never which: dropped when a run is scored again.
+REMOVED_DATA_OPTIONS = ("gil_switch_interval",)
 
 
 def run_config(ckpt: Path) -> dict[str, Any]:
@@ -72,6 +75,8 @@ def build_datamodule(ckpt: Path, overrides: dict[str, Any]) -> Any:
             f"{ckpt}: no config.yaml beside the run to take the data from; pass --data-format and --data-root"
         )
     data.setdefault("num_workers", 0)
+    for option in REMOVED_DATA_OPTIONS:  # in the config.yaml of older runs
+        data.pop(option, None)
     return VesselDataModule(**data)
 
 

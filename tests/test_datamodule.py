@@ -324,6 +324,18 @@ def test_a_bad_item_decoded_by_a_worker_raises_its_own_error(data, tmp_path):
         decode_all(dataset, dataset.ids, num_workers=2)
 
 
+def test_a_bad_training_item_in_a_ring_worker_names_its_file(data, tmp_path):
+    root = shutil.copytree(data["root"], tmp_path / "data")
+    dm = module({**data, "root": str(root)}, num_workers=2, crop_size=32, in_memory=False)
+    image = root / "images" / f"{dm.train_ids[1]}.png"
+    image.write_bytes(image.read_bytes()[:100])  # truncated after setup, before training reads it
+    before = set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match=rf"{image.name}: image cannot be decoded"):
+        stream_batches(dm, 2 * len(dm.train_ids))
+    dm.close_train_stream()
+    assert not set(multiprocessing.active_children()) - before
+
+
 class _Niceness(torch.utils.data.Dataset):
     def __len__(self):
         return 2
@@ -439,7 +451,7 @@ class _Drawn(pl.Callback):
         self.indices.append(batch["index"].tolist())
 
 
-def _fit_steps(data: dict, max_steps: int, root, ckpt_path=None) -> tuple[list, pl.Trainer]:
+def _fit_steps(data: dict, max_steps: int, root, ckpt_path=None, workers=0) -> tuple[list, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     student = StudentConfig(
         name="unet", encoder="resnet18", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
@@ -460,7 +472,7 @@ def _fit_steps(data: dict, max_steps: int, root, ckpt_path=None) -> tuple[list, 
     dm = VesselDataModule(
         data_format=FORMAT,
         data_root=data["root"],
-        num_workers=0,
+        num_workers=workers,
         batch_size=2,
         crop_size=32,
         samples_per_epoch=6,
@@ -469,9 +481,10 @@ def _fit_steps(data: dict, max_steps: int, root, ckpt_path=None) -> tuple[list, 
     return drawn.indices, trainer
 
 
-def test_a_run_resumed_mid_epoch_continues_the_stream_where_it_stopped(data, tmp_path):
-    whole, _ = _fit_steps(data, 7, tmp_path / "whole")  # epochs of 3 steps
-    first, trainer = _fit_steps(data, 4, tmp_path / "first")  # stops inside the second epoch
+@pytest.mark.parametrize("workers", [0, 2])  # in the process; workers writing into the batch ring
+def test_a_run_resumed_mid_epoch_continues_the_stream_where_it_stopped(data, tmp_path, workers):
+    whole, _ = _fit_steps(data, 7, tmp_path / "whole", workers=workers)  # epochs of 3 steps
+    first, trainer = _fit_steps(data, 4, tmp_path / "first", workers=workers)  # stops inside the second epoch
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    rest, _ = _fit_steps(data, 7, tmp_path / "rest", ckpt_path=tmp_path / "mid.ckpt")
+    rest, _ = _fit_steps(data, 7, tmp_path / "rest", ckpt_path=tmp_path / "mid.ckpt", workers=workers)
     assert first == whole[:4] and rest == whole[4:]

@@ -123,3 +123,12 @@ def test_a_ring_too_small_for_the_batches_in_flight_is_refused():
     stream.ring = BatchRing(fields_of(Numbered()[Draw(0, 0)]), 4, slots=PREFETCH_FACTOR * 2)
     with pytest.raises(ValueError, match="too small"):
         next(iter(stream))
+
+
+def test_closing_the_stream_gives_the_ring_s_memory_back():
+    stream = ring_stream(torch.device("cpu"), workers=2)
+    batches = iter(stream)
+    next(batches)
+    assert stream.ring.arrays["teacher"].any()  # written by the workers
+    batches.close()
+    assert not stream.ring.arrays["teacher"].any()  # the pages were dropped: they read zeros again

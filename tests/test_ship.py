@@ -527,3 +527,14 @@ def test_predict_and_export_read_None_as_their_default_out(tiny_run, tmp_path, m
         images = _image(tmp_path / "new" / "a.png").parent
         assert predict_main(["--model", "m.onnx", "--images", str(images), "--out", "None"]) == 0
         assert (tmp_path / "predictions" / "masks" / "a.png").is_file() and not (tmp_path / "None").exists()
+
+
+def test_evaluate_reads_the_config_of_a_run_made_with_a_since_removed_data_option(tiny_run, tmp_path):
+    from distill.evaluate import build_datamodule
+
+    run = shutil.copytree(tiny_run, tmp_path / "older")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("\ndata:\n", "\ndata:\n  gil_switch_interval: 0.0002\n", 1))
+    assert "gil_switch_interval" in config.read_text()
+    datamodule = build_datamodule(run / "checkpoints" / "best.ckpt", {})
+    assert not hasattr(datamodule, "gil_switch_interval")

@@ -57,6 +57,7 @@ from distill.data.ring import (
     NumberedBatches,
     RingBatches,
     RingWriter,
+    channels_first,
     fields_of,
     ring_slots,
     unwrapped,
@@ -65,6 +66,7 @@ from distill.data.sampling import Draw, EndlessBatches, EpochStream, EvalShard, 
 from distill.data.splits import SPLITS
 from distill.errors import CacheError, ConfigError, DistillError
 
+FORKS = "fork" in multiprocessing.get_all_start_methods()  # whether ForkSafeLoader's workers are forked
 NO_MAP_LOGIT = -20.0  # the teacher logit of an id without a map: probability 2e-9, below any threshold
 WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_worker)
 
@@ -171,8 +173,8 @@ PER_SAMPLE_VALUES = {"index": torch.int64, "teacher_valid": torch.uint8}  # one 
 def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     """Stack samples into the batch dict of the module docstring, padding bottom/right to the largest.
 
-    Arrays are stacked as they come (HxWxC), so a sample's copy is one memcpy rather than a strided
-    transpose; [B,C,H,W] is a view of that buffer, i.e. channels_last, the layout the GPU wants.
+    Arrays are stacked as they come (HxWxC); [B,C,H,W] is a view of that buffer (`channels_first`), i.e.
+    channels_last, the layout the GPU wants.
     """
     height = max(s["mask"].shape[0] for s in samples)
     width = max(s["mask"].shape[1] for s in samples)
@@ -188,8 +190,7 @@ def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
         for i, sample in enumerate(samples):
             array = sample[key]
             out[i, : array.shape[0], : array.shape[1]] = array
-        stacked = torch.from_numpy(out)
-        batch[key] = stacked.permute(0, 3, 1, 2) if stacked.dim() == 4 else stacked[:, None]
+        batch[key] = channels_first(torch.from_numpy(out))
     return batch
 
 
@@ -208,7 +209,7 @@ class ForkSafeLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
-        if kwargs.get("num_workers", 0) > 0 and "fork" in multiprocessing.get_all_start_methods():
+        if kwargs.get("num_workers", 0) > 0 and FORKS:
             kwargs.setdefault("multiprocessing_context", "fork")
         super().__init__(*args, **kwargs)
 
@@ -457,8 +458,7 @@ class VesselDataModule(pl.LightningDataModule):
 
     def _uses_ring(self) -> bool:
         """Whether train workers write into a BatchRing: crops (one batch shape) and forked workers."""
-        forks = "fork" in multiprocessing.get_all_start_methods()
-        return self.crop_size is not None and self.num_workers > 0 and forks
+        return self.crop_size is not None and self.num_workers > 0 and FORKS
 
     def _ring_batches(self, train: VesselSplit, batches: EndlessBatches, device: torch.device) -> RingBatches:
         """The worker path's train batches through a BatchRing sized for every batch in flight."""

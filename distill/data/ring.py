@@ -22,7 +22,6 @@ have one shape (`data.crop_size`).
 
 from __future__ import annotations
 
-import itertools
 import mmap
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -36,7 +35,9 @@ from distill.data.prefetch import hand_over, start_copy
 from distill.data.sampling import Draw
 
 PREFETCH_FACTOR = 2  # the ring's DataLoader: batches in flight per worker (torch's default)
-SPARE_SLOTS = 3  # slots beyond the DataLoader's jobs in flight: the batches being copied or consumed
+# Slots beyond the DataLoader's jobs in flight. One is needed (the batch being copied); two more keep
+# the wait for a slot's copy, which started two batches earlier, off the training step's path.
+SPARE_SLOTS = 3
 
 
 def ring_slots(num_workers: int) -> int:
@@ -87,31 +88,39 @@ class BatchRing:
             array[slot, position] = value
 
     def batch(self, slot: int) -> dict[str, torch.Tensor]:
-        """The tensors of `slot` as views in the layout of `collate_padded`: [B,C,H,W] (channels_last strides)."""
-        out = {}
-        for key, array in self.arrays.items():
-            tensor = torch.from_numpy(array[slot])
-            out[key] = tensor.permute(0, 3, 1, 2) if tensor.dim() == 4 else tensor[:, None]
-        return out
+        """The tensors of `slot`, views in the batch layout ([B,C,H,W], channels_last strides; `channels_first`)."""
+        return {key: channels_first(torch.from_numpy(array[slot])) for key, array in self.arrays.items()}
 
     def pin(self) -> None:
         """Register the ring as page-locked memory with CUDA, so copies from it are asynchronous DMA."""
         if self._pinned_at is not None:
             return
         address = torch.from_numpy(np.frombuffer(self._memory, np.uint8)).data_ptr()
-        status = torch.cuda.cudart().cudaHostRegister(address, self.nbytes, 0)
-        if int(status) != 0:
+        try:
+            torch.cuda.check_error(int(torch.cuda.cudart().cudaHostRegister(address, self.nbytes, 0)))
+        except torch.cuda.CudaError as error:
             raise RuntimeError(
-                f"cudaHostRegister of the {self.nbytes / 2**20:.0f} MiB train batch ring failed ({status}): "
-                f"lower data.num_workers (the ring holds {PREFETCH_FACTOR} x num_workers + {SPARE_SLOTS} batches) "
-                "or set data.pin_memory=false"
-            )
+                f"pinning the {self.nbytes / 2**20:.0f} MiB train batch ring failed (cudaHostRegister: {error}): "
+                f"lower data.num_workers (the ring holds {PREFETCH_FACTOR} x num_workers + {SPARE_SLOTS} "
+                "batches) or set data.pin_memory=false"
+            ) from error
         self._pinned_at = address
 
-    def unpin(self) -> None:
+    def release(self) -> None:
+        """Unpin the ring and give its pages back (its arrays then read zeros). Call once no worker writes."""
         if self._pinned_at is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._pinned_at)
+            torch.cuda.check_error(int(torch.cuda.cudart().cudaHostUnregister(self._pinned_at)))
             self._pinned_at = None
+        if hasattr(mmap, "MADV_REMOVE"):  # Linux; elsewhere the pages go when the ring is collected
+            self._memory.madvise(mmap.MADV_REMOVE)
+
+
+def channels_first(stacked: torch.Tensor) -> torch.Tensor:
+    """Stacked samples [B,H,W,C] or [B,H,W] as a [B,C,H,W] view (channels_last strides for C > 1).
+
+    Samples are stacked as they come, so each one's copy is one memcpy rather than a strided transpose.
+    """
+    return stacked.permute(0, 3, 1, 2) if stacked.dim() == 4 else stacked[:, None]
 
 
 def fields_of(sample: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -127,7 +136,9 @@ class RingWriter(Dataset):
     """In a worker: makes a batch's samples with `split` and writes them into the ring's slot.
 
     The DataLoader hands `__getitems__` what its batch sampler yields, here (slot, draws) from
-    `numbered`; the batch it returns holds only the slot and the per-sample values of `small`.
+    `NumberedBatches`; the batch it returns holds only the slot, the ids and the per-sample values named
+    in `small` (as lists: a tensor would travel through /dev/shm), made tensors of those dtypes by
+    `ring_batches`.
     """
 
     def __init__(self, split: Dataset, ring: BatchRing, small: dict[str, torch.dtype]):
@@ -146,8 +157,7 @@ class RingWriter(Dataset):
             for key in self.small:
                 if key in sample:
                     values.setdefault(key, []).append(sample[key])
-        batch = {key: torch.tensor(v, dtype=self.small[key]) for key, v in values.items() if key != "id"}
-        return {"slot": slot, "id": values["id"], **batch}
+        return {"slot": slot, **values}
 
 
 class NumberedBatches:
@@ -180,38 +190,50 @@ def ring_batches(loader: DataLoader, ring: BatchRing, device: torch.device, pin:
     """The loader's batches with their tensors read from the ring: on CUDA `device`, copied there on a
     side stream one batch ahead (from pinned memory when `pin`); elsewhere, copied out of the ring.
 
-    A slot is read before the DataLoader can hand its next job to a worker (see the module doc).
-    Closing the generator stops the workers, then waits for the last copies and unpins the ring.
+    A slot's copy has finished before the DataLoader can hand its next job to a worker (see the module
+    doc). Closing the generator stops the workers, waits for the last copies and releases the ring.
+
+    Raises:
+        ValueError: a ring too small for the loader's batches in flight, or a loader that would break
+            the count of batches (pinning itself, keeping its workers, or handing batches out of order).
     """
-    iterator = iter(loader)
     in_flight = loader.prefetch_factor * loader.num_workers
     if ring.slots < in_flight + 1:
         raise ValueError(f"a ring of {ring.slots} slots is too small for {in_flight} batches in flight")
+    if loader.pin_memory or loader.persistent_workers or not getattr(loader, "in_order", True):
+        raise ValueError("a ring's DataLoader hands its batches out in order, unpinned, from its own workers")
+    small_dtypes = loader.dataset.small
     cuda = device.type == "cuda"
     copier = torch.cuda.Stream(device) if cuda else None
     copies: deque[tuple[int, torch.cuda.Event]] = deque()  # (batch number, its copy), oldest first
-    ready = None
+    iterator, ready = None, None
     try:
+        iterator = iter(loader)  # forks the workers: pin after, so that they share the pages
         if cuda and pin:
             ring.pin()
-        for k in itertools.count():
-            reused = k + in_flight - ring.slots  # the batch whose slot next() may hand out again
+        for k, small in enumerate(iterator):
+            tensors = ring.batch(small.pop("slot"))
+            values = {
+                key: torch.tensor(v, dtype=small_dtypes[key]) if key in small_dtypes else v
+                for key, v in small.items()
+            }
+            if cuda:
+                moved, copied = start_copy({**values, **tensors}, copier, device)
+                copies.append((k, copied))
+                if ready is not None:
+                    yield hand_over(*ready, device)
+                ready = moved, copied
+            else:
+                yield {**values, **{key: value.clone() for key, value in tensors.items()}}
+            reused = k + 1 + in_flight - ring.slots  # the batch whose slot the next next() may hand out
             while copies and copies[0][0] <= reused:
                 copies.popleft()[1].synchronize()
-            small = next(iterator)
-            tensors = ring.batch(small.pop("slot"))
-            if not cuda:
-                yield {**small, **{key: value.clone() for key, value in tensors.items()}}
-                continue
-            moved, copied = start_copy({**small, **tensors}, copier, device)
-            copies.append((k, copied))
-            if ready is not None:
-                yield hand_over(*ready, device)
-            ready = moved, copied
+        if ready is not None:
+            yield hand_over(*ready, device)
     finally:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
         if copier is not None:
             copier.synchronize()
-            ring.unpin()
+        ring.release()
