@@ -689,8 +689,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--devices", nargs="+", type=int, default=[1], help="GPU counts for the pipeline (>1: DDP)"
     )
     parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=40,
+        help="steps before timing starts: more than the batches workers queue while the step compiles "
+        "(2 per worker), or the timed steps drain that queue and read high",
+    )
+    parser.add_argument("--steps", type=int, default=200, help="timed steps")
     parser.add_argument(
         "--profile", action="store_true", help="profile bare and the pipelines (torch.profiler)"
     )

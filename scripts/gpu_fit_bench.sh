@@ -53,10 +53,7 @@ two_gpus() {
     bench bench_ddp --regimes 512x32 --figures pipeline --devices 1 2 --models unet_r34 segformer_b0 --tag ddp
 }
 
-# 40 warm-up steps first use up the batches the workers made while the step compiled (up to 27 with 12);
-# timed over 200 steps, a figure is the steady state, not the queue being drained.
-graphs_args=(--compile reduce-overhead --augment-on workers --num-workers 12 --images 192 --unique 8 --work /tmp/bench_fit
-    --warmup 40 --steps 200)
+graphs_args=(--compile reduce-overhead --augment-on workers --num-workers 12 --images 192 --unique 8 --work /tmp/bench_fit)
 
 graphs() {
     bench bench_graphs512 "${graphs_args[@]}" --regimes 512x32 --figures bare pipeline --tag graphs512

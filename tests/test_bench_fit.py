@@ -127,3 +127,14 @@ def test_regimes_are_size_x_batch():
     assert bench_fit.Regime.parse("256x16") == bench_fit.Regime(256, 16)
     with pytest.raises(argparse.ArgumentTypeError, match="SIZExBATCH"):
         bench_fit.Regime.parse("256")
+
+
+def test_bench_transport_times_both_paths_on_cpu(tmp_path):
+    command = [
+        sys.executable, "scripts/bench_transport.py",
+        "--regimes", "32x2", "--num-workers", "1", "--warmup", "2", "--steps", "5", "--out", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    report = json.loads((tmp_path / "transport_cpu.json").read_text())
+    assert [(r["regime"], r["path"]) for r in report["results"]] == [("32x2", "fresh"), ("32x2", "ring")]
+    assert all(r["batches_s"] > 0 and r["main_cpu_ms_per_batch"] >= 0 for r in report["results"])

@@ -17,7 +17,8 @@ copy stays small; the LightningModule converts on the device. Shapes and dtypes:
 Training batches are made by DataLoader workers (`augment_on: workers`, albumentations, one sample
 at a time) or on the training device (`augment_on: device`, kornia, a batch at a time; see
 distill.data.device_augment); both draw a sample's augmentation from the run's seed and the sample's
-place in the stream, so the same seed gives the same batches whatever `num_workers` is.
+place in the stream, so the same seed gives the same batches whatever `num_workers` is. With crops,
+workers write their batches into a shared ring that is pinned once (see distill.data.ring).
 
 Images of different sizes: training crops to `crop_size` when it is set; validation and test are
 never augmented or resized, so a batch whose images differ in size is padded at the bottom/right to
