@@ -33,16 +33,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.data.datamodule import PER_SAMPLE_VALUES, ForkSafeLoader, collate_padded  # noqa: E402
 from distill.data.prefetch import prefetch_to_device  # noqa: E402
-from distill.data.ring import (  # noqa: E402
-    PREFETCH_FACTOR,
-    BatchRing,
-    NumberedBatches,
-    RingBatches,
-    RingWriter,
-    fields_of,
-    ring_slots,
-    unwrapped,
-)
+from distill.data.ring import PREFETCH_FACTOR, RingBatches  # noqa: E402
 from distill.data.sampling import EndlessBatches  # noqa: E402
 
 
@@ -79,18 +70,12 @@ def fresh_stream(data: Constant, batch: int, workers: int, device: torch.device)
 
 
 def ring_stream(data: Constant, batch: int, workers: int, device: torch.device):
-    ring = BatchRing(fields_of(data.sample), batch, ring_slots(workers))
-    loader = ForkSafeLoader(
-        RingWriter(data, ring, PER_SAMPLE_VALUES),
-        batch_sampler=NumberedBatches(EndlessBatches(len(data), batch, seed=0), ring.slots),
-        num_workers=workers,
-        collate_fn=unwrapped,
-        prefetch_factor=PREFETCH_FACTOR,
-    )
+    batches = EndlessBatches(len(data), batch, seed=0)
+    stream = RingBatches.of(data, batches, batch, workers, PER_SAMPLE_VALUES, device, True, ForkSafeLoader)
     if device.type == "cuda":
-        return iter(RingBatches(loader, ring, device, pin=True))
+        return iter(stream)
     # On a CPU machine: the slot itself, copied below like the other path's batch.
-    return ({**small, **ring.batch(small.pop("slot"))} for small in loader)
+    return ({**small, **stream.ring.batch(small.pop("slot"))} for small in stream.loader)
 
 
 def measure(path: str, side: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict:

@@ -8,16 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data.datamodule import PER_SAMPLE_VALUES, ForkSafeLoader
-from distill.data.ring import (
-    PREFETCH_FACTOR,
-    BatchRing,
-    NumberedBatches,
-    RingBatches,
-    RingWriter,
-    fields_of,
-    ring_slots,
-    unwrapped,
-)
+from distill.data.ring import PREFETCH_FACTOR, BatchRing, RingBatches, fields_of
 from distill.data.sampling import Draw, EndlessBatches
 
 SIDE = 24
@@ -41,16 +32,11 @@ class Numbered(Dataset):
 
 
 def ring_stream(device: torch.device, workers: int = 3, batch_size: int = 4) -> RingBatches:
-    split = Numbered()
-    ring = BatchRing(fields_of(split[Draw(0, 0)]), batch_size, ring_slots(workers))
-    loader = ForkSafeLoader(
-        RingWriter(split, ring, PER_SAMPLE_VALUES),
-        batch_sampler=NumberedBatches(EndlessBatches(len(split), batch_size, seed=0), ring.slots),
-        num_workers=workers,
-        collate_fn=unwrapped,
-        prefetch_factor=PREFETCH_FACTOR,
+    batches = EndlessBatches(5, batch_size, seed=0)
+    pin = device.type == "cuda"
+    return RingBatches.of(
+        Numbered(), batches, batch_size, workers, PER_SAMPLE_VALUES, device, pin, ForkSafeLoader
     )
-    return RingBatches(loader, ring, device, pin=device.type == "cuda")
 
 
 def check_in_order(batches, count: int, batch_size: int = 4, wait=None) -> None:

@@ -52,17 +52,7 @@ from distill.cache import TeacherCache, read_manifest
 from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment, mean_map, sample_rng
 from distill.data.device_augment import DeviceAugment, DeviceBatches, ResidentSplit
-from distill.data.ring import (
-    PREFETCH_FACTOR,
-    BatchRing,
-    NumberedBatches,
-    RingBatches,
-    RingWriter,
-    channels_first,
-    fields_of,
-    ring_slots,
-    unwrapped,
-)
+from distill.data.ring import RingBatches, channels_first
 from distill.data.sampling import Draw, EndlessBatches, EpochStream, EvalShard, batches_per_epoch
 from distill.data.splits import SPLITS
 from distill.errors import CacheError, ConfigError, DistillError
@@ -449,30 +439,18 @@ class VesselDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, data: Dataset, **kwargs: Any) -> DataLoader:
-        settings = {"collate_fn": collate_padded, "pin_memory": self.pin_memory, **kwargs}
-        return ForkSafeLoader(
-            data,
-            num_workers=self.num_workers,
-            worker_init_fn=init_worker if self.num_workers > 0 else None,
-            **settings,
-        )
+        settings = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_padded,
+            "pin_memory": self.pin_memory,
+            "worker_init_fn": init_worker if self.num_workers > 0 else None,
+            **kwargs,
+        }
+        return ForkSafeLoader(data, **settings)
 
     def _uses_ring(self) -> bool:
         """Whether train workers write into a BatchRing: crops (one batch shape) and forked workers."""
         return self.crop_size is not None and self.num_workers > 0 and FORKS
-
-    def _ring_batches(self, train: VesselSplit, batches: EndlessBatches, device: torch.device) -> RingBatches:
-        """The worker path's train batches through a BatchRing sized for every batch in flight."""
-        slots = ring_slots(self.num_workers)
-        ring = BatchRing(fields_of(train[Draw(0, 0)]), self.batch_size, slots)
-        loader = self._loader(
-            RingWriter(train, ring, PER_SAMPLE_VALUES),
-            batch_sampler=NumberedBatches(batches, slots),
-            collate_fn=unwrapped,
-            pin_memory=False,
-            prefetch_factor=PREFETCH_FACTOR,
-        )
-        return RingBatches(loader, ring, device, self.pin_memory)
 
     def train_dataloader(self) -> EpochStream:
         """Shuffled, augmented batches as one stream that runs across epochs (see distill.data.sampling).
@@ -513,7 +491,17 @@ class VesselDataModule(pl.LightningDataModule):
         else:
             train = VesselSplit(data.ids, data.load, data.augment, teacher, self.skeletons, seed)
             if self._uses_ring():
-                self.train_stream = EpochStream(self._ring_batches(train, batches, device), steps)
+                stream = RingBatches.of(
+                    train,
+                    batches,
+                    self.batch_size,
+                    self.num_workers,
+                    PER_SAMPLE_VALUES,
+                    device,
+                    self.pin_memory,
+                    self._loader,
+                )
+                self.train_stream = EpochStream(stream, steps)
             else:
                 self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
         return self.train_stream

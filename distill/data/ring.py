@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mmap
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -181,6 +181,32 @@ class RingBatches:
 
     def __init__(self, loader: DataLoader, ring: BatchRing, device: torch.device, pin: bool):
         self.loader, self.ring, self.device, self.pin = loader, ring, device, pin
+
+    @classmethod
+    def of(
+        cls,
+        split: Dataset,
+        batches: Iterable[list[Draw]],
+        batch_size: int,
+        num_workers: int,
+        small: dict[str, torch.dtype],
+        device: torch.device,
+        pin: bool,
+        make_loader: Callable[..., DataLoader] = DataLoader,
+    ) -> RingBatches:
+        """Batches of `split`'s samples drawn by `batches`, made by `num_workers` workers through a ring
+        sized for all their batches in flight; its fields are those of the sample `split[Draw(0, 0)]`.
+        `make_loader(dataset, **settings)` builds the DataLoader (e.g. one whose workers are forked)."""
+        ring = BatchRing(fields_of(split[Draw(0, 0)]), batch_size, ring_slots(num_workers))
+        loader = make_loader(
+            RingWriter(split, ring, small),
+            batch_sampler=NumberedBatches(batches, ring.slots),
+            num_workers=num_workers,
+            collate_fn=unwrapped,
+            pin_memory=False,
+            prefetch_factor=PREFETCH_FACTOR,
+        )
+        return cls(loader, ring, device, pin)
 
     def __iter__(self) -> Iterator[dict]:
         return ring_batches(self.loader, self.ring, self.device, self.pin)
