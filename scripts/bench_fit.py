@@ -692,9 +692,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup",
         type=int,
-        default=40,
-        help="steps before timing starts: more than the batches workers queue while the step compiles "
-        "(2 per worker), or the timed steps drain that queue and read high",
+        default=100,
+        help="steps before timing starts. While the step compiles, workers queue 2 batches each; when they "
+        "are slower than the GPU that queue shrinks by less than a batch per step, and timed steps that "
+        "still draw on it read high",
     )
     parser.add_argument("--steps", type=int, default=200, help="timed steps")
     parser.add_argument(
