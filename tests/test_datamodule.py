@@ -30,6 +30,7 @@ from distill.data.datamodule import (
     decode_all,
     init_worker,
 )
+from distill.data.ring import RingBatches
 from distill.data.writers import write_dataset
 from distill.errors import CacheError, ConfigError, DatasetError
 from distill.module import DistillModule
@@ -237,6 +238,27 @@ def test_the_same_seed_gives_the_same_batches_whatever_the_number_of_workers(dat
     torch.manual_seed(1)
     other = stream_batches(module(data, num_workers=0, batch_size=3, **options), 1)[0]
     assert not torch.equal(other["image"], runs[0][0]["image"])
+
+
+def test_full_size_images_of_one_square_size_go_through_the_ring_others_do_not(data, tmp_path):
+    samples = [dataclasses.replace(generate_sample(i, 48, "fundus"), id=f"u{i:02d}") for i in range(8)]
+    uniform = {"root": str(write_dataset(tmp_path / "uniform", samples, FORMAT))}
+    runs = {}
+    for workers in (0, 2):
+        dm = module(uniform, num_workers=workers, batch_size=3)
+        assert isinstance(dm.train_dataloader().batches, RingBatches) == (workers > 0)
+        torch.manual_seed(0)
+        runs[workers] = stream_batches(dm, 4)
+    for ours, theirs in zip(runs[2], runs[0], strict=True):
+        assert ours["id"] == theirs["id"]
+        for key in ("image", "mask", "roi", "index"):
+            assert torch.equal(ours[key], theirs[key]), key
+    mixed = module(data, num_workers=2)  # 64 and 80 px images, no crop: batches are padded per batch
+    assert not isinstance(mixed.train_dataloader().batches, RingBatches)
+    mixed.close_train_stream()
+    on_disk = module(uniform, num_workers=2, in_memory=False)  # sizes unknown until read
+    assert not isinstance(on_disk.train_dataloader().batches, RingBatches)
+    on_disk.close_train_stream()
 
 
 def test_an_epoch_is_samples_per_epoch_and_a_batch_may_exceed_the_split(data):

@@ -17,8 +17,9 @@ copy stays small; the LightningModule converts on the device. Shapes and dtypes:
 Training batches are made by DataLoader workers (`augment_on: workers`, albumentations, one sample
 at a time) or on the training device (`augment_on: device`, kornia, a batch at a time; see
 distill.data.device_augment); both draw a sample's augmentation from the run's seed and the sample's
-place in the stream, so the same seed gives the same batches whatever `num_workers` is. With crops,
-workers write their batches into a shared ring that is pinned once (see distill.data.ring).
+place in the stream, so the same seed gives the same batches whatever `num_workers` is. When every
+training sample has one shape (crops, or full-size images of one square size held in memory), workers
+write their batches into a shared ring that is pinned once (see distill.data.ring).
 
 Images of different sizes: training crops to `crop_size` when it is set; validation and test are
 never augmented or resized, so a batch whose images differ in size is padded at the bottom/right to
@@ -291,8 +292,8 @@ class VesselDataModule(pl.LightningDataModule):
             skeletons; the train split is held in GPU memory when it fits, see device_augment).
         split_seed: seed of the dataset's train/val/test split (used when no split file exists yet).
         skeletons: add the skeleton of the (augmented) mask for thin-vessel losses.
-        pin_memory: pin batches for a faster copy to the GPU (only used when CUDA is available); with
-            crops, the train batch ring is pinned once (see distill.data.ring).
+        pin_memory: pin batches for a faster copy to the GPU (only used when CUDA is available); the
+            train batch ring, where used, is pinned once (see distill.data.ring).
         persistent_workers: keep validation/test workers alive between epochs (num_workers > 0); the
             train workers always run for the whole fit (see distill.data.sampling).
     """
@@ -448,9 +449,18 @@ class VesselDataModule(pl.LightningDataModule):
         }
         return ForkSafeLoader(data, **settings)
 
-    def _uses_ring(self) -> bool:
-        """Whether train workers write into a BatchRing: crops (one batch shape) and forked workers."""
-        return self.crop_size is not None and self.num_workers > 0 and FORKS
+    def _uses_ring(self, data: VesselSplit) -> bool:
+        """Whether train workers write into a BatchRing: forked workers, and samples of one shape, which
+        crops give, and so do full-size images held in memory that are all one square size (a square
+        stays a square under the D4 views; albumentations' warps keep the size)."""
+        if self.num_workers == 0 or not FORKS:
+            return False
+        if self.crop_size is not None:
+            return True
+        if self.records is None:  # read from disk per sample: sizes unknown beforehand
+            return False
+        shapes = {self.records[i].mask.shape for i in data.ids}
+        return len(shapes) == 1 and len(set(next(iter(shapes)))) == 1
 
     def train_dataloader(self) -> EpochStream:
         """Shuffled, augmented batches as one stream that runs across epochs (see distill.data.sampling).
@@ -490,7 +500,7 @@ class VesselDataModule(pl.LightningDataModule):
             self.train_stream = EpochStream(stream, steps)
         else:
             train = VesselSplit(data.ids, data.load, data.augment, teacher, self.skeletons, seed)
-            if self._uses_ring():
+            if self._uses_ring(train):
                 stream = RingBatches.of(
                     train,
                     batches,

@@ -16,8 +16,9 @@ pages, no pin-memory thread, no second copy.
 When a slot is written again: the DataLoader hands a worker the job of batch k + `in_flight` (its
 `prefetch_factor` x `num_workers`) inside the `next()` that returns batch k, so that job overwrites the
 slot of batch k + in_flight - slots. `ring_batches` waits for that batch's copy to finish before
-calling `next()`; with three slots to spare it finished long before. Crops only: every batch must
-have one shape (`data.crop_size`).
+calling `next()`; with three slots to spare it finished long before. Every batch must have one
+shape: crops (`data.crop_size`), or full-size images all of one square size
+(`VesselDataModule._uses_ring`).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class BatchRing:
             if value.shape != array.shape[2:]:
                 raise ValueError(
                     f"train sample {sample.get('id')!r}: {key} is {value.shape}, the batch ring holds "
-                    f"{array.shape[2:]} (training batches need one size: set data.crop_size)"
+                    f"{array.shape[2:]} (the ring needs one training size: set data.crop_size)"
                 )
             array[slot, position] = value
 
