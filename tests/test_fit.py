@@ -473,7 +473,13 @@ def test_a_stopped_run_exits_with_the_signals_status_and_how_to_resume(
     )
     env = {**os.environ, "RECORD_BATCH_IDS": str(record)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "distill.fit", *args], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "distill.fit", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell that starts the suite in the background leaves SIGINT ignored in its children, and
+        # Python keeps it so: the run as a user starts it, with Ctrl-C live.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while not (record.is_file() and len(record.read_text().splitlines()) > 4) and time.monotonic() < deadline:
