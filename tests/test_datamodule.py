@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import albumentations as A
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from skimage.morphology import skeletonize
 
 from distill.cache import CacheWriter, TeacherCache
 from distill.data import open_dataset
+from distill.data.augment import Augment, Preset
 from distill.data.datamodule import (
     NO_MAP_LOGIT,
     WORKER_NICENESS,
@@ -259,6 +261,10 @@ def test_full_size_images_of_one_square_size_go_through_the_ring_others_do_not(d
     on_disk = module(uniform, num_workers=2, in_memory=False)  # sizes unknown until read
     assert not isinstance(on_disk.train_dataloader().batches, RingBatches)
     on_disk.close_train_stream()
+    resizing = module(uniform, num_workers=2)  # an extra albumentations transform may change the size
+    resizing.train_augment = Augment(Preset(views=("identity",), spatial=(A.RandomScale(0.2, p=1),)))
+    assert not isinstance(resizing.train_dataloader().batches, RingBatches)
+    resizing.close_train_stream()
 
 
 def test_an_epoch_is_samples_per_epoch_and_a_batch_may_exceed_the_split(data):

@@ -31,9 +31,9 @@ zero padding would put fake "background, very sure" logits of 0 (or fake image e
 border; reflection keeps the image and its teacher map plausible there, and the mask and roi reflect
 with them so all stay aligned. OpenCV cannot warp float16, so maps are warped in float32.
 
-Randomness: every call takes a numpy Generator (`sample_rng(seed, draw number)`) and seeds each
-albumentations transform from it, so a sample's augmentation depends only on the run's seed and the
-sample's place in the stream, not on which DataLoader worker makes it.
+Randomness: every call takes a numpy Generator (`sample_rng(seed, draw number)`); the albumentations
+Composes draw from it and from one Python Random seeded from it, so a sample's augmentation depends
+only on the run's seed and the sample's place in the stream, not on which DataLoader worker makes it.
 """
 
 from __future__ import annotations

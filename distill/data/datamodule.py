@@ -457,8 +457,8 @@ class VesselDataModule(pl.LightningDataModule):
             return False
         if self.crop_size is not None:
             return True
-        if self.records is None:  # read from disk per sample: sizes unknown beforehand
-            return False
+        if self.records is None or self.train_augment.preset.spatial:
+            return False  # sizes unknown beforehand: read per sample, or extra transforms that may resize
         shapes = {self.records[i].mask.shape for i in data.ids}
         return len(shapes) == 1 and len(set(next(iter(shapes)))) == 1
 
