@@ -250,12 +250,16 @@ def test_the_window_holds_every_pixel_the_most_extreme_affine_reads():
     """Cut a window, warp it, keep its centre: the centre never shows the window's (reflected) border."""
     spec = AffineSpec(scale=0.15, degrees=20, shift=0.05, p=1.0)
     augment = Augment(Preset(views=("identity",), geometry=(spec,)), crop_size=48)
-    (shipped,) = augment.spatial.transforms  # the transform training uses, pinned to its extreme
+    side, compose = augment.windows[(True,)]  # when the affine runs
+    (shipped,) = compose.transforms  # the transform training uses, pinned to its extreme
     shift = round(spec.shift * 48)
     extreme = spec.albumentations(48, side=shipped.side)
     extreme.scale, extreme.rotate = {"x": (0.85, 0.85), "y": (0.85, 0.85)}, (20, 20)
     extreme.translate_px = {"x": (shift, shift), "y": (shift, shift)}
-    augment.spatial = A.Compose([extreme], additional_targets={"roi": "mask", "teacher": "image"})
+    augment.windows[(True,)] = (
+        side,
+        A.Compose([extreme], additional_targets={"roi": "mask", "teacher": "image"}),
+    )
     size = 400
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     sample = {
@@ -281,7 +285,10 @@ def test_the_window_holds_every_pixel_the_most_extreme_affine_reads():
     ]
     assert len(interior) > 10
     assert max(fold(seed) for seed in interior) < 0.05
-    augment.window -= 20  # a window too small for this affine: its reflected border shows
+    augment.windows[(True,)] = (
+        side - 20,
+        augment.windows[(True,)][1],
+    )  # too small: its reflected border shows
     assert max(fold(seed) for seed in interior) > 1
 
 
@@ -357,10 +364,24 @@ def test_the_centre_cropped_affine_is_affine_then_its_centre_up_to_opencvs_fixed
         assert (a["mask"][centre] != b["mask"]).mean() < 0.001
 
 
+def test_a_sample_whose_geometry_does_not_run_cuts_only_its_crop():
+    spec = AffineSpec(scale=0.15, degrees=20, shift=0.05, p=0.0)
+    augment = Augment(Preset(views=("identity",), geometry=(spec,)), crop_size=32)
+    assert augment.windows[(False,)][0] == 32 and augment.window > 32
+    image = np.random.default_rng(0).integers(0, 256, (50, 60, 3), dtype=np.uint8)
+    mask = np.zeros((50, 60), np.uint8)
+    for seed in range(5):
+        out = augment(image, mask, np.ones_like(mask), rng=seed)
+        rng = np.random.default_rng(seed)
+        augment.sample_view(rng)
+        top, left, side = augment.sample_window(mask.shape, rng, 32)  # the crop, drawn as the path does
+        np.testing.assert_array_equal(out["image"], cut(image, (top, left, side)))
+
+
 def test_each_window_transform_reads_and_writes_only_the_centre_the_next_one_needs():
     preset = PRESETS["strong"]()
     window, elastic_reads, crop = preset.sides(256)
     assert crop == 256 and window == preset.window_side(256) > elastic_reads > crop
-    affine, cut_to, elastic = build_augment("strong", 256).spatial.transforms
+    affine, cut_to, elastic = build_augment("strong", 256).windows[(True, True)][1].transforms
     assert affine.side == elastic_reads and (cut_to.height, cut_to.width) == (elastic_reads, elastic_reads)
     assert isinstance(elastic, A.ElasticTransform)

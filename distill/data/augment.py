@@ -7,7 +7,8 @@ device), from the same numbers. One sample, in this order:
 
 1. a random square *window* is cut from the image (reflected where it leaves the image): the crop
    plus the margin that the spatial transforms may pull pixels from (`Preset.window_side`), so the
-   transforms warp a window rather than the whole image. A teacher map is cut the same way, and with
+   transforms warp a window rather than the whole image. Which of them run (each by its `p`) is
+   drawn first, and the margin covers only those: a sample none of them touches cuts just its crop. A teacher map is cut the same way, and with
    `teacher_views: mean` its cached views are averaged on the window, not at full resolution;
 2. a discrete D4 view (flip / quarter turn) by name from `distill.views`, so the DataModule can pick
    the cached teacher view that matches it (`teacher_views: match`);
@@ -38,11 +39,14 @@ only on the run's seed and the sample's place in the stream, not on which DataLo
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import albumentations as A
@@ -359,14 +363,17 @@ def _seed(compose: A.Compose, rng: np.random.Generator) -> None:
 
 
 def window_transforms(preset: Preset, crop_size: int) -> list[A.BasicTransform]:
-    """The preset's geometry for a window (`Preset.sides`): each transform reads and writes only the
+    """The preset's geometry for a window (`Preset.sides`), each transform always applied (whether it
+    runs is drawn before the window is cut, `Augment.geometry_for`): each reads and writes only the
     centre the next one needs, so none warps margin that is cut away after it."""
     sides = preset.sides(crop_size)
     transforms: list[A.BasicTransform] = []
     for spec, reads, writes in zip(preset.geometry, sides[:-1], sides[1:], strict=True):
-        if transforms:  # the transform before may have been skipped (its p): cut to what this one reads
+        if transforms:  # the transform before may output more (elastic keeps its input's size)
             transforms.append(A.CenterCrop(reads, reads))
-        transforms.append(spec.albumentations(crop_size, writes))
+        transform = spec.albumentations(crop_size, writes)
+        transform.p = 1.0
+        transforms.append(transform)
     return transforms
 
 
@@ -378,13 +385,29 @@ class Augment:
         self.views = preset.views
         self.crop_size = crop_size
         self.window = None if crop_size is None else preset.window_side(crop_size)
-        if self.window is None:
-            spatial = [spec.albumentations(crop_size) for spec in preset.geometry] + list(preset.spatial)
-        else:
-            spatial = window_transforms(preset, crop_size)
+        targets = {"roi": "mask", "teacher": "image"}
+        self.spatial = A.Compose(
+            [spec.albumentations(crop_size) for spec in preset.geometry] + list(preset.spatial),
+            additional_targets=targets,
+        )  # on the whole image, when there is no window
+        # With a window: per set of geometry transforms that run, the window they need and them.
+        self.windows: dict[tuple[bool, ...], tuple[int, A.Compose]] = {}
+        if self.window is not None:
+            for runs in itertools.product((False, True), repeat=len(preset.geometry)):
+                chosen = dataclasses.replace(preset, geometry=tuple(compress(preset.geometry, runs)))
+                transforms = window_transforms(chosen, crop_size)
+                self.windows[runs] = (
+                    chosen.sides(crop_size)[0],
+                    A.Compose(transforms, additional_targets=targets),
+                )
         colour = preset.colour.albumentations() if preset.colour is not None else []
-        self.spatial = A.Compose(spatial, additional_targets={"roi": "mask", "teacher": "image"})
         self.photometric = A.Compose(colour + list(preset.photometric))
+
+    def geometry_for(self, rng: np.random.Generator) -> tuple[int, A.Compose]:
+        """Which geometry transforms run for a sample (each by its `p`), as (the window side they need,
+        their Compose): a sample whose affine does not run cuts, reflects and turns only its crop."""
+        runs = tuple(bool(rng.random() < spec.p) for spec in self.preset.geometry)
+        return self.windows[runs]
 
     def sample_view(self, rng: np.random.Generator, among: Iterable[str] | None = None) -> str:
         """A random D4 view of this preset, restricted to `among` (e.g. the views a cache holds)."""
@@ -429,18 +452,23 @@ class Augment:
         """
         rng = np.random.default_rng(rng)
         view = self.sample_view(rng) if view is None else view
-        window = self.sample_window(mask.shape, rng) if self.window is not None else None
+        window, spatial = None, self.spatial
+        if self.window is not None:
+            top, left, _ = self.sample_window(mask.shape, rng, self.crop_size)  # where the crop lies
+            side, spatial = self.geometry_for(rng)
+            margin = (side - self.crop_size) // 2
+            window = (top - margin, left - margin, side)
         data = {"image": cut(image, window), "mask": cut(mask, window), "roi": cut(roi, window)}
         if teacher is not None:
             maps = [teacher] if isinstance(teacher, np.ndarray) else teacher
             dtype = maps[0].dtype
             data["teacher"] = mean_map([cut(m, window) for m in maps])
-            if self.spatial.transforms:
+            if spatial.transforms:
                 data["teacher"] = converted(data["teacher"], np.float32)
         data = {key: apply_view(value, view) for key, value in data.items()}
-        if self.spatial.transforms:
-            _seed(self.spatial, rng)
-            data = self.spatial(**data)
+        if spatial.transforms:
+            _seed(spatial, rng)
+            data = spatial(**data)
         if self.crop_size is not None:
             size = data["mask"].shape
             crop = (
