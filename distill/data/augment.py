@@ -8,8 +8,9 @@ device), from the same numbers. One sample, in this order:
 1. a random square *window* is cut from the image (reflected where it leaves the image): the crop
    plus the margin that the spatial transforms may pull pixels from (`Preset.window_side`), so the
    transforms warp a window rather than the whole image. Which of them run (each by its `p`) is
-   drawn first, and the margin covers only those: a sample none of them touches cuts just its crop. A teacher map is cut the same way, and with
-   `teacher_views: mean` its cached views are averaged on the window, not at full resolution;
+   drawn first, and the margin covers only those: a sample none of them touches cuts just its crop.
+   A teacher map is cut the same way, and with `teacher_views: mean` its cached views are averaged
+   on the window, not at full resolution;
 2. a discrete D4 view (flip / quarter turn) by name from `distill.views`, so the DataModule can pick
    the cached teacher view that matches it (`teacher_views: match`);
 3. the *spatial* transforms (affine, elastic) move image, mask, roi and teacher map together, each
@@ -46,7 +47,6 @@ import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import compress
 from typing import Any
 
 import albumentations as A
@@ -291,6 +291,13 @@ Window = tuple[int, int, int]  # top, left, side: a square of an image; the part
 OPENCV_DTYPES = frozenset(map(np.dtype, ("u1", "i1", "u2", "i2", "i4", "f2", "f4", "f8")))  # cv2's depths
 
 
+def widened(window: Window, side: int) -> Window:
+    """The square of `side` px centred on the square `window` (sides of the same parity)."""
+    top, left, inner = window
+    margin = (side - inner) // 2
+    return top - margin, left - margin, side
+
+
 def reflect(positions: np.ndarray, size: int) -> np.ndarray:
     """Fold positions into [0, size) by reflection without repeating the edge (BORDER_REFLECT_101)."""
     period = max(2 * (size - 1), 1)
@@ -386,15 +393,20 @@ class Augment:
         self.crop_size = crop_size
         self.window = None if crop_size is None else preset.window_side(crop_size)
         targets = {"roi": "mask", "teacher": "image"}
-        self.spatial = A.Compose(
-            [spec.albumentations(crop_size) for spec in preset.geometry] + list(preset.spatial),
-            additional_targets=targets,
-        )  # on the whole image, when there is no window
+        # Without a window: every spatial transform on the whole image, each by its own p.
+        self.spatial: A.Compose | None = None
         # With a window: per set of geometry transforms that run, the window they need and them.
         self.windows: dict[tuple[bool, ...], tuple[int, A.Compose]] = {}
-        if self.window is not None:
+        if self.window is None:
+            self.spatial = A.Compose(
+                [spec.albumentations(crop_size) for spec in preset.geometry] + list(preset.spatial),
+                additional_targets=targets,
+            )
+        else:
             for runs in itertools.product((False, True), repeat=len(preset.geometry)):
-                chosen = dataclasses.replace(preset, geometry=tuple(compress(preset.geometry, runs)))
+                chosen = dataclasses.replace(
+                    preset, geometry=tuple(itertools.compress(preset.geometry, runs))
+                )
                 transforms = window_transforms(chosen, crop_size)
                 self.windows[runs] = (
                     chosen.sides(crop_size)[0],
@@ -429,10 +441,9 @@ class Augment:
         """
         if self.crop_size is None:
             return None
-        crop, side = self.crop_size, side or self.window or self.crop_size
+        crop = self.crop_size
         top, left = (int(rng.integers(min(0, n - crop), max(0, n - crop) + 1)) for n in shape)
-        margin = (side - crop) // 2
-        return top - margin, left - margin, side
+        return widened((top, left, crop), side or self.window or crop)
 
     def __call__(
         self,
@@ -454,10 +465,9 @@ class Augment:
         view = self.sample_view(rng) if view is None else view
         window, spatial = None, self.spatial
         if self.window is not None:
-            top, left, _ = self.sample_window(mask.shape, rng, self.crop_size)  # where the crop lies
+            crop = self.sample_window(mask.shape, rng, self.crop_size)  # where the crop lies
             side, spatial = self.geometry_for(rng)
-            margin = (side - self.crop_size) // 2
-            window = (top - margin, left - margin, side)
+            window = widened(crop, side)
         data = {"image": cut(image, window), "mask": cut(mask, window), "roi": cut(roi, window)}
         if teacher is not None:
             maps = [teacher] if isinstance(teacher, np.ndarray) else teacher
