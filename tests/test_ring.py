@@ -118,3 +118,19 @@ def test_closing_the_stream_gives_the_ring_s_memory_back():
     assert stream.ring.arrays["teacher"].any()  # written by the workers
     batches.close()
     assert not stream.ring.arrays["teacher"].any()  # the pages were dropped: they read zeros again
+
+
+def test_a_loader_that_would_break_the_batch_count_is_refused():
+    for setting in ({"persistent_workers": True}, {"pin_memory": True}):
+        stream = ring_stream(torch.device("cpu"), workers=1)
+        loader = stream.loader
+        stream.loader = type(loader)(
+            loader.dataset,
+            batch_sampler=loader.batch_sampler,
+            num_workers=1,
+            collate_fn=loader.collate_fn,
+            prefetch_factor=PREFETCH_FACTOR,
+            **setting,
+        )
+        with pytest.raises(ValueError, match="in order, unpinned, from its own workers"):
+            next(iter(stream))
