@@ -16,6 +16,7 @@ DataLoader workers that apply a view to every sample. The tests check both give 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import cv2
@@ -125,6 +126,25 @@ def apply_view(array: np.ndarray, name: str) -> np.ndarray:
         out = _OPENCV[name](array)
         return out.reshape(*out.shape[:2], *array.shape[2:])  # OpenCV drops a trailing channel axis of 1
     return np.ascontiguousarray(VIEWS[name](array))
+
+
+@functools.cache
+def view_matrix(name: str, side: int) -> np.ndarray:
+    """The 3x3 affine map of pixel coordinates (x, y, 1) in a `side` x `side` square (side >= 2) to their
+    place in `apply_view(square, name)`. Read off `VIEWS` itself (on broadcast index arrays, no copy), so
+    the two cannot disagree; a warp can then fold the view into its matrix instead of moving pixels first."""
+    rows = np.broadcast_to(np.arange(side)[:, None], (side, side))
+    cols = np.broadcast_to(np.arange(side), (side, side))
+    xs, ys = VIEWS[name](cols), VIEWS[name](rows)  # the view's pixel (y', x') comes from (ys, xs)[y', x']
+    reads = np.array(
+        [
+            [xs[0, 1] - xs[0, 0], xs[1, 0] - xs[0, 0], xs[0, 0]],
+            [ys[0, 1] - ys[0, 0], ys[1, 0] - ys[0, 0], ys[0, 0]],
+            [0, 0, 1],
+        ],
+        dtype=np.float64,
+    )
+    return np.linalg.inv(reads)
 
 
 def invert_view(array: np.ndarray, name: str) -> np.ndarray:

@@ -28,9 +28,10 @@ from distill.data.augment import (
     list_presets,
     mean_map,
     reflect,
+    widened,
 )
 from distill.errors import ConfigError
-from distill.views import VIEWS
+from distill.views import VIEWS, apply_view
 
 H, W = 64, 96  # not square, so a transpose that forgot an axis would fail
 MASK_CELL, ROI_STRIPE = 6, 5  # checkerboard cell and stripe width, pixels
@@ -239,7 +240,8 @@ def test_cached_views_are_averaged_on_the_window_not_on_the_whole_map(monkeypatc
     sample = probe()
     views = [sample["teacher"][..., 0] + k for k in range(8)]  # eight cached views, H x W each
     out = augment(sample["image"], sample["mask"], sample["roi"], teacher=views, view="identity", rng=0)
-    assert shapes == [(augment.window, augment.window)] and augment.window < W
+    (shape,) = shapes  # the window, or the part of the image it covers when an affine reads through it
+    assert max(shape) <= augment.window < W
     # The same as averaging first (the window is cut the same way from every view).
     mean = (sample["teacher"][..., 0] + 3.5).astype(np.float32)
     expected = augment(sample["image"], sample["mask"], sample["roi"], teacher=mean, view="identity", rng=0)
@@ -385,3 +387,35 @@ def test_each_window_transform_reads_and_writes_only_the_centre_the_next_one_nee
     affine, cut_to, elastic = build_augment("strong", 256).windows[(True, True)][1].transforms
     assert affine.side == elastic_reads and (cut_to.height, cut_to.width) == (elastic_reads, elastic_reads)
     assert isinstance(elastic, A.ElasticTransform)
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_the_first_affine_reads_the_image_as_if_the_window_were_cut_and_turned_first(view):
+    """Its matrix holds the window's offset and D4 view (`CentreCroppedAffine`): the sample equals cutting
+    the window, reflecting it past the border, turning it and warping it, up to OpenCV's 1/32-pixel
+    rounding of the matrix."""
+    yy, xx = np.mgrid[0:70, 0:90].astype(np.float32)
+    smooth = 127 + 100 * np.sin(xx / 7) * np.cos(yy / 9)
+    sample = {
+        "image": np.repeat(smooth[..., None], 3, axis=2).astype(np.uint8),
+        "mask": (smooth > 150).astype(np.uint8),
+        "roi": (xx < 60).astype(np.uint8),
+        "teacher": (smooth / 50 - 2.5).astype(np.float16),
+    }
+    augment = Augment(Preset(views=D4, geometry=(AffineSpec(scale=0.15, degrees=20, shift=0.05, p=1.0),)), 32)
+    past_border = 0
+    for seed in range(8):
+        out = augment(**sample, view=view, rng=seed)
+        rng = np.random.default_rng(seed)  # the draws of __call__ with the view given: crop, geometry
+        window = widened(augment.sample_window((70, 90), rng, 32), augment.geometry_for(rng)[0])
+        side, spatial = augment.geometry_for(np.random.default_rng(0))  # the affine's Compose, p = 1
+        data = {key: apply_view(cut(value, window), view) for key, value in sample.items()}
+        data["teacher"] = data["teacher"].astype(np.float32)
+        augment_module._seed(spatial, rng)
+        expected = spatial(**data)
+        past_border += min(window[:2]) < 0 or window[0] + side > 70 or window[1] + side > 90
+        assert np.abs(out["image"].astype(int) - expected["image"]).max() <= 2
+        assert np.abs(out["teacher"].astype(np.float32) - expected["teacher"]).max() < 0.02
+        assert (out["mask"] != expected["mask"]).mean() < 0.01
+        assert (out["roi"] != expected["roi"]).mean() < 0.01
+    assert past_border >= 2

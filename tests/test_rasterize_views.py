@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from distill.views import (
     expand_views,
     invert_view,
     mean_over_views,
+    view_matrix,
 )
 
 
@@ -85,6 +87,13 @@ def test_views_equal_their_numpy_definition_for_every_dtype_and_layout(name, tmp
         assert out.dtype == expected.dtype and out.shape == expected.shape, kind
         assert out.flags.c_contiguous, kind
         np.testing.assert_array_equal(out, expected, err_msg=kind)
+
+
+@pytest.mark.parametrize("name", sorted(VIEWS))
+def test_a_warp_by_the_view_matrix_moves_every_pixel_as_the_view_does(name):
+    square = np.random.default_rng(0).integers(0, 256, (9, 9, 3), dtype=np.uint8)
+    moved = cv2.warpAffine(square, view_matrix(name, 9)[:2], (9, 9), flags=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(moved, apply_view(square, name))
 
 
 def test_check_views_rejects_unknown_and_repeated():

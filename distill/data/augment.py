@@ -15,7 +15,9 @@ device), from the same numbers. One sample, in this order:
    the cached teacher view that matches it (`teacher_views: match`);
 3. the *spatial* transforms (affine, elastic) move image, mask, roi and teacher map together, each
    writing only the centre square that the next one reads (`Preset.sides`, `CentreCroppedAffine`):
-   a warp costs its output's area, and the window's margin is cut away after them;
+   a warp costs its output's area, and the window's margin is cut away after them. When the first
+   of them is an affine, steps 1 and 2 go into its matrix instead: it reads the part of the image
+   the window covers, and the window is never cut, reflected or turned;
 4. the centre `crop_size` square of the window is kept;
 5. the *photometric* transforms (brightness/contrast, gamma, CLAHE, hue, noise, blur) change the image alone.
 
@@ -57,7 +59,7 @@ import torch
 
 from distill.errors import ConfigError
 from distill.registry import Registry
-from distill.views import VIEWS, apply_view
+from distill.views import VIEWS, apply_view, view_matrix
 
 REFLECT = cv2.BORDER_REFLECT_101
 D4 = tuple(VIEWS)
@@ -122,6 +124,11 @@ class CentreCroppedAffine(A.Affine):
     crop's area. Same parameters and sampling as Affine (its own code); the crop's offset is folded
     into the warp matrix, so each output pixel samples the same source point up to OpenCV's
     1/32-pixel fixed point. Images and masks only (the matrix for boxes is not cropped).
+
+    Called with `window=(window side, matrix)`, the inputs are not the window itself but the part of
+    the image it covers, and `matrix` (3x3) maps their pixel coordinates to the window's (its offset
+    and D4 view, `Augment.__call__`): the warp then reads the image directly, and the window is never
+    cut, reflected or turned (OpenCV reflects the border as `cut` does).
     """
 
     def __init__(self, side: int, **kwargs: Any):
@@ -129,6 +136,10 @@ class CentreCroppedAffine(A.Affine):
         self.side = side
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        to_window = np.eye(3)
+        if "window" in data:
+            side, to_window = data["window"]
+            params = {**params, "shape": (side, side)}
         warp = super().get_params_dependent_on_data(params, data)
         height, width = params["shape"][:2]
         to_centre = np.array(
@@ -138,7 +149,8 @@ class CentreCroppedAffine(A.Affine):
                 [0.0, 0.0, 1.0],
             ]
         )
-        return {**warp, "matrix": to_centre @ warp["matrix"], "output_shape": (self.side, self.side)}
+        matrix = to_centre @ warp["matrix"] @ to_window
+        return {**warp, "matrix": matrix, "output_shape": (self.side, self.side)}
 
 
 @dataclass(frozen=True)
@@ -332,6 +344,17 @@ def cut(array: np.ndarray, window: Window | None) -> np.ndarray:
     ]
 
 
+def covered(window: Window, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """The rows and columns of an image of `shape` that `window` covers.
+
+    Where the window leaves the image, these reach the image's border, and the window's reflected part
+    mirrors them about that border: what a warp with BORDER_REFLECT_101 reads from them is what it reads
+    from `cut(image, window)` (the window reaches out less than half its side, `Preset.window_side`).
+    """
+    top, left, side = window
+    return slice(max(top, 0), min(top + side, shape[0])), slice(max(left, 0), min(left + side, shape[1]))
+
+
 def _tensor(array: np.ndarray) -> torch.Tensor:
     """A CPU tensor sharing `array`'s memory, to be read only (cache maps are read-only memory maps)."""
     if any(step < 0 for step in array.strides):  # a flipped view: torch takes positive strides only
@@ -468,17 +491,26 @@ class Augment:
             crop = self.sample_window(mask.shape, rng, self.crop_size)  # where the crop lies
             side, spatial = self.geometry_for(rng)
             window = widened(crop, side)
-        data = {"image": cut(image, window), "mask": cut(mask, window), "roi": cut(roi, window)}
+        # A first warp that is an affine reads the image itself: the window's offset and view go into its matrix.
+        folded = window is not None and isinstance((spatial.transforms or [None])[0], CentreCroppedAffine)
+        part = (lambda a: a[covered(window, a.shape)]) if folded else (lambda a: cut(a, window))
+        data = {"image": part(image), "mask": part(mask), "roi": part(roi)}
         if teacher is not None:
             maps = [teacher] if isinstance(teacher, np.ndarray) else teacher
             dtype = maps[0].dtype
-            data["teacher"] = mean_map([cut(m, window) for m in maps])
+            data["teacher"] = mean_map([part(m) for m in maps])
             if spatial.transforms:
                 data["teacher"] = converted(data["teacher"], np.float32)
-        data = {key: apply_view(value, view) for key, value in data.items()}
+        if folded:
+            rows, cols = covered(window, mask.shape)
+            offset = np.array([[1, 0, cols.start - window[1]], [0, 1, rows.start - window[0]], [0, 0, 1]])
+            data["window"] = (window[2], view_matrix(view, window[2]) @ offset)
+        else:
+            data = {key: apply_view(value, view) for key, value in data.items()}
         if spatial.transforms:
             _seed(spatial, rng)
             data = spatial(**data)
+            data.pop("window", None)
         if self.crop_size is not None:
             size = data["mask"].shape
             crop = (

@@ -462,6 +462,12 @@ class VesselDataModule(pl.LightningDataModule):
         shapes = {self.records[i].mask.shape for i in data.ids}
         return len(shapes) == 1 and len(set(next(iter(shapes)))) == 1
 
+    def _no_ring_path(self) -> str:
+        if self.num_workers == 0:
+            return "made in the training process (data.num_workers=0)"
+        why = "workers are not forked on this platform" if not FORKS else "samples may differ in shape"
+        return f"{self.num_workers} DataLoader workers, each batch in new shared memory ({why})"
+
     def train_dataloader(self) -> EpochStream:
         """Shuffled, augmented batches as one stream that runs across epochs (see distill.data.sampling).
 
@@ -511,8 +517,13 @@ class VesselDataModule(pl.LightningDataModule):
                     self.pin_memory,
                     self._loader,
                 )
+                rank_zero_info(
+                    f"training batches: {self.num_workers} workers write into a shared ring of {stream.ring.slots} "
+                    f"batches ({stream.ring.nbytes / 2**20:.0f} MiB)"
+                )
                 self.train_stream = EpochStream(stream, steps)
             else:
+                rank_zero_info(f"training batches: {self._no_ring_path()}")
                 self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
         return self.train_stream
 
