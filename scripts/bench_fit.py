@@ -30,8 +30,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
+import multiprocessing.queues
 import os
 import re
+import resource
 import sys
 import tempfile
 import threading
@@ -45,7 +48,6 @@ from typing import get_args
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import cv2  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -57,7 +59,7 @@ from tqdm import tqdm  # noqa: E402
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
 from distill.data import open_dataset  # noqa: E402
 from distill.data.augment import list_presets  # noqa: E402
-from distill.data.datamodule import VesselDataModule  # noqa: E402
+from distill.data.datamodule import VesselDataModule, init_worker  # noqa: E402
 from distill.data.sampling import Draw  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
 from distill.module import CompileMode, DistillModule  # noqa: E402
@@ -557,26 +559,33 @@ def bench_loader(
 
 
 def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Path) -> dict:
-    """One DataLoader worker's work per training crop (read, cut, augment; no collation), in this process,
-    with one torch thread and no OpenCV thread pool, as in a worker (`init_worker`)."""
+    """One DataLoader worker's work per training crop (read, cut, augment; no collation), timed in a forked
+    process set up as a worker is (`init_worker`, one torch thread), with its minor page faults per crop."""
     dm = datamodule(args, regime, "workers", data, cache)
     dm.setup("fit")
     split = dm.splits["train"]  # what a worker makes its samples with (VesselSplit)
     draws = [Draw(number % len(split), number) for number in range((args.warmup + args.steps) * regime.batch)]
-    threads, opencv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)  # what the DataLoader sets in each worker
-    cv2.setNumThreads(0)  # what init_worker sets
-    try:
-        for draw in draws[: args.warmup * regime.batch]:
+    warmup = args.warmup * regime.batch
+
+    def worker(results: multiprocessing.queues.Queue) -> None:
+        torch.set_num_threads(1)  # what the DataLoader sets in each worker
+        init_worker()
+        for draw in draws[:warmup]:
             split[draw]
-        start = time.perf_counter()
-        for draw in draws[args.warmup * regime.batch :]:
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        for draw in draws[warmup:]:
             split[draw]
         seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
-        cv2.setNumThreads(opencv_threads)
-    return {"ms_per_sample": 1000 * seconds / (args.steps * regime.batch)}
+        results.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    process = context.Process(target=worker, args=(results,))
+    process.start()
+    seconds, faults = results.get()
+    process.join()
+    samples = args.steps * regime.batch
+    return {"ms_per_sample": 1000 * seconds / samples, "page_faults_per_sample": faults / samples}
 
 
 @torch.no_grad()
@@ -823,7 +832,8 @@ def print_table(report: dict, out: Path) -> None:
     for r in rows:
         if "sample" in r:
             print(
-                f"sample {r['regime']}: {r['sample']['ms_per_sample']:.2f} ms per training crop (one worker)"
+                f"sample {r['regime']}: {r['sample']['ms_per_sample']:.2f} ms per training crop (one worker), "
+                f"{r['sample']['page_faults_per_sample']:.0f} minor page faults"
             )
         for figure, value in r.items():
             if isinstance(value, dict) and "profile" in value:
