@@ -7,13 +7,14 @@
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU test, pipeline scaling 1 -> 2 GPUs
 #   bash scripts/gpu_fit_bench.sh OUT graphs    # CUDA graphs (reduce-overhead), 12 workers: bare vs pipeline, 3 models, 512x32
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu-graphs  # the same pipeline on 1 and 2 GPUs (DDP), UNet-R34 at 512x32
+#   bash scripts/gpu_fit_bench.sh OUT 2gpu-diag    # 2gpu-graphs with each process's CPU use and allowed CPUs sampled
 #   bash scripts/gpu_fit_bench.sh OUT workers   # the worker path's data side alone: one worker's ms per crop, the loader's img/s
 #   bash scripts/gpu_fit_bench.sh OUT rows      # 1 GPU, graphs: bare + pipeline, profiled, one model and regime per run
 #                                               # (REGIMES="512x32" MODELS="unet_r34" to choose)
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|workers|rows}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|workers|rows}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -64,6 +65,23 @@ two_gpus_graphs() {
         --models unet_r34 --tag ddp_graphs
 }
 
+watch_processes() {  # every 15 s into OUT/processes.txt: the busiest processes, and the CPUs each python may use
+    while true; do
+        { date +%T; top -b -n 1 -w 200 | sed -n 1,45p
+          for pid in $(pgrep python); do
+              echo "$pid $(grep Cpus_allowed_list "/proc/$pid/status" 2>/dev/null) $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-80)"
+          done; } >> "$OUT/processes.txt"
+        sleep 15
+    done
+}
+
+two_gpus_diagnosed() {  # 2gpu-graphs, watched: are the ranks' workers busy, and on which CPUs may they run?
+    watch_processes &
+    local watcher=$!
+    two_gpus_graphs
+    kill "$watcher"
+}
+
 workers() {
     bench bench_loader "${graphs_args[@]}" --regimes 512x32 256x16 --models unet_r34 --figures loader --tag loader
     bench bench_sample "${graphs_args[@]}" --regimes 512x32 256x16 --models unet_r34 --figures sample \
@@ -87,8 +105,9 @@ case "$WHAT" in
     2gpu) two_gpus ;;
     graphs) graphs ;;
     2gpu-graphs) two_gpus_graphs ;;
+    2gpu-diag) two_gpus_diagnosed ;;
     workers) workers ;;
     rows) rows ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, workers or rows" >&2; exit 2 ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, workers or rows" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
