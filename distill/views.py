@@ -144,7 +144,9 @@ def view_matrix(name: str, side: int) -> np.ndarray:
         ],
         dtype=np.float64,
     )
-    return np.linalg.inv(reads)
+    matrix = np.linalg.inv(reads)
+    matrix.flags.writeable = False  # cached: shared by every caller
+    return matrix
 
 
 def invert_view(array: np.ndarray, name: str) -> np.ndarray:

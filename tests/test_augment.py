@@ -389,11 +389,15 @@ def test_each_window_transform_reads_and_writes_only_the_centre_the_next_one_nee
     assert isinstance(elastic, A.ElasticTransform)
 
 
+TWO_AFFINES = (AffineSpec(0.15, 20, 0.05, 1.0), AffineSpec(0.1, 10, 0.05, 1.0))
+
+
+@pytest.mark.parametrize("geometry", [TWO_AFFINES[:1], TWO_AFFINES], ids=["affine", "two affines"])
 @pytest.mark.parametrize("view", list(VIEWS))
-def test_the_first_affine_reads_the_image_as_if_the_window_were_cut_and_turned_first(view):
+def test_the_first_affine_reads_the_image_as_if_the_window_were_cut_and_turned_first(view, geometry):
     """Its matrix holds the window's offset and D4 view (`CentreCroppedAffine`): the sample equals cutting
     the window, reflecting it past the border, turning it and warping it, up to OpenCV's 1/32-pixel
-    rounding of the matrix."""
+    rounding of the matrix. Only the first transform reads through the window."""
     yy, xx = np.mgrid[0:70, 0:90].astype(np.float32)
     smooth = 127 + 100 * np.sin(xx / 7) * np.cos(yy / 9)
     sample = {
@@ -402,13 +406,15 @@ def test_the_first_affine_reads_the_image_as_if_the_window_were_cut_and_turned_f
         "roi": (xx < 60).astype(np.uint8),
         "teacher": (smooth / 50 - 2.5).astype(np.float16),
     }
-    augment = Augment(Preset(views=D4, geometry=(AffineSpec(scale=0.15, degrees=20, shift=0.05, p=1.0),)), 32)
+    augment = Augment(Preset(views=D4, geometry=geometry), 32)
     past_border = 0
     for seed in range(8):
         out = augment(**sample, view=view, rng=seed)
         rng = np.random.default_rng(seed)  # the draws of __call__ with the view given: crop, geometry
         window = widened(augment.sample_window((70, 90), rng, 32), augment.geometry_for(rng)[0])
-        side, spatial = augment.geometry_for(np.random.default_rng(0))  # the affine's Compose, p = 1
+        side, spatial = augment.geometry_for(np.random.default_rng(0))  # the affines' Compose, p = 1
+        assert [getattr(t, "reads_window", False) for t in spatial.transforms][:1] == [True]
+        assert not any(getattr(t, "reads_window", False) for t in spatial.transforms[1:])
         data = {key: apply_view(cut(value, window), view) for key, value in sample.items()}
         data["teacher"] = data["teacher"].astype(np.float32)
         augment_module._seed(spatial, rng)
@@ -419,3 +425,15 @@ def test_the_first_affine_reads_the_image_as_if_the_window_were_cut_and_turned_f
         assert (out["mask"] != expected["mask"]).mean() < 0.01
         assert (out["roi"] != expected["roi"]).mean() < 0.01
     assert past_border >= 2
+
+
+def test_an_affine_that_moves_nothing_still_keeps_exactly_the_crop():
+    """The folded matrix can be the identity, where albumentations would hand back its input unwarped."""
+    augment = Augment(Preset(views=("identity",), geometry=(AffineSpec(0.0, 0.0, 0.0, 1.0),)), 32)
+    image = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    mask = np.zeros((32, 40), np.uint8)
+    for seed in range(40):
+        out = augment(image, mask, np.ones_like(mask), view="identity", rng=seed)
+        rng = np.random.default_rng(seed)
+        top, left, side = augment.sample_window(mask.shape, rng, 32)  # the crop, drawn as the path does
+        np.testing.assert_array_equal(out["image"], image[top : top + side, left : left + side])

@@ -125,11 +125,15 @@ class CentreCroppedAffine(A.Affine):
     into the warp matrix, so each output pixel samples the same source point up to OpenCV's
     1/32-pixel fixed point. Images and masks only (the matrix for boxes is not cropped).
 
-    Called with `window=(window side, matrix)`, the inputs are not the window itself but the part of
-    the image it covers, and `matrix` (3x3) maps their pixel coordinates to the window's (its offset
-    and D4 view, `Augment.__call__`): the warp then reads the image directly, and the window is never
-    cut, reflected or turned (OpenCV reflects the border as `cut` does).
+    With `reads_window` (the first transform of a window, `window_transforms`) and called with
+    `window=(window side, matrix)`, the inputs are not the window itself but the part of the image it
+    covers, and `matrix` (3x3) maps their pixel coordinates to the window's (its offset and D4 view,
+    `Augment.__call__`): the warp then reads the image directly, and the window is never cut,
+    reflected or turned (OpenCV reflects the border as `cut` does). It always warps, even by the
+    identity (albumentations would hand back its input, here not the window).
     """
+
+    reads_window = False
 
     def __init__(self, side: int, **kwargs: Any):
         super().__init__(**kwargs)
@@ -137,7 +141,7 @@ class CentreCroppedAffine(A.Affine):
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         to_window = np.eye(3)
-        if "window" in data:
+        if self.reads_window and "window" in data:
             side, to_window = data["window"]
             params = {**params, "shape": (side, side)}
         warp = super().get_params_dependent_on_data(params, data)
@@ -151,6 +155,25 @@ class CentreCroppedAffine(A.Affine):
         )
         matrix = to_centre @ warp["matrix"] @ to_window
         return {**warp, "matrix": matrix, "output_shape": (self.side, self.side)}
+
+    def apply(
+        self, img: np.ndarray, matrix: np.ndarray, output_shape: tuple[int, int], **params: Any
+    ) -> np.ndarray:
+        return self._warp(img, matrix, output_shape, self.interpolation)
+
+    def apply_to_mask(
+        self, mask: np.ndarray, matrix: np.ndarray, output_shape: tuple[int, int], **params: Any
+    ) -> np.ndarray:
+        return self._warp(mask, matrix, output_shape, self.mask_interpolation)
+
+    def _warp(
+        self, array: np.ndarray, matrix: np.ndarray, output_shape: tuple[int, int], interpolation: int
+    ) -> np.ndarray:
+        height, width = output_shape
+        out = cv2.warpAffine(
+            array, matrix[:2], (width, height), flags=interpolation, borderMode=self.border_mode
+        )
+        return out.reshape(height, width, *array.shape[2:])  # (OpenCV drops a trailing channel of 1)
 
 
 @dataclass(frozen=True)
@@ -349,7 +372,10 @@ def covered(window: Window, shape: tuple[int, ...]) -> tuple[slice, slice]:
 
     Where the window leaves the image, these reach the image's border, and the window's reflected part
     mirrors them about that border: what a warp with BORDER_REFLECT_101 reads from them is what it reads
-    from `cut(image, window)` (the window reaches out less than half its side, `Preset.window_side`).
+    from `cut(image, window)`. Along an axis where the window leaves the image on one side only, it
+    reaches out by at most its margin, less than the part it covers (the crop, inside the image, and
+    the margin on the other side); where it leaves on both, it covers the whole axis and OpenCV
+    reflects as often as `cut`.
     """
     top, left, side = window
     return slice(max(top, 0), min(top + side, shape[0])), slice(max(left, 0), min(left + side, shape[1]))
@@ -404,6 +430,8 @@ def window_transforms(preset: Preset, crop_size: int) -> list[A.BasicTransform]:
         transform = spec.albumentations(crop_size, writes)
         transform.p = 1.0
         transforms.append(transform)
+    if transforms and isinstance(transforms[0], CentreCroppedAffine):
+        transforms[0].reads_window = True  # only the first: the window's matrix maps the image to its input
     return transforms
 
 
@@ -492,7 +520,7 @@ class Augment:
             side, spatial = self.geometry_for(rng)
             window = widened(crop, side)
         # A first warp that is an affine reads the image itself: the window's offset and view go into its matrix.
-        folded = window is not None and isinstance((spatial.transforms or [None])[0], CentreCroppedAffine)
+        folded = window is not None and getattr((spatial.transforms or [None])[0], "reads_window", False)
         part = (lambda a: a[covered(window, a.shape)]) if folded else (lambda a: cut(a, window))
         data = {"image": part(image), "mask": part(mask), "roi": part(roi)}
         if teacher is not None:
