@@ -437,3 +437,19 @@ def test_an_affine_that_moves_nothing_still_keeps_exactly_the_crop():
         rng = np.random.default_rng(seed)
         top, left, side = augment.sample_window(mask.shape, rng, 32)  # the crop, drawn as the path does
         np.testing.assert_array_equal(out["image"], image[top : top + side, left : left + side])
+
+
+@pytest.mark.parametrize(
+    "preset, crop_size", [("default", 32), ("strong", 32), ("default", None), ("light", 40)]
+)
+def test_a_sample_without_an_roi_is_the_sample_with_an_roi_of_ones_and_its_roi_all_ones(preset, crop_size):
+    sample = probe()
+    augment = build_augment(preset, crop_size)
+    for seed in range(6):
+        without = augment(sample["image"], sample["mask"], None, teacher=sample["teacher"][..., 0], rng=seed)
+        ones = np.ones_like(sample["roi"])
+        expected = augment(sample["image"], sample["mask"], ones, teacher=sample["teacher"][..., 0], rng=seed)
+        assert without.keys() == expected.keys()
+        for key in ("image", "mask", "teacher", "roi"):
+            np.testing.assert_array_equal(without[key], expected[key], err_msg=key)
+            assert without[key].dtype == expected[key].dtype

@@ -500,14 +500,15 @@ class Augment:
         self,
         image: np.ndarray,
         mask: np.ndarray,
-        roi: np.ndarray,
+        roi: np.ndarray | None = None,
         teacher: np.ndarray | Sequence[np.ndarray] | None = None,
         view: str | None = None,
         rng: np.random.Generator | int | None = None,
     ) -> dict[str, np.ndarray | str]:
         """Augment one sample. Returns {"image", "mask", "roi", "view"} (+ "teacher" when given).
 
-        image HxWx3 uint8, mask and roi HxW uint8; teacher: HxW float16/float32 logits in the same
+        image HxWx3 uint8, mask and roi HxW uint8 (roi None: every pixel counts, and the sample's roi is
+        all ones without being cut or warped); teacher: HxW float16/float32 logits in the same
         (original) orientation as the image, or a sequence of such maps (cached views) that are cut
         to the window and averaged there. `view` forces the D4 view (else one is sampled); `rng`
         (a Generator or a seed) draws everything random.
@@ -522,7 +523,7 @@ class Augment:
         # A first warp that is an affine reads the image itself: the window's offset and view go into its matrix.
         folded = window is not None and getattr((spatial.transforms or [None])[0], "reads_window", False)
         part = (lambda a: a[covered(window, a.shape)]) if folded else (lambda a: cut(a, window))
-        data = {"image": part(image), "mask": part(mask), "roi": part(roi)}
+        data = {"image": part(image), "mask": part(mask)} | ({} if roi is None else {"roi": part(roi)})
         if teacher is not None:
             maps = [teacher] if isinstance(teacher, np.ndarray) else teacher
             dtype = maps[0].dtype
@@ -552,6 +553,8 @@ class Augment:
             data["image"] = self.photometric(image=data["image"])["image"]
         if teacher is not None:
             data["teacher"] = converted(data["teacher"], dtype)
+        if roi is None:
+            data["roi"] = np.ones(data["mask"].shape, np.uint8)
         return {**data, "view": view}
 
 

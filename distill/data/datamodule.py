@@ -140,9 +140,13 @@ class VesselSplit(Dataset):
         index, number = item if isinstance(item, tuple) else (item, item)
         record = self.load(self.ids[index])
         shape = record.mask.shape
-        roi = np.ones(shape, np.uint8) if record.roi is None else record.roi.astype(np.uint8)
-        sample = {"image": record.image, "mask": record.mask, "roi": roi}
+        roi = None if record.roi is None else as_bytes(record.roi)
         if self.augment is None:
+            sample = {
+                "image": record.image,
+                "mask": record.mask,
+                "roi": np.ones(shape, np.uint8) if roi is None else roi,
+            }
             if self.teacher is not None:
                 sample["teacher"] = mean_map(self.teacher.read(record.id, "identity", shape))
         else:
@@ -150,7 +154,7 @@ class VesselSplit(Dataset):
             among = self.teacher.cache.views if self.teacher and self.teacher.views == "match" else None
             view = self.augment.sample_view(rng, among)
             teacher = self.teacher.read(record.id, view, shape) if self.teacher else None
-            sample = self.augment(**sample, teacher=teacher, view=view, rng=rng)
+            sample = self.augment(record.image, record.mask, roi, teacher=teacher, view=view, rng=rng)
             del sample["view"]
         if self.teacher is not None:
             sample["teacher_valid"] = np.uint8(record.id not in self.teacher.no_map)
@@ -160,6 +164,11 @@ class VesselSplit(Dataset):
 
 
 PER_SAMPLE_VALUES = {"index": torch.int64, "teacher_valid": torch.uint8}  # one number per sample
+
+
+def as_bytes(mask: np.ndarray) -> np.ndarray:
+    """A 0/1 mask as uint8: a bool array is viewed as its bytes (no copy, read only), others converted."""
+    return mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
 
 
 def collate_padded(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
