@@ -167,7 +167,7 @@ PER_SAMPLE_VALUES = {"index": torch.int64, "teacher_valid": torch.uint8}  # one 
 
 
 def as_bytes(mask: np.ndarray) -> np.ndarray:
-    """A 0/1 mask as uint8: a bool array is viewed as its bytes (no copy, read only), others converted."""
+    """A 0/1 mask as uint8: a bool array is viewed as its bytes (no copy: to be read only), others converted."""
     return mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
 
 
