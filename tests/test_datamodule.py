@@ -9,6 +9,7 @@ import gc
 import multiprocessing
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import albumentations as A
@@ -516,3 +517,30 @@ def test_a_run_resumed_mid_epoch_continues_the_stream_where_it_stopped(data, tmp
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     rest, _ = _fit_steps(data, 7, tmp_path / "rest", ckpt_path=tmp_path / "mid.ckpt", workers=workers)
     assert first == whole[:4] and rest == whole[4:]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux shared memory")
+def test_loaders_whose_batches_may_not_fit_in_shared_memory_say_so_before_they_start(data, monkeypatch):
+    import distill.data.datamodule as datamodule
+
+    dm = module(data, num_workers=2, batch_size=4, cache_dir=data["cache"])  # 64 and 80 px images
+    largest = max(dm.records[i].mask.size for i in dm.val_ids)
+    need = 2 * 2 * 4 * largest * (3 + 1 + 1 + 2)  # 2 workers x 2 batches of image, mask, roi, float16 teacher
+
+    def free(size: int) -> None:
+        monkeypatch.setattr(
+            datamodule.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(size, 0, size)
+        )
+
+    free(need - 1)
+    with pytest.warns(
+        UserWarning, match=r"val loading may hold up to .* \(2 workers x 2 batches .*--shm-size"
+    ):
+        dm.val_dataloader()
+    with pytest.warns(UserWarning, match=r"training may hold up to"):  # mixed sizes: no ring, shared memory
+        dm.train_dataloader()
+    dm.close_train_stream()
+    free(need)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        dm.val_dataloader()

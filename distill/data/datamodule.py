@@ -37,6 +37,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -53,7 +54,7 @@ from distill.cache import TeacherCache, read_manifest
 from distill.data import Record, VesselDataset, open_dataset
 from distill.data.augment import Augment, build_augment, mean_map, sample_rng
 from distill.data.device_augment import DeviceAugment, DeviceBatches, ResidentSplit
-from distill.data.ring import RingBatches, channels_first
+from distill.data.ring import PREFETCH_FACTOR, RingBatches, channels_first
 from distill.data.sampling import Draw, EndlessBatches, EpochStream, EvalShard, batches_per_epoch
 from distill.data.splits import SPLITS
 from distill.errors import CacheError, ConfigError, DistillError
@@ -61,6 +62,7 @@ from distill.errors import CacheError, ConfigError, DistillError
 FORKS = "fork" in multiprocessing.get_all_start_methods()  # whether ForkSafeLoader's workers are forked
 NO_MAP_LOGIT = -20.0  # the teacher logit of an id without a map: probability 2e-9, below any threshold
 WORKER_NICENESS = 10  # added to the DataLoader workers' niceness (see init_worker)
+SHARED_MEMORY = "/dev/shm"  # where torch's DataLoader workers put the batches they return (Linux)
 
 
 class TeacherMaps:
@@ -164,6 +166,26 @@ class VesselSplit(Dataset):
 
 
 PER_SAMPLE_VALUES = {"index": torch.int64, "teacher_valid": torch.uint8}  # one number per sample
+
+
+def shared_memory_shortfall(what: str, batch_bytes: int, num_workers: int) -> str | None:
+    """Why `num_workers` DataLoader workers' batches of `batch_bytes` may not fit in /dev/shm, or None.
+
+    Each worker returns its batches in new shared memory, `PREFETCH_FACTOR` of them in flight. Where
+    /dev/shm is smaller (64 MiB in a Docker container by default), a worker dies of a bus error at its
+    first batch, which for validation comes only after the first epoch of training.
+    """
+    if num_workers == 0 or not os.path.isdir(SHARED_MEMORY):
+        return None
+    need, free = num_workers * PREFETCH_FACTOR * batch_bytes, shutil.disk_usage(SHARED_MEMORY).free
+    if need <= free:
+        return None
+    return (
+        f"{what} may hold up to {need / 2**20:.0f} MiB of shared memory at once ({num_workers} workers x "
+        f"{PREFETCH_FACTOR} batches of {batch_bytes / 2**20:.1f} MiB), more than the {free / 2**20:.0f} MiB free "
+        f"in {SHARED_MEMORY}: its workers would die of a bus error. Give the container more "
+        "(docker run --shm-size=8g, or --ipc=host) or lower data.num_workers or data.batch_size"
+    )
 
 
 def as_bytes(mask: np.ndarray) -> np.ndarray:
@@ -533,6 +555,7 @@ class VesselDataModule(pl.LightningDataModule):
                 self.train_stream = EpochStream(stream, steps)
             else:
                 rank_zero_info(f"training batches: {self._no_ring_path()}")
+                self._check_shared_memory("training", train, self.crop_size)
                 self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
         return self.train_stream
 
@@ -561,8 +584,27 @@ class VesselDataModule(pl.LightningDataModule):
         finally:
             self.train_stream = None
 
+    def _bytes_per_pixel(self) -> int:
+        """Bytes per pixel of a sample: uint8 image (3), mask, roi (and skeleton), float16 teacher."""
+        return 5 + (2 if self.teacher is not None else 0) + (1 if self.skeletons else 0)
+
+    def _check_shared_memory(self, what: str, data: VesselSplit, side: int | None) -> None:
+        """Warn before a loader starts when its workers' batches may not fit in /dev/shm (the ring needs none)."""
+        if side is not None:
+            pixels = side * side
+        elif self.records is not None:
+            pixels = max(self.records[i].mask.size for i in data.ids)
+        else:
+            return  # image sizes unknown until read
+        shortfall = shared_memory_shortfall(
+            what, self.batch_size * pixels * self._bytes_per_pixel(), self.num_workers
+        )
+        if shortfall is not None:
+            rank_zero_warn(shortfall)
+
     def _eval_loader(self, split: str) -> DataLoader:
         data = self._split(split)
+        self._check_shared_memory(f"{split} loading", data, None)
         rank, world_size = self._ranks()
         return self._loader(
             data,
