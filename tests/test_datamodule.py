@@ -544,3 +544,6 @@ def test_loaders_whose_batches_may_not_fit_in_shared_memory_say_so_before_they_s
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         dm.val_dataloader()
+    # DDP: every training process on the machine has its own workers
+    assert datamodule.shared_memory_shortfall("val", need // 4, 2) is None
+    assert "(4 workers x 2 batches" in datamodule.shared_memory_shortfall("val", need // 4, 2, processes=2)

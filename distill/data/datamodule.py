@@ -168,8 +168,9 @@ class VesselSplit(Dataset):
 PER_SAMPLE_VALUES = {"index": torch.int64, "teacher_valid": torch.uint8}  # one number per sample
 
 
-def shared_memory_shortfall(what: str, batch_bytes: int, num_workers: int) -> str | None:
-    """Why `num_workers` DataLoader workers' batches of `batch_bytes` may not fit in /dev/shm, or None.
+def shared_memory_shortfall(what: str, batch_bytes: int, num_workers: int, processes: int = 1) -> str | None:
+    """Why the batches of `batch_bytes` that `num_workers` DataLoader workers in each of `processes`
+    training processes return may not fit in /dev/shm, or None.
 
     Each worker returns its batches in new shared memory, `PREFETCH_FACTOR` of them in flight. Where
     /dev/shm is smaller (64 MiB in a Docker container by default), a worker dies of a bus error at its
@@ -177,11 +178,12 @@ def shared_memory_shortfall(what: str, batch_bytes: int, num_workers: int) -> st
     """
     if num_workers == 0 or not os.path.isdir(SHARED_MEMORY):
         return None
-    need, free = num_workers * PREFETCH_FACTOR * batch_bytes, shutil.disk_usage(SHARED_MEMORY).free
+    workers = processes * num_workers
+    need, free = workers * PREFETCH_FACTOR * batch_bytes, shutil.disk_usage(SHARED_MEMORY).free
     if need <= free:
         return None
     return (
-        f"{what} may hold up to {need / 2**20:.0f} MiB of shared memory at once ({num_workers} workers x "
+        f"{what} may hold up to {need / 2**20:.0f} MiB of shared memory at once ({workers} workers x "
         f"{PREFETCH_FACTOR} batches of {batch_bytes / 2**20:.1f} MiB), more than the {free / 2**20:.0f} MiB free "
         f"in {SHARED_MEMORY}: its workers would die of a bus error. Give the container more "
         "(docker run --shm-size=8g, or --ipc=host) or lower data.num_workers or data.batch_size"
@@ -596,9 +598,9 @@ class VesselDataModule(pl.LightningDataModule):
             pixels = max(self.records[i].mask.size for i in data.ids)
         else:
             return  # image sizes unknown until read
-        shortfall = shared_memory_shortfall(
-            what, self.batch_size * pixels * self._bytes_per_pixel(), self.num_workers
-        )
+        processes = self.trainer.num_devices if self.trainer is not None else 1  # on this machine
+        batch_bytes = self.batch_size * pixels * self._bytes_per_pixel()
+        shortfall = shared_memory_shortfall(what, batch_bytes, self.num_workers, processes)
         if shortfall is not None:
             rank_zero_warn(shortfall)
 
