@@ -439,12 +439,20 @@ def test_an_affine_that_moves_nothing_still_keeps_exactly_the_crop():
         np.testing.assert_array_equal(out["image"], image[top : top + side, left : left + side])
 
 
-@pytest.mark.parametrize(
-    "preset, crop_size", [("default", 32), ("strong", 32), ("default", None), ("light", 40)]
+PADDED = Preset(
+    views=("identity",),
+    spatial=(A.PadIfNeeded(96, 128, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),),
 )
-def test_a_sample_without_an_roi_is_the_sample_with_an_roi_of_ones_and_its_roi_all_ones(preset, crop_size):
+
+
+@pytest.mark.parametrize(
+    "preset, crop_size",
+    [("default", 32), ("strong", 32), ("default", None), ("light", 40), (PADDED, None), (PADDED, 40)],
+)
+def test_a_sample_without_an_roi_is_the_sample_with_an_roi_of_ones(preset, crop_size):
+    """Its roi is all ones, except where the preset's extra transforms fill pixels (padding here)."""
     sample = probe()
-    augment = build_augment(preset, crop_size)
+    augment = build_augment(preset, crop_size) if isinstance(preset, str) else Augment(preset, crop_size)
     for seed in range(6):
         without = augment(sample["image"], sample["mask"], None, teacher=sample["teacher"][..., 0], rng=seed)
         ones = np.ones_like(sample["roi"])
@@ -453,3 +461,7 @@ def test_a_sample_without_an_roi_is_the_sample_with_an_roi_of_ones_and_its_roi_a
         for key in ("image", "mask", "teacher", "roi"):
             np.testing.assert_array_equal(without[key], expected[key], err_msg=key)
             assert without[key].dtype == expected[key].dtype
+    if preset is PADDED and crop_size is None:
+        assert (
+            without["roi"].shape == (96, 128) and without["roi"].sum() == H * W
+        )  # the padding does not count

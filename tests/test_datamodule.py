@@ -524,26 +524,35 @@ def test_loaders_whose_batches_may_not_fit_in_shared_memory_say_so_before_they_s
     import distill.data.datamodule as datamodule
 
     dm = module(data, num_workers=2, batch_size=4, cache_dir=data["cache"])  # 64 and 80 px images
-    largest = max(dm.records[i].mask.size for i in dm.val_ids)
-    need = 2 * 2 * 4 * largest * (3 + 1 + 1 + 2)  # 2 workers x 2 batches of image, mask, roi, float16 teacher
+
+    def need(ids: list[str]) -> int:  # (2 workers x 2 batches + the one read) of image, mask, roi, teacher
+        height, width = (max(dm.records[i].mask.shape[axis] for i in ids) for axis in (0, 1))
+        return (2 * 2 + 1) * 4 * height * width * (3 + 1 + 1 + 2)
 
     def free(size: int) -> None:
         monkeypatch.setattr(
             datamodule.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(size, 0, size)
         )
 
-    free(need - 1)
-    with pytest.warns(
-        UserWarning, match=r"val loading may hold up to .* \(2 workers x 2 batches .*--shm-size"
-    ):
+    free(need(dm.val_ids) - 1)
+    with pytest.warns(UserWarning, match=r"val loading may hold up to .* MiB .*--shm-size"):
         dm.val_dataloader()
-    with pytest.warns(UserWarning, match=r"training may hold up to"):  # mixed sizes: no ring, shared memory
-        dm.train_dataloader()
-    dm.close_train_stream()
-    free(need)
+    free(need(dm.val_ids))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         dm.val_dataloader()
-    # DDP: every training process on the machine has its own workers
-    assert datamodule.shared_memory_shortfall("val", need // 4, 2) is None
-    assert "(4 workers x 2 batches" in datamodule.shared_memory_shortfall("val", need // 4, 2, processes=2)
+        free(need(dm.train_ids))
+        dm.train_dataloader()  # mixed sizes: no ring, the batches go through shared memory
+    assert dm.train_shared_bytes == need(dm.train_ids)
+    # While training runs, its workers' batches stay in flight: validation needs room beside them.
+    with pytest.warns(UserWarning, match=r"val loading \(with the training workers' batches\)"):
+        dm.val_dataloader()
+    free(need(dm.train_ids) - 1)
+    with pytest.warns(UserWarning, match=r"training may hold .* or set data.crop_size"):
+        dm.train_dataloader()
+    dm.close_train_stream()
+    assert dm.train_shared_bytes == 0
+    ring = module(data, num_workers=2, batch_size=4, crop_size=32)  # the ring needs no shared memory
+    ring.train_dataloader()
+    assert ring.train_shared_bytes == 0
+    ring.close_train_stream()

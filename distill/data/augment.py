@@ -508,13 +508,18 @@ class Augment:
         """Augment one sample. Returns {"image", "mask", "roi", "view"} (+ "teacher" when given).
 
         image HxWx3 uint8, mask and roi HxW uint8 (roi None: every pixel counts, and the sample's roi is
-        all ones without being cut or warped); teacher: HxW float16/float32 logits in the same
+        all ones, not cut or warped unless the preset's extra transforms may fill pixels, e.g. a
+        constant border); teacher: HxW float16/float32 logits in the same
         (original) orientation as the image, or a sequence of such maps (cached views) that are cut
         to the window and averaged there. `view` forces the D4 view (else one is sampled); `rng`
         (a Generator or a seed) draws everything random.
         """
         rng = np.random.default_rng(rng)
         view = self.sample_view(rng) if view is None else view
+        if (
+            roi is None and self.preset.spatial
+        ):  # e.g. padding with a constant: the filled pixels do not count
+            roi = np.ones(mask.shape, np.uint8)
         window, spatial = None, self.spatial
         if self.window is not None:
             crop = self.sample_window(mask.shape, rng, self.crop_size)  # where the crop lies

@@ -168,25 +168,23 @@ class VesselSplit(Dataset):
 PER_SAMPLE_VALUES = {"index": torch.int64, "teacher_valid": torch.uint8}  # one number per sample
 
 
-def shared_memory_shortfall(what: str, batch_bytes: int, num_workers: int, processes: int = 1) -> str | None:
-    """Why the batches of `batch_bytes` that `num_workers` DataLoader workers in each of `processes`
-    training processes return may not fit in /dev/shm, or None.
+def shared_memory_shortfall(what: str, need: int) -> str | None:
+    """Why `need` bytes of batches in flight may not fit in /dev/shm, or None.
 
-    Each worker returns its batches in new shared memory, `PREFETCH_FACTOR` of them in flight. Where
-    /dev/shm is smaller (64 MiB in a Docker container by default), a worker dies of a bus error at its
-    first batch, which for validation comes only after the first epoch of training.
+    DataLoader workers return each batch in new shared memory. Where /dev/shm is smaller (64 MiB in a
+    Docker container by default), a worker fails at its first batch ("unable to allocate shared
+    memory", a bus error, or a hang), which for validation comes only after an epoch of training.
     """
-    if num_workers == 0 or not os.path.isdir(SHARED_MEMORY):
+    if need == 0 or not os.path.isdir(SHARED_MEMORY):
         return None
-    workers = processes * num_workers
-    need, free = workers * PREFETCH_FACTOR * batch_bytes, shutil.disk_usage(SHARED_MEMORY).free
+    free = shutil.disk_usage(SHARED_MEMORY).free
     if need <= free:
         return None
     return (
-        f"{what} may hold up to {need / 2**20:.0f} MiB of shared memory at once ({workers} workers x "
-        f"{PREFETCH_FACTOR} batches of {batch_bytes / 2**20:.1f} MiB), more than the {free / 2**20:.0f} MiB free "
-        f"in {SHARED_MEMORY}: its workers would die of a bus error. Give the container more "
-        "(docker run --shm-size=8g, or --ipc=host) or lower data.num_workers or data.batch_size"
+        f"{what} may hold up to {need / 2**20:.1f} MiB of shared memory at once, more than the "
+        f"{free / 2**20:.1f} MiB free in {SHARED_MEMORY}: its DataLoader workers would fail (unable to allocate "
+        "shared memory, a bus error, or a hang). Give the container more (docker run --shm-size=8g, or "
+        "--ipc=host) or lower data.num_workers or data.batch_size"
     )
 
 
@@ -393,6 +391,7 @@ class VesselDataModule(pl.LightningDataModule):
         self.splits: dict[str, VesselSplit] = {}
         self.resident: ResidentSplit | None = None  # the train split on the device (augment_on=device)
         self.train_stream: EpochStream | None = None
+        self.train_shared_bytes = 0  # what the open training stream's workers may hold in /dev/shm
 
     @property
     def has_teacher(self) -> bool:
@@ -557,7 +556,10 @@ class VesselDataModule(pl.LightningDataModule):
                 self.train_stream = EpochStream(stream, steps)
             else:
                 rank_zero_info(f"training batches: {self._no_ring_path()}")
-                self._check_shared_memory("training", train, self.crop_size)
+                self.train_shared_bytes = self._shared_bytes(train, self.crop_size, teacher is not None)
+                shortfall = shared_memory_shortfall("training", self.train_shared_bytes)
+                if shortfall is not None:
+                    rank_zero_warn(f"{shortfall}; or set data.crop_size, whose batches need no /dev/shm")
                 self.train_stream = EpochStream(self._loader(train, batch_sampler=batches), steps, device)
         return self.train_stream
 
@@ -584,29 +586,34 @@ class VesselDataModule(pl.LightningDataModule):
             if self.train_stream is not None:
                 self.train_stream.close()
         finally:
-            self.train_stream = None
+            self.train_stream, self.train_shared_bytes = None, 0
 
-    def _bytes_per_pixel(self) -> int:
-        """Bytes per pixel of a sample: uint8 image (3), mask, roi (and skeleton), float16 teacher."""
-        return 5 + (2 if self.teacher is not None else 0) + (1 if self.skeletons else 0)
-
-    def _check_shared_memory(self, what: str, data: VesselSplit, side: int | None) -> None:
-        """Warn before a loader starts when its workers' batches may not fit in /dev/shm (the ring needs none)."""
+    def _shared_bytes(self, data: VesselSplit, side: int | None, teacher: bool) -> int:
+        """Bytes of batches that this machine's workers of a loader over `data` may hold in /dev/shm at
+        once: per process, each worker's `PREFETCH_FACTOR` batches and the one being read, each padded to
+        the split's largest height and width (or `side` square). 0 without workers, or when the image
+        sizes are unknown until read (in_memory: false), which is not checked."""
+        if self.num_workers == 0:
+            return 0
         if side is not None:
-            pixels = side * side
+            height = width = side
         elif self.records is not None:
-            pixels = max(self.records[i].mask.size for i in data.ids)
+            height, width = (max(self.records[i].mask.shape[axis] for i in data.ids) for axis in (0, 1))
         else:
-            return  # image sizes unknown until read
-        processes = self.trainer.num_devices if self.trainer is not None else 1  # on this machine
-        batch_bytes = self.batch_size * pixels * self._bytes_per_pixel()
-        shortfall = shared_memory_shortfall(what, batch_bytes, self.num_workers, processes)
-        if shortfall is not None:
-            rank_zero_warn(shortfall)
+            return 0
+        pixel = 3 + 1 + 1 + (2 if teacher else 0) + (1 if self.skeletons else 0)  # image, mask, roi, ...
+        processes = self.trainer.num_devices if self.trainer is not None else 1
+        in_flight = processes * (self.num_workers * PREFETCH_FACTOR + 1)
+        return in_flight * self.batch_size * height * width * pixel
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self._split(split)
-        self._check_shared_memory(f"{split} loading", data, None)
+        # The training stream keeps its batches in flight while validation runs.
+        need = self._shared_bytes(data, None, self.teacher is not None) + self.train_shared_bytes
+        together = " (with the training workers' batches)" if self.train_shared_bytes else ""
+        shortfall = shared_memory_shortfall(f"{split} loading{together}", need)
+        if shortfall is not None:
+            rank_zero_warn(shortfall)
         rank, world_size = self._ranks()
         return self._loader(
             data,
