@@ -340,13 +340,27 @@ def reflect(positions: np.ndarray, size: int) -> np.ndarray:
     return np.where(positions >= size, period - positions, positions)
 
 
+def covered(window: Window, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """The rows and columns of an image of `shape` that `window` covers.
+
+    Where the window leaves the image, these reach the image's border, and the window's reflected part
+    mirrors them about that border: what a warp with BORDER_REFLECT_101 reads from them is what it reads
+    from `cut(image, window)`. Along an axis where the window leaves the image on one side only, it
+    reaches out by at most its margin, less than the part it covers (the crop, inside the image, and
+    the margin on the other side); where it leaves on both, it covers the whole axis and OpenCV
+    reflects as often as `cut`.
+    """
+    top, left, side = window
+    return slice(max(top, 0), min(top + side, shape[0])), slice(max(left, 0), min(left + side, shape[1]))
+
+
 def cut(array: np.ndarray, window: Window | None) -> np.ndarray:
     """The `window` of an HxW[xC] array (a view when it lies inside), reflected (BORDER_REFLECT_101) outside it."""
     if window is None:
         return array
     top, left, side = window
     height, width = array.shape[:2]
-    rows, cols = slice(max(top, 0), min(top + side, height)), slice(max(left, 0), min(left + side, width))
+    rows, cols = covered(window, array.shape)
     pad = ((rows.start - top, top + side - rows.stop), (cols.start - left, left + side - cols.stop))
     if not any(any(p) for p in pad):
         return array[rows, cols]
@@ -365,20 +379,6 @@ def cut(array: np.ndarray, window: Window | None) -> np.ndarray:
     return array[
         reflect(np.arange(top, top + side), height)[:, None], reflect(np.arange(left, left + side), width)
     ]
-
-
-def covered(window: Window, shape: tuple[int, ...]) -> tuple[slice, slice]:
-    """The rows and columns of an image of `shape` that `window` covers.
-
-    Where the window leaves the image, these reach the image's border, and the window's reflected part
-    mirrors them about that border: what a warp with BORDER_REFLECT_101 reads from them is what it reads
-    from `cut(image, window)`. Along an axis where the window leaves the image on one side only, it
-    reaches out by at most its margin, less than the part it covers (the crop, inside the image, and
-    the margin on the other side); where it leaves on both, it covers the whole axis and OpenCV
-    reflects as often as `cut`.
-    """
-    top, left, side = window
-    return slice(max(top, 0), min(top + side, shape[0])), slice(max(left, 0), min(left + side, shape[1]))
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -516,9 +516,8 @@ class Augment:
         """
         rng = np.random.default_rng(rng)
         view = self.sample_view(rng) if view is None else view
-        if (
-            roi is None and self.preset.spatial
-        ):  # e.g. padding with a constant: the filled pixels do not count
+        if roi is None and self.preset.spatial:
+            # Extra transforms may fill pixels (e.g. a constant border): the roi marks them as not counting.
             roi = np.ones(mask.shape, np.uint8)
         window, spatial = None, self.spatial
         if self.window is not None:
@@ -527,7 +526,9 @@ class Augment:
             window = widened(crop, side)
         # A first warp that is an affine reads the image itself: the window's offset and view go into its matrix.
         folded = window is not None and getattr((spatial.transforms or [None])[0], "reads_window", False)
-        part = (lambda a: a[covered(window, a.shape)]) if folded else (lambda a: cut(a, window))
+        if folded:
+            rows, cols = covered(window, mask.shape)  # image, mask, roi and teacher share it
+        part = (lambda a: a[rows, cols]) if folded else (lambda a: cut(a, window))
         data = {"image": part(image), "mask": part(mask)} | ({} if roi is None else {"roi": part(roi)})
         if teacher is not None:
             maps = [teacher] if isinstance(teacher, np.ndarray) else teacher
@@ -536,7 +537,6 @@ class Augment:
             if spatial.transforms:
                 data["teacher"] = converted(data["teacher"], np.float32)
         if folded:
-            rows, cols = covered(window, mask.shape)
             offset = np.array([[1, 0, cols.start - window[1]], [0, 1, rows.start - window[0]], [0, 0, 1]])
             data["window"] = (window[2], view_matrix(view, window[2]) @ offset)
         else:
