@@ -362,7 +362,8 @@ class DistillModule(pl.LightningModule):
 
         Lightning refuses to clip for an optimizer that unscales gradients itself (what fused kernels
         declare) because a GradScaler's gradients would still be scaled; the module uses one only where
-        the gradients are whole and unscaled (`_clips_fused_gradients`), and refuses otherwise. Other
+        the gradients are whole and unscaled (`_clips_fused_gradients`), and refuses otherwise. By norm,
+        the fused step itself scales the gradients (its `grad_scale`), saving a pass over them. Other
         optimizers: Lightning's clipping.
 
         Raises:
@@ -381,8 +382,11 @@ class DistillModule(pl.LightningModule):
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+            return
+        # As clip_grad_norm_, without its pass over every gradient: the fused step divides the
+        # gradients by `grad_scale` as it reads them (GradScaler's unscaling) and writes them back so.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / gradient_clip_val, min=1.0)
 
     # -- validation and test ---------------------------------------------------------------------
 

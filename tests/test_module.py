@@ -303,6 +303,27 @@ def test_fused_adamw_trains_with_gradient_clipping_which_lightning_alone_refuses
         assert max(float(g.abs().max()) for g in grads) <= 1e-3 * 1.0001
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])
+def test_fused_clipping_by_norm_steps_as_clip_grad_norm_then_adamw(max_norm):
+    """The module clips through the fused step's grad_scale: the same parameters and gradients after the
+    step as torch's clip_grad_norm_ followed by AdamW, whether the norm is above max_norm or not."""
+    clipped, reference = FusedAdamW(student=TINY), FusedAdamW(student=TINY)
+    reference.load_state_dict(clipped.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    for a, b in zip(clipped.parameters(), reference.parameters(), strict=True):
+        a.grad = torch.randn(a.shape, generator=generator)
+        b.grad = a.grad.clone()
+    optimizer, reference_optimizer = clipped.make_optimizer(), reference.make_optimizer()
+    clipped._clips_fused_gradients = lambda: True  # single device, bf16: what the Trainer would answer
+    clipped.configure_gradient_clipping(optimizer, max_norm, "norm")
+    optimizer.step()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+    reference_optimizer.step()
+    for a, b in zip(clipped.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_a_clip_value_of_zero_or_less_leaves_fused_gradients_alone_as_lightning_does(algorithm):
     module = FusedAdamW(student=TINY)
