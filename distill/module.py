@@ -280,8 +280,11 @@ class DistillModule(pl.LightningModule):
             step_values = {
                 f"train/loss/{name}_step": value for name, value in zip(names, values.unbind(), strict=True)
             }
-            step_values["train/lr"] = self.optimizers().param_groups[0]["lr"]
             self.log_dict(step_values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
+            # A CPU tensor: Lightning copies a float to the GPU and waits for the copy (the GPU's whole
+            # queue). The rate is the same on every rank: nothing to sync.
+            lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+            self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=batch_size)
         return total
 
     def _check_finite(self) -> None:
