@@ -271,38 +271,48 @@ def stack_terms(terms: dict[str, Tensor]) -> tuple[tuple[str, ...], Tensor]:
 
 
 class FiniteCheck:
-    """Whether a step's loss terms are finite, fetched to the host without stalling the GPU's queue.
+    """A step's loss terms, copied to the host without stalling the GPU's queue: their values, and
+    whether they are finite.
 
     `bool(tensor)` on a GPU waits for everything queued so far, so checking every step would leave
-    the GPU idle while the host prepares the next step. Here the flags are copied to pinned memory
-    asynchronously and `first_nonfinite()` waits only for the step they belong to: called one step
-    later, that step is long done.
+    the GPU idle while the host prepares the next step. Here the terms are copied to pinned memory
+    asynchronously and `host_values()` waits only for the step they belong to: called one step later,
+    that step is long done. No reference to the device tensor is kept (a CUDA graph's next replay
+    overwrites its outputs).
     """
 
-    def __init__(self, names: tuple[str, ...], values: Tensor):
-        """`values` [len(names)]: the step's loss terms, in the order of `names`."""
-        self.names, self.values = names, values.detach()
-        finite = self.values.isfinite()
+    def __init__(self, names: tuple[str, ...], values: Tensor, buffer: Tensor | None = None):
+        """`values` [len(names)]: the step's loss terms, in the order of `names`. `buffer`: host memory
+        of their shape and dtype to copy them into (an earlier check's, once read), else new pinned memory."""
+        self.names = names
+        values = values.detach()
         self.ready: torch.cuda.Event | None = None
-        if finite.is_cuda:
-            self.finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
-            self.finite.copy_(finite, non_blocking=True)
+        if values.is_cuda:
+            fits = buffer is not None and buffer.shape == values.shape and buffer.dtype == values.dtype
+            self.host = buffer if fits else torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
         else:
-            self.finite = finite
+            self.host = values.clone()
+
+    def host_values(self) -> Tensor:
+        """The terms [len(names)] on the host (waits for their step's copy only)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.host
 
     def first_nonfinite(self) -> str | None:
         """Name of the first term that is NaN or infinite, else None."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        if bool(self.finite.all()):
+        finite = self.host_values().isfinite()
+        if bool(finite.all()):
             return None
-        return self.names[int((~self.finite).nonzero()[0])]
+        return self.names[int((~finite).nonzero()[0])]
 
     def value(self, name: str) -> float:
-        """The term's value (waits for the GPU)."""
-        return float(self.values[self.names.index(name)])
+        """The term's value."""
+        return float(self.host_values()[self.names.index(name)])
 
 
 def _check_shape(name: str, tensor: Tensor | None, shape: torch.Size) -> None:

@@ -53,11 +53,12 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 
 class EpochLossMeans:
-    """Batch-size-weighted mean of every loss term over an epoch, summed on the device.
+    """Batch-size-weighted mean of every loss term over an epoch, summed on the host.
 
     Lightning's own `on_epoch=True` bookkeeping walks each metric's state on every `self.log` (~0.3 ms
     of host time per term per step, which a GPU step cannot spare) and, with `sync_dist`, all-reduces
-    each term every step under DDP. Here a step costs one stack and one add; ranks sync once per epoch.
+    each term every step under DDP. Here each step's terms arrive on the host anyway (FiniteCheck) and
+    are added there, with no work queued on the GPU; ranks sync once per epoch.
     """
 
     def __init__(self) -> None:
@@ -199,7 +200,8 @@ class DistillModule(pl.LightningModule):
         # ids (for overlay pictures).
         self.overlay_samples: dict[str, Any] = {}
         self._compiled_loss: Callable[..., tuple[Tensor, tuple[str, ...], Tensor]] | None = None
-        self._unchecked: tuple[int, int, int, FiniteCheck] | None = None  # see training_step
+        # (global step, epoch, batch index, batch size, its terms) of the last step: see training_step
+        self._unsettled: tuple[int, int, int, int, FiniteCheck] | None = None
         self._epoch_losses = EpochLossMeans()
 
     # -- training -------------------------------------------------------------------------------
@@ -256,25 +258,27 @@ class DistillModule(pl.LightningModule):
         return (total, *stack_terms(terms))
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[str, ...], Tensor]:
-        """(total, term names, term values [len(names)]) of a training batch, compiled with model.compile."""
+        """(total, term names, term values [len(names)]) of a training batch, compiled with model.compile.
+
+        Under "reduce-overhead" the outputs are overwritten by the next step's replay: read them (or
+        queue work on them) within this step. training_step does: the terms' host copy and Lightning's
+        clones of the total and of logged values are queued before the next replay.
+        """
         student_loss = self.student_loss
         if self._compiled_loss is not None:
-            # Under "reduce-overhead" the graphs' outputs are overwritten by the next step: nothing
-            # kept beyond this step aliases them (the values are copied, Lightning clones the total).
             torch.compiler.cudagraph_mark_step_begin()
             student_loss = self._compiled_loss
         keys = ("image", "mask", "roi", "teacher", "skeleton", "teacher_valid")
-        total, names, values = student_loss(*(batch.get(key) for key in keys))
-        return total, names, values.clone() if self._compiled_loss is not None else values
+        return student_loss(*(batch.get(key) for key in keys))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, names, values = self.training_loss(batch)
-        # Checking finiteness needs the GPU's answer: check the previous step's terms (finished by now,
-        # see FiniteCheck) so the host never waits for this one; a NaN is still named exactly.
-        self._check_finite()
-        self._unchecked = (self.global_step, self.current_epoch, batch_idx, FiniteCheck(names, values))
+        # The terms reach the host one step late (see FiniteCheck): the previous step's are checked and
+        # summed now, so the host never waits for this one; a NaN is still named exactly.
+        buffer = self._settle_last_step()
         batch_size = batch["image"].shape[0]
-        self._epoch_losses.add(names, values, batch_size)
+        terms = FiniteCheck(names, values, buffer)
+        self._unsettled = (self.global_step, self.current_epoch, batch_idx, batch_size, terms)
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:  # the steps Lightning's logger writes
             step_values = {
@@ -287,36 +291,42 @@ class DistillModule(pl.LightningModule):
             self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=batch_size)
         return total
 
-    def _check_finite(self) -> None:
-        """Raise if the last unchecked step had a NaN/inf loss term, naming the step and the term."""
-        if self._unchecked is None:
-            return
-        step, epoch, batch_idx, check = self._unchecked
-        self._unchecked = None
-        bad = check.first_nonfinite()
+    def _settle_last_step(self) -> Tensor | None:
+        """Add the last unsettled step's terms to the epoch means, or raise if one was NaN/inf (naming
+        the step and the term). Returns their host memory, free for the next step's copy."""
+        if self._unsettled is None:
+            return None
+        step, epoch, batch_idx, batch_size, terms = self._unsettled
+        self._unsettled = None
+        bad = terms.first_nonfinite()
         if bad is not None:
             raise FloatingPointError(
-                f"loss term {bad!r} is {check.value(bad)} at global step {step} "
+                f"loss term {bad!r} is {terms.value(bad)} at global step {step} "
                 f"(epoch {epoch}, batch {batch_idx}): lower model.lr, check the data and "
                 "teacher cache, or resume from the last good checkpoint"
             )
+        self._epoch_losses.add(terms.names, terms.host_values(), batch_size)
+        return terms.host_values()
 
     def on_train_epoch_start(self) -> None:
         self._epoch_losses.pop()  # nothing left from an interrupted fit of this module
 
     def on_train_epoch_end(self) -> None:
-        self._check_finite()
+        self._settle_last_step()
         means = self._epoch_losses.pop()
         # Every rank ran as many equal batches (EndlessBatches), so the mean of rank means is exact.
+        # On the device: that is where DDP's sync_dist reduces them.
         self.log_dict(
-            {f"train/loss/{name}_epoch": v for name, v in means.items()}, on_epoch=True, sync_dist=True
+            {f"train/loss/{name}_epoch": v.to(self.device) for name, v in means.items()},
+            on_epoch=True,
+            sync_dist=True,
         )
 
     def on_validation_start(self) -> None:
-        self._check_finite()  # never validate (or checkpoint) weights a NaN step produced
+        self._settle_last_step()  # never validate (or checkpoint) weights a NaN step produced
 
     def on_train_end(self) -> None:
-        self._check_finite()
+        self._settle_last_step()
 
     def make_optimizer(self, fused: bool = False) -> torch.optim.AdamW:
         """AdamW over every parameter; `fused`: torch's fused kernels, else its default (multi-tensor on CUDA).

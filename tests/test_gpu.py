@@ -136,6 +136,35 @@ def test_reduce_overhead_replays_cuda_graphs_and_trains_as_eager(tmp_path):
     torch.testing.assert_close(losses["reduce-overhead"], losses[False], rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("compile", [False, "reduce-overhead"])
+def test_steady_training_steps_never_wait_for_the_gpu(tmp_path, compile):
+    """After the first steps, no training step makes a blocking host-device call (an .item(), a host
+    number copied to the GPU): the host would wait for the GPU's whole queue, which then runs dry.
+    Clipping, the finiteness check, the loss means and logging (here every step) included."""
+    import lightning.pytorch as pl
+
+    from tests.test_module import TINY, fake_batches, identity_loader, trainer
+
+    class BlockingCallsRaise(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step >= 3:  # the first steps compile and record the graphs
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("default")
+
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, compile=compile)
+    run = trainer(
+        tmp_path, accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=8, gradient_clip_val=1.0,
+        log_every_n_steps=1, logger=False, limit_val_batches=0, callbacks=[BlockingCallsRaise()],
+    )  # fmt: skip
+    try:
+        run.fit(module, identity_loader(fake_batches(8)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.global_step == 8
+
+
 @pytest.mark.parametrize("precision, fused", [("bf16-mixed", True), ("16-mixed", False)])
 def test_cuda_training_steps_with_fused_adamw_unless_a_grad_scaler_and_clips(tmp_path, precision, fused):
     """Fused AdamW on CUDA, clipped by the module; with fp16's GradScaler the multi-tensor one."""
