@@ -138,3 +138,14 @@ def test_bench_transport_times_both_paths_on_cpu(tmp_path):
     report = json.loads((tmp_path / "transport_cpu.json").read_text())
     assert [(r["regime"], r["path"]) for r in report["results"]] == [("32x2", "fresh"), ("32x2", "ring")]
     assert all(r["batches_s"] > 0 and r["main_cpu_ms_per_batch"] >= 0 for r in report["results"])
+
+
+def test_bench_loop_variants_runs_each_variant_on_cpu(tmp_path):
+    """scripts/bench_loop_variants.py --tiny: every variant trains and lands in the JSON, in order."""
+    variants = ["pure", "as_is", "loss_only", "loss_only_noclip", "gpu_batch", "as_is"]
+    command = [sys.executable, "scripts/bench_loop_variants.py", "--tiny", "--regime", "32x2",
+               "--variants", *variants, "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(command, check=True, timeout=600)
+    report = json.loads((tmp_path / "loop_variants_cpu_unet_mnv3.json").read_text())
+    assert list(report["img_s"]) == variants[:5] and len(report["img_s"]["as_is"]) == 2
+    assert all(value > 0 for values in report["img_s"].values() for value in values)
