@@ -11,10 +11,12 @@
 #   bash scripts/gpu_fit_bench.sh OUT workers   # the worker path's data side alone: one worker's ms per crop, the loader's img/s
 #   bash scripts/gpu_fit_bench.sh OUT rows      # 1 GPU, graphs: bare + pipeline, profiled, one model and regime per run
 #                                               # (REGIMES="512x32" MODELS="unet_r34" to choose)
+#   bash scripts/gpu_fit_bench.sh OUT step      # 1 GPU: the 256x16 step's parts alone, then the loop figure's variants
+#                                               # (MODELS="unet_mnv3" to choose)
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -98,6 +100,15 @@ rows() {
     done
 }
 
+step_parts() {
+    local model
+    for model in ${MODELS:-unet_mnv3}; do
+        step "step_parts_$model" "$PY" scripts/bench_step_parts.py --model "$model" --out "$OUT"
+        step "loop_variants_$model" "$PY" scripts/bench_loop_variants.py --model "$model" --out "$OUT" \
+            --variants as_is pure loss_only_noclip loss_only as_is pure loss_only_noclip loss_only --warmup 80 --steps 200
+    done
+}
+
 case "$WHAT" in
     1gpu) one_gpu_256; one_gpu_512 ;;
     1gpu-256) one_gpu_256 ;;
@@ -108,6 +119,7 @@ case "$WHAT" in
     2gpu-diag) two_gpus_diagnosed ;;
     workers) workers ;;
     rows) rows ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, workers or rows" >&2; exit 2 ;;
+    step) step_parts ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, workers, rows or step" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
