@@ -309,7 +309,9 @@ class DistillModule(pl.LightningModule):
         return terms.host_values()
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_losses.pop()  # nothing left from an interrupted fit of this module
+        # Nothing left from an interrupted fit of this module: neither its sums nor its last step.
+        self._epoch_losses.pop()
+        self._unsettled = None
 
     def on_train_epoch_end(self) -> None:
         self._settle_last_step()
@@ -385,6 +387,8 @@ class DistillModule(pl.LightningModule):
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
+        if hasattr(optimizer, "grad_scale"):  # the last step's clipping scale: not this step's
+            del optimizer.grad_scale
         if gradient_clip_val is None or gradient_clip_val <= 0:  # off, as in Lightning
             return
         if not self._clips_fused_gradients():  # e.g. a subclass's make_optimizer
@@ -399,7 +403,8 @@ class DistillModule(pl.LightningModule):
         # As clip_grad_norm_, without its pass over every gradient: the fused step divides the
         # gradients by `grad_scale` as it reads them (GradScaler's unscaling) and writes them back so.
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        optimizer.grad_scale = torch.clamp((norm + 1e-6) / gradient_clip_val, min=1.0)
+        # float32 whatever the parameters' dtype: the fused kernels take no other scale
+        optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / gradient_clip_val, min=1.0)
 
     # -- validation and test ---------------------------------------------------------------------
 

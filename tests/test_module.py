@@ -190,6 +190,37 @@ def test_compiled_student_and_loss_train_as_eager_and_keep_plain_checkpoint_keys
     assert all(key.startswith(("student.", "loss.", "curves.", "per_image.")) for key in module.state_dict())
 
 
+def test_a_fit_interrupted_mid_epoch_leaves_nothing_in_the_next_fits_epoch_means(tmp_path):
+    """A step's terms are summed when the next step settles them: the interrupted fit's last step,
+    never settled, must not land in the means of the module's next fit."""
+
+    class StopAfterTwoSteps(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise RuntimeError("interrupted")
+
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5})
+    seen = []
+    loss = module.loss.forward
+
+    def recording_loss(*args, **kwargs):
+        total, terms = loss(*args, **kwargs)
+        seen.append(terms["total"].item())
+        return total, terms
+
+    module.loss.forward = recording_loss
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer(tmp_path / "first", callbacks=[StopAfterTwoSteps()]).fit(
+            module, identity_loader(fake_batches(4))
+        )
+    seen.clear()
+    run = trainer(tmp_path / "second")
+    run.fit(module, identity_loader(fake_batches(4, seed=1)))
+    rows = list(csv.DictReader((Path(run.logger.log_dir) / "metrics.csv").read_text().splitlines()))
+    (logged,) = [float(r["train/loss/total_epoch"]) for r in rows if r["train/loss/total_epoch"]]
+    assert logged == pytest.approx(sum(seen) / len(seen), rel=1e-5)  # four batches of two
+
+
 @pytest.mark.parametrize("loss", [{"kd_alpha": 1}, {"kd_alpha": 0, "gt_dice": {"weight": None}}])
 def test_a_compiled_loss_of_one_term_at_scale_one_keeps_its_gradient(loss):
     """Inductor folded 0 + 1.0 * term into the term, returned detached beside it, and the total lost its grad."""
@@ -303,25 +334,30 @@ def test_fused_adamw_trains_with_gradient_clipping_which_lightning_alone_refuses
         assert max(float(g.abs().max()) for g in grads) <= 1e-3 * 1.0001
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("max_norm", [1e-3, 1e6])
-def test_fused_clipping_by_norm_steps_as_clip_grad_norm_then_adamw(max_norm):
+def test_fused_clipping_by_norm_steps_as_clip_grad_norm_then_adamw(max_norm, dtype):
     """The module clips through the fused step's grad_scale: the same parameters and gradients after the
-    step as torch's clip_grad_norm_ followed by AdamW, whether the norm is above max_norm or not."""
-    clipped, reference = FusedAdamW(student=TINY), FusedAdamW(student=TINY)
+    step as torch's clip_grad_norm_ followed by AdamW, whether the norm is above max_norm or not, for
+    float32 and float64 parameters (the fused kernels take a float32 scale only). A next step with
+    clipping off is not scaled by the last one's."""
+    clipped, reference = FusedAdamW(student=TINY).to(dtype), FusedAdamW(student=TINY).to(dtype)
     reference.load_state_dict(clipped.state_dict())
-    generator = torch.Generator().manual_seed(0)
-    for a, b in zip(clipped.parameters(), reference.parameters(), strict=True):
-        a.grad = torch.randn(a.shape, generator=generator)
-        b.grad = a.grad.clone()
     optimizer, reference_optimizer = clipped.make_optimizer(), reference.make_optimizer()
     clipped._clips_fused_gradients = lambda: True  # single device, bf16: what the Trainer would answer
-    clipped.configure_gradient_clipping(optimizer, max_norm, "norm")
-    optimizer.step()
-    torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
-    reference_optimizer.step()
-    for a, b in zip(clipped.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
-        torch.testing.assert_close(a.grad, b.grad)
+    generator = torch.Generator().manual_seed(0)
+    for clip in (max_norm, None):
+        for a, b in zip(clipped.parameters(), reference.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=generator, dtype=dtype)
+            b.grad = a.grad.clone()
+        clipped.configure_gradient_clipping(optimizer, clip, "norm")
+        optimizer.step()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+        reference_optimizer.step()
+        for a, b in zip(clipped.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a.grad, b.grad)
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
