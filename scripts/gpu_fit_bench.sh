@@ -13,10 +13,13 @@
 #                                               # (REGIMES="512x32" MODELS="unet_r34" to choose)
 #   bash scripts/gpu_fit_bench.sh OUT step      # 1 GPU: the 256x16 step's parts alone, then the loop figure's variants
 #                                               # (MODELS="unet_mnv3" to choose)
+#   AB_OLD=DIR bash scripts/gpu_fit_bench.sh OUT ab  # 1 GPU: the 256x16 pipeline figure of this tree and of DIR's distill/
+#                                               # (e.g. `git archive REV distill | tar -x -C DIR`), alternating, twice:
+#                                               # figures move between machines, so an A/B belongs in one call
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step|ab}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step|ab}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -109,6 +112,21 @@ step_parts() {
     done
 }
 
+ab() {
+    local old="${AB_OLD:?set AB_OLD to a directory holding the distill/ of another commit}" round model
+    for round in 1 2; do
+        for model in ${MODELS:-unet_mnv3}; do
+            bench "ab_new_${model}_$round" "${graphs_args[@]}" --regimes 256x16 --models "$model" \
+                --figures pipeline --tag "ab_new_${model}_$round"
+            (
+                export PYTHONPATH="$old${PYTHONPATH:+:$PYTHONPATH}"
+                bench "ab_old_${model}_$round" "${graphs_args[@]}" --regimes 256x16 --models "$model" \
+                    --figures pipeline --tag "ab_old_${model}_$round"
+            )
+        done
+    done
+}
+
 case "$WHAT" in
     1gpu) one_gpu_256; one_gpu_512 ;;
     1gpu-256) one_gpu_256 ;;
@@ -120,6 +138,7 @@ case "$WHAT" in
     workers) workers ;;
     rows) rows ;;
     step) step_parts ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, workers, rows or step" >&2; exit 2 ;;
+    ab) ab ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, workers, rows, step or ab" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
