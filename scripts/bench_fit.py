@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import multiprocessing.queues
@@ -308,16 +309,34 @@ def profiler(device: torch.device) -> torch.profiler.profile:
     return torch.profiler.profile(activities=activities)
 
 
+WINDOWS = 4  # the timed steps are also timed in this many equal windows (window_img_s)
+
+
+def window_rates(ends: list[float], start: float, steps_per_window: int, images_per_step: int) -> list[float]:
+    """img/s of each window whose last step ended at `ends[i]` (host clock, no synchronize: a window's
+    figure is the host's view, shifted by however far the GPU lags, which the whole run's is not)."""
+    edges = [start, *ends]
+    return [steps_per_window * images_per_step / (b - a) for a, b in itertools.pairwise(edges)]
+
+
 def time_steps(step: Callable[[], None], args: argparse.Namespace, device: torch.device, images: int) -> dict:
-    """images/s of `step` over args.steps after args.warmup; with --profile, a profile of args.profile_steps more."""
+    """images/s of `step` over args.steps after args.warmup (and per window, to see the spread within a
+    run); with --profile, a profile of args.profile_steps more."""
     for _ in range(args.warmup):
         step()
     synchronize(device)
+    per_window = max(1, args.steps // WINDOWS)
+    ends = []
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for n in range(1, args.steps + 1):
         step()
+        if n % per_window == 0 and len(ends) < WINDOWS:
+            ends.append(time.perf_counter())
     synchronize(device)
-    result = {"img_s": args.steps * images / (time.perf_counter() - start)}
+    result = {
+        "img_s": args.steps * images / (time.perf_counter() - start),
+        "window_img_s": window_rates(ends, start, per_window, images),
+    }
     if args.profile:
         with profiler(device) as prof:
             start = time.perf_counter()
@@ -422,6 +441,7 @@ class StepTimer(pl.Callback):
         self.sample_host = sample_host
         self.sampler: HostSampler | None = None  # started in the training process (ddp_spawn pickles this)
         self.last_end: float | None = None
+        self.window_ends: list[float] = []
         self.between = 0.0
         self.result: dict = {}
         self.profiler: torch.profiler.profile | None = None
@@ -443,12 +463,19 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.last_end = time.perf_counter()
         step = trainer.global_step  # already counts this step
+        per_window = max(1, self.steps // WINDOWS)
+        timed = step - self.warmup
+        if 0 < timed <= self.steps and timed % per_window == 0 and len(self.window_ends) < WINDOWS:
+            self.window_ends.append(self.last_end)
         if step == self.warmup + self.steps:
             synchronize(pl_module.device)
             seconds = time.perf_counter() - self.start
             images = self.steps * self.batch * trainer.world_size
             self.result = {
                 "img_s": images / seconds,
+                "window_img_s": window_rates(
+                    self.window_ends, self.start, per_window, self.batch * trainer.world_size
+                ),
                 "world_size": trainer.world_size,
                 "between_steps_ms": 1000 * self.between / max(1, self.steps - 1),
             }
@@ -533,7 +560,7 @@ def bench_loop(student: StudentConfig, regime: Regime, args: argparse.Namespace)
     batches = SameBatch(fake_batch(regime, torch.device("cpu")), trainer.max_steps)
     trainer.fit(training_module(student, args), train_dataloaders=batches)
     timed = json.loads(out.read_text())
-    return {key: timed[key] for key in ("img_s", "between_steps_ms", "host") if key in timed}
+    return {key: timed[key] for key in ("img_s", "window_img_s", "between_steps_ms", "host") if key in timed}
 
 
 def bench_loader(

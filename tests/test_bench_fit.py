@@ -32,6 +32,7 @@ def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
     (result,) = json.loads((tmp_path / "fit_cpu_tiny.json").read_text())["results"]
     for figure in ("bare", "pure", "pipeline_device", "pipeline_workers", "pipeline_device_2gpu", "loop"):
         assert result[figure]["img_s"] > 0, figure
+        assert len(result[figure]["window_img_s"]) == 2 and min(result[figure]["window_img_s"]) > 0, figure
     for figure in ("bare", "pure", "pipeline_device", "pipeline_workers"):
         profile = result[figure]["profile"]
         assert profile["wall_ms_per_step"] > 0 and profile["top_host_ops"], figure
@@ -149,3 +150,8 @@ def test_bench_loop_variants_runs_each_variant_on_cpu(tmp_path):
     report = json.loads((tmp_path / "loop_variants_cpu_unet_mnv3.json").read_text())
     assert list(report["img_s"]) == variants[:5] and len(report["img_s"]["as_is"]) == 2
     assert all(value > 0 for values in report["img_s"].values() for value in values)
+
+
+def test_window_rates_are_each_windows_images_over_its_own_seconds():
+    bench_fit = load_bench_fit()
+    assert bench_fit.window_rates([1.0, 3.0, 3.5], 0.0, 10, 4) == [40.0, 20.0, 80.0]
