@@ -312,11 +312,24 @@ def profiler(device: torch.device) -> torch.profiler.profile:
 WINDOWS = 4  # the timed steps are also timed in this many equal windows (window_img_s)
 
 
-def window_rates(ends: list[float], start: float, steps_per_window: int, images_per_step: int) -> list[float]:
-    """img/s of each window whose last step ended at `ends[i]` (host clock, no synchronize: a window's
-    figure is the host's view, shifted by however far the GPU lags, which the whole run's is not)."""
-    edges = [start, *ends]
-    return [steps_per_window * images_per_step / (b - a) for a, b in itertools.pairwise(edges)]
+class Windows:
+    """The img/s of the timed steps in WINDOWS equal windows, to see the spread within a run. On the host's
+    clock with no synchronize: a window's figure is the host's view, shifted by however far the GPU lags
+    (the whole run's figure, synchronized at both ends, is not)."""
+
+    def __init__(self, steps: int):
+        self.per_window = max(1, steps // WINDOWS)
+        self.ends: list[float] = []
+
+    def step_ended(self, timed: int) -> None:
+        """Note the end of timed step number `timed` (1-based)."""
+        if timed > 0 and timed % self.per_window == 0 and len(self.ends) < WINDOWS:
+            self.ends.append(time.perf_counter())
+
+    def rates(self, start: float, images_per_step: int) -> list[float]:
+        """img/s of each window, the first starting at `start`."""
+        edges = [start, *self.ends]
+        return [self.per_window * images_per_step / (b - a) for a, b in itertools.pairwise(edges)]
 
 
 def time_steps(step: Callable[[], None], args: argparse.Namespace, device: torch.device, images: int) -> dict:
@@ -325,17 +338,15 @@ def time_steps(step: Callable[[], None], args: argparse.Namespace, device: torch
     for _ in range(args.warmup):
         step()
     synchronize(device)
-    per_window = max(1, args.steps // WINDOWS)
-    ends = []
+    windows = Windows(args.steps)
     start = time.perf_counter()
-    for n in range(1, args.steps + 1):
+    for timed in range(1, args.steps + 1):
         step()
-        if n % per_window == 0 and len(ends) < WINDOWS:
-            ends.append(time.perf_counter())
+        windows.step_ended(timed)
     synchronize(device)
     result = {
         "img_s": args.steps * images / (time.perf_counter() - start),
-        "window_img_s": window_rates(ends, start, per_window, images),
+        "window_img_s": windows.rates(start, images),
     }
     if args.profile:
         with profiler(device) as prof:
@@ -360,10 +371,11 @@ def reset_peak(device: torch.device) -> None:
 # -- the figures ------------------------------------------------------------------------------------
 
 
-def bench_bare(
+def bare_step(
     student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
-) -> dict:
-    """The network alone, compiled, BCE + fused AdamW on a batch on the GPU: the closest practical ceiling."""
+) -> Callable[..., None]:
+    """bench_bare's step: the network alone, compiled in --compile's mode (unless --no-compile-bare), BCE
+    and fused AdamW on one batch already on `device`. `step(update=False)` leaves out the optimizer step."""
     network = create_student(**student.kwargs()).to(device)
     if device.type == "cuda":
         network.to(memory_format=torch.channels_last)
@@ -377,15 +389,24 @@ def bench_bare(
     batch = fake_batch(regime, device)
     target = batch["mask"].float()
 
-    def step() -> None:
+    def step(update: bool = True) -> None:
         if args.compile_bare and mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.precision):
             total = compiled(batch["image"], target)
         total.backward()
-        optimizer.step()
+        if update:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def bench_bare(
+    student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """The network alone, compiled, BCE + fused AdamW on a batch on the GPU: the closest practical ceiling."""
+    step = bare_step(student, regime, args, device)
     reset_peak(device)
     result = time_steps(step, args, device, regime.batch)
     return {**result, "peak_gib": peak_gib(device)}
@@ -441,7 +462,7 @@ class StepTimer(pl.Callback):
         self.sample_host = sample_host
         self.sampler: HostSampler | None = None  # started in the training process (ddp_spawn pickles this)
         self.last_end: float | None = None
-        self.window_ends: list[float] = []
+        self.windows = Windows(steps)
         self.between = 0.0
         self.result: dict = {}
         self.profiler: torch.profiler.profile | None = None
@@ -463,19 +484,15 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.last_end = time.perf_counter()
         step = trainer.global_step  # already counts this step
-        per_window = max(1, self.steps // WINDOWS)
-        timed = step - self.warmup
-        if 0 < timed <= self.steps and timed % per_window == 0 and len(self.window_ends) < WINDOWS:
-            self.window_ends.append(self.last_end)
+        if step <= self.warmup + self.steps:
+            self.windows.step_ended(step - self.warmup)
         if step == self.warmup + self.steps:
             synchronize(pl_module.device)
             seconds = time.perf_counter() - self.start
             images = self.steps * self.batch * trainer.world_size
             self.result = {
                 "img_s": images / seconds,
-                "window_img_s": window_rates(
-                    self.window_ends, self.start, per_window, self.batch * trainer.world_size
-                ),
+                "window_img_s": self.windows.rates(self.start, self.batch * trainer.world_size),
                 "world_size": trainer.world_size,
                 "between_steps_ms": 1000 * self.between / max(1, self.steps - 1),
             }
@@ -609,8 +626,12 @@ def bench_sample(regime: Regime, args: argparse.Namespace, data: Path, cache: Pa
     results = context.Queue()
     process = context.Process(target=worker, args=(results,))
     process.start()
+    process.join()  # (what it puts is a few bytes: its queue does not hold the exit up)
+    if process.exitcode != 0:
+        raise RuntimeError(
+            f"the sample figure's worker process failed (exit code {process.exitcode}; its error is above)"
+        )
     seconds, faults = results.get()
-    process.join()
     samples = args.steps * regime.batch
     return {"ms_per_sample": 1000 * seconds / samples, "page_faults_per_sample": faults / samples}
 

@@ -38,8 +38,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_fit  # noqa: E402
 
 from distill.losses import FiniteCheck  # noqa: E402
-from distill.module import DistillModule  # noqa: E402
-from distill.students import create_student  # noqa: E402
 
 
 def record_graph_inputs(seen: dict) -> None:
@@ -95,7 +93,9 @@ def main() -> None:
         print(part, out[part], flush=True)
 
     student = bench_fit.MODELS[args.model]
-    module = DistillModule(student=student, loss={"kd_alpha": 0.5}, compile="reduce-overhead").to(device)
+    # bench_fit's settings for the module (pure, pipeline) and for bare, as `--compile reduce-overhead`
+    settings = argparse.Namespace(compile="reduce-overhead", compile_bare=True, precision="bf16-mixed")
+    module = bench_fit.training_module(student, settings).to(device)
     module.student.to(memory_format=torch.channels_last)
     module.on_fit_start()
     batch = bench_fit.fake_batch(args.regime, device)
@@ -105,7 +105,7 @@ def main() -> None:
     optimizer = module.make_optimizer(fused=True)
 
     def forward_backward():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with bench_fit.autocast(device, settings.precision):
             total, names, values = module.training_loss(batch)
         total.backward()
         return names, values
@@ -161,30 +161,13 @@ def main() -> None:
         timeit(f"regrad_{mode}", regrad)
         timeit(f"regrad_plus_compiled_update_{mode}", lambda r=regrad, c=compiled: (r(), c()))
 
-    network = create_student(**student.kwargs()).to(device).to(memory_format=torch.channels_last)
-
-    def bce(image, target):
-        return torch.nn.functional.binary_cross_entropy_with_logits(network(image).float(), target)
-
-    loss = torch.compile(bce, mode="reduce-overhead")
-    adamw = torch.optim.AdamW(network.parameters(), lr=1e-3, fused=True)
-    target = batch["mask"].float()
+    bare = bench_fit.bare_step(student, args.regime, settings, device)
     graphs.clear()
-
-    def bare(step: bool = True):
-        torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            total = loss(batch["image"], target)
-        total.backward()
-        if step:
-            adamw.step()
-        adamw.zero_grad(set_to_none=True)
-
     for _ in range(5):
         bare()
     timeit("bare_step", bare)
     out["bare_cudagraph_nodes"] = list(graphs.values())
-    timeit("bare_fwd_bwd_zero", lambda: bare(step=False))
+    timeit("bare_fwd_bwd_zero", lambda: bare(update=False))
     path = Path(args.out) / f"step_parts_{name}_{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")

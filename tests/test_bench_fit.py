@@ -154,4 +154,22 @@ def test_bench_loop_variants_runs_each_variant_on_cpu(tmp_path):
 
 def test_window_rates_are_each_windows_images_over_its_own_seconds():
     bench_fit = load_bench_fit()
-    assert bench_fit.window_rates([1.0, 3.0, 3.5], 0.0, 10, 4) == [40.0, 20.0, 80.0]
+    windows = bench_fit.Windows(steps=40)  # 4 windows of 10 steps
+    for timed in range(1, 41):
+        windows.step_ended(timed)
+    assert len(windows.ends) == 4
+    windows.ends = [1.0, 3.0, 3.5, 4.5]
+    assert windows.rates(0.0, 4) == [40.0, 20.0, 80.0, 40.0]
+
+
+def test_a_failing_sample_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    bench_fit = load_bench_fit()
+    args = bench_fit.parse_args(["--tiny", "--figures", "sample", "--work", str(tmp_path)])
+    data, cache = bench_fit.make_data(tmp_path, 24, 4, 64)
+
+    def broken_setup():
+        raise ValueError("broken worker setup")
+
+    monkeypatch.setattr(bench_fit, "init_worker", broken_setup)
+    with pytest.raises(RuntimeError, match="sample figure's worker process failed"):
+        bench_fit.bench_sample(bench_fit.Regime(32, 2), args, data, cache)
