@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from distill.errors import ConfigError
+from distill.graphed_step import WARMUP_STEPS, GraphedStep
 from distill.losses import DistillLoss, FiniteCheck, stack_terms
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
@@ -50,6 +51,8 @@ def cat_padded(first: Tensor, second: Tensor) -> Tensor:
 
 # torch.compile's modes (model.compile); see torch.compile's documentation.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# The batch entries a training step reads (absent ones are None: no teacher, no skeleton, ...).
+TRAINING_INPUTS = ("image", "mask", "roi", "teacher", "skeleton", "teacher_valid")
 
 
 class EpochLossMeans:
@@ -121,6 +124,11 @@ class DistillModule(pl.LightningModule):
             "default" mode) or a torch.compile mode. "reduce-overhead" also replays the step's kernels
             as CUDA graphs, which pays where launching them is the bottleneck (small crops, small
             students); it needs fixed crop and batch sizes. Evaluation runs the student uncompiled.
+        cuda_graph: capture the whole training update (forward, loss, backward, clipping, AdamW) as
+            one CUDA graph after a few eager steps and replay it (`distill.graphed_step`): one launch
+            per step, for small crops and students whose steps wait on the host. Single CUDA device,
+            bf16-mixed or 32-true precision, fixed crop and batch sizes, no gradient accumulation;
+            combine with compile: true (not "reduce-overhead", whose own graphs it replaces).
         n_overlays: images drawn in overlays_<split>.png.
         test_views: D4 views whose logit mean also scores the student ("d4" = all 8; null: none).
         ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999)
@@ -142,6 +150,7 @@ class DistillModule(pl.LightningModule):
         n_overlays: int = 6,
         test_views: list[str] | str | None = None,
         ema_decay: float | None = None,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         # Lightning's load_from_checkpoint passes the saved plain dicts back: accept both.
@@ -171,6 +180,7 @@ class DistillModule(pl.LightningModule):
                 "n_overlays": n_overlays,
                 "test_views": list(views) or None,
                 "ema_decay": ema_decay,
+                "cuda_graph": cuda_graph,
             }
         )
         self.student = create_student(**student.kwargs())
@@ -203,6 +213,9 @@ class DistillModule(pl.LightningModule):
         # (global step, epoch, batch index, batch size, its terms) of the last step: see training_step
         self._unsettled: tuple[int, int, int, int, FiniteCheck] | None = None
         self._epoch_losses = EpochLossMeans()
+        self._graphed_step: GraphedStep | None = None  # model.cuda_graph: the captured update
+        self._eager_steps = 0  # optimizer steps taken eagerly in this fit (the graph's warm-up)
+        self._step_in_graph = False  # whether this step's update is the graph's (see optimizer_step)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -233,6 +246,32 @@ class DistillModule(pl.LightningModule):
             # compile of this code in one process (another run, another crop size) makes dynamo trace
             # symbolic sizes, on which inductor fails for crops that are not multiples of 32.
             self._compiled_loss = torch.compile(self.student_loss, mode=mode, dynamic=False)
+        self._graphed_step, self._eager_steps, self._step_in_graph = None, 0, False
+        if self.hparams.cuda_graph:
+            self._check_cuda_graph()
+
+    def _check_cuda_graph(self) -> None:
+        """Raise a ConfigError naming each setting that keeps model.cuda_graph from capturing the update."""
+        trainer = self.trainer
+        problems = []
+        strategy = trainer.strategy
+        if not isinstance(strategy, SingleDeviceStrategy) or strategy.root_device.type != "cuda":
+            problems.append(
+                f"it needs one CUDA device, not {strategy.root_device.type} under {type(strategy).__name__} "
+                "(set trainer.accelerator=gpu and trainer.devices=1)"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            problems.append("fp16's GradScaler syncs every step (set trainer.precision=bf16-mixed)")
+        if trainer.accumulate_grad_batches != 1:
+            problems.append("it replays whole updates (set trainer.accumulate_grad_batches=1)")
+        if self.hparams.compile in ("reduce-overhead", "max-autotune"):
+            problems.append(
+                f"model.compile={self.hparams.compile!r} records CUDA graphs of its own (use true)"
+            )
+        if problems:
+            raise ConfigError(
+                "model.cuda_graph=true: " + "; ".join(problems) + "; or set model.cuda_graph=false"
+            )
 
     def forward(self, images: Tensor) -> Tensor:
         """Student logits [B,1,H,W] of images [B,3,H,W] (float, normalised by the student)."""
@@ -268,11 +307,56 @@ class DistillModule(pl.LightningModule):
         if self._compiled_loss is not None:
             torch.compiler.cudagraph_mark_step_begin()
             student_loss = self._compiled_loss
-        keys = ("image", "mask", "roi", "teacher", "skeleton", "teacher_valid")
-        return student_loss(*(batch.get(key) for key in keys))
+        return student_loss(*(batch.get(key) for key in TRAINING_INPUTS))
+
+    def training_update(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[str, ...], Tensor]:
+        """One whole update, as model.cuda_graph captures it: the loss (as `training_loss`), backward,
+        the trainer's gradient clipping and the optimizer's step. Returns the detached total, names, values."""
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        total, names, values = self.training_loss(batch)
+        with torch.autocast(self.device.type, enabled=False):  # as under Lightning: only the loss autocasts
+            total.backward()
+            clip_val, algorithm = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
+            self.configure_gradient_clipping(optimizer, clip_val, algorithm)
+            optimizer.step()
+        return total.detach(), names, values
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Lightning's step; under model.cuda_graph, after `WARMUP_STEPS` eager ones, the closure's
+        training_step replays the captured update (backward and step included), leaving nothing to do.
+
+        on_before_optimizer_step hooks do not run for graphed steps: the graph makes and consumes the
+        gradients.
+        """
+        self._step_in_graph = bool(self.hparams.cuda_graph) and self._eager_steps >= WARMUP_STEPS
+        if self._step_in_graph:
+            assert optimizer_closure is not None
+            optimizer_closure()
+            return
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._eager_steps += 1
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self._step_in_graph:  # else the graph ran it
+            super().backward(loss, *args, **kwargs)
+
+    def _graphed_update(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[str, ...], Tensor]:
+        """`training_update` as a CUDA graph, captured on the first call (see `distill.graphed_step`)."""
+        inputs = {key: batch[key] for key in TRAINING_INPUTS if batch.get(key) is not None}
+        if self._graphed_step is None:
+            optimizer = self.optimizers(use_pl_optimizer=False)
+            self._graphed_step = GraphedStep(self.training_update, [optimizer], inputs)
+        return self._graphed_step(inputs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        total, names, values = self.training_loss(batch)
+        update = self._graphed_update if self._step_in_graph else self.training_loss
+        total, names, values = update(batch)
         # The terms reach the host one step late (see FiniteCheck): the previous step's are checked and
         # summed now, so the host never waits for this one; a NaN is still named exactly.
         buffer = self._settle_last_step()
@@ -329,6 +413,7 @@ class DistillModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._settle_last_step()
+        self._graphed_step, self._step_in_graph = None, False  # its memory goes back to the allocator
 
     def make_optimizer(self, fused: bool = False) -> torch.optim.AdamW:
         """AdamW over every parameter; `fused`: torch's fused kernels, else its default (multi-tensor on CUDA).

@@ -4,6 +4,9 @@
             normalisation) and a plain BCE, torch.compile'd in the mode of --compile (else the
             default mode), backward, fused AdamW, on one batch already on the GPU; no loss terms,
             clipping, module or Trainer.
+  bare_graphed  bare's whole step (forward, backward, AdamW) captured as one CUDA graph and replayed:
+            what the GPU does with no host in the way (the network compiled without CUDA graphs of
+            its own inside it).
   pure      DistillModule's training step (DistillLoss with KD, clipping at 1.0, AdamW) on that batch.
   pipeline  the real `Trainer.fit` path: VesselDataModule (decoded records, teacher cache, the
             --augment preset made on the device or by DataLoader workers, see --augment-on), the
@@ -11,6 +14,9 @@
   loop, loader, sample, inference (on request): the Lightning loop on one pre-made batch (data
             free), the train loader alone, one worker's time per training crop (in this process),
             and inference latency/throughput.
+
+With --cuda-graph, pure and pipeline capture their whole update as one CUDA graph too
+(model.cuda_graph), compiling the student inside it without CUDA graphs of its own.
 
 Ratios: pipeline/bare (the target is >= 0.8), pure/bare, pipeline/pure; with `--devices 1 2`, the
 2-GPU pipeline (DDP) over the 1-GPU one. `--profile` runs torch.profiler over a few more steps of
@@ -21,6 +27,7 @@ model and regime, so a run cut short keeps what it measured.
 
     python scripts/bench_fit.py --compile --profile            # 3 models x 2 regimes on one GPU
     python scripts/bench_fit.py --compile reduce-overhead      # the step (and bare) as CUDA graphs
+    python scripts/bench_fit.py --compile reduce-overhead --cuda-graph --figures bare bare_graphed pipeline
     python scripts/bench_fit.py --devices 1 2 --regimes 512x32  # DDP scaling on two GPUs
     python scripts/bench_fit.py --tiny                          # CPU smoke test: 64 px, a few steps
 """
@@ -63,6 +70,7 @@ from distill.data.augment import list_presets  # noqa: E402
 from distill.data.datamodule import VesselDataModule, init_worker  # noqa: E402
 from distill.data.sampling import Draw  # noqa: E402
 from distill.data.writers import write_dataset  # noqa: E402
+from distill.graphed_step import WARMUP_STEPS, GraphedStep  # noqa: E402
 from distill.module import CompileMode, DistillModule  # noqa: E402
 from distill.students import StudentConfig, count_parameters, create_student  # noqa: E402
 from distill.synth import generate_sample  # noqa: E402
@@ -81,7 +89,9 @@ TINY_MODELS = {
     "unet_mnv3": MODELS["unet_mnv3"],
 }
 GRADIENT_CLIP = 1.0  # as in configs/fit/*.yaml
-FIGURES = ("bare", "pure", "pipeline", "loop", "loader", "sample", "inference")
+FIGURES = ("bare", "bare_graphed", "pure", "pipeline", "loop", "loader", "sample", "inference")
+# Inside a whole-step CUDA graph torch.compile must not record graphs of its own: the same mode without.
+WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 LAUNCH_CALLS = (
     "cudaLaunchKernel",
     "cuLaunchKernel",
@@ -371,11 +381,26 @@ def reset_peak(device: torch.device) -> None:
 # -- the figures ------------------------------------------------------------------------------------
 
 
+def replayed(update: Callable[[dict[str, torch.Tensor]], object], optimizer: torch.optim.Optimizer,
+             batch: dict[str, torch.Tensor]) -> Callable[[], None]:  # fmt: skip
+    """`update(batch)` run eagerly `WARMUP_STEPS` times (compiling, creating the optimizer's state), then
+    captured as one CUDA graph: the returned step replays it."""
+    for _ in range(WARMUP_STEPS):
+        update(batch)
+    graph = GraphedStep(update, [optimizer], batch)
+    return lambda: graph(batch)
+
+
 def bare_step(
-    student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
+    student: StudentConfig,
+    regime: Regime,
+    args: argparse.Namespace,
+    device: torch.device,
+    graphed: bool = False,
 ) -> Callable[..., None]:
     """bench_bare's step: the network alone, compiled in --compile's mode (unless --no-compile-bare), BCE
-    and fused AdamW on one batch already on `device`. `step(update=False)` leaves out the optimizer step."""
+    and fused AdamW on one batch already on `device`. `step(update=False)` leaves out the optimizer step.
+    `graphed`: the whole step replayed as one CUDA graph (bare_graphed; `step()` only)."""
     network = create_student(**student.kwargs()).to(device)
     if device.type == "cuda":
         network.to(memory_format=torch.channels_last)
@@ -384,37 +409,47 @@ def bare_step(
         return F.binary_cross_entropy_with_logits(network(image).float(), target)
 
     mode = args.compile or "default"
+    mode = WITHOUT_CUDAGRAPHS.get(mode, mode) if graphed else mode
     compiled = torch.compile(loss, mode=mode) if args.compile_bare else loss
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, fused=device.type == "cuda")
     batch = fake_batch(regime, device)
-    target = batch["mask"].float()
+    inputs = {"image": batch["image"], "target": batch["mask"].float()}
 
-    def step(update: bool = True) -> None:
+    def step(inputs: dict[str, torch.Tensor] = inputs, update: bool = True) -> None:
         if args.compile_bare and mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.precision):
-            total = compiled(batch["image"], target)
+            total = compiled(inputs["image"], inputs["target"])
         total.backward()
         if update:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return replayed(step, optimizer, inputs) if graphed else step
 
 
 def bench_bare(
-    student: StudentConfig, regime: Regime, args: argparse.Namespace, device: torch.device
+    student: StudentConfig,
+    regime: Regime,
+    args: argparse.Namespace,
+    device: torch.device,
+    graphed: bool = False,
 ) -> dict:
-    """The network alone, compiled, BCE + fused AdamW on a batch on the GPU: the closest practical ceiling."""
-    step = bare_step(student, regime, args, device)
+    """The network alone, compiled, BCE + fused AdamW on a batch on the GPU: the closest practical ceiling;
+    `graphed`: replayed as one CUDA graph, the GPU's own ceiling for it."""
+    step = bare_step(student, regime, args, device, graphed)
     reset_peak(device)
     result = time_steps(step, args, device, regime.batch)
     return {**result, "peak_gib": peak_gib(device)}
 
 
 def training_module(student: StudentConfig, args: argparse.Namespace) -> DistillModule:
-    """The module the pure and pipeline figures train: KD on, torch.compile in the mode of --compile."""
-    return DistillModule(student=student, loss={"kd_alpha": 0.5}, compile=args.compile or False)
+    """The module the pure and pipeline figures train: KD on, torch.compile in the mode of --compile, the
+    whole update one CUDA graph with --cuda-graph (model.cuda_graph)."""
+    compile = args.compile or False
+    if args.cuda_graph:
+        compile = WITHOUT_CUDAGRAPHS.get(compile, compile)
+    return DistillModule(student=student, loss={"kd_alpha": 0.5}, compile=compile, cuda_graph=args.cuda_graph)
 
 
 def bench_pure(
@@ -429,14 +464,15 @@ def bench_pure(
     optimizer = module.make_optimizer(fused=device.type == "cuda" and not args.precision.startswith("16"))
     batch = fake_batch(regime, device)
 
-    def step() -> None:
+    def update(inputs: dict[str, torch.Tensor] = batch) -> None:
         with autocast(device, args.precision):  # around the loss too, as Lightning's precision plugin does
-            total, _, _ = module.training_loss(batch)
+            total, _, _ = module.training_loss(inputs)
         total.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), GRADIENT_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step = replayed(update, optimizer, batch) if args.cuda_graph else update
     reset_peak(device)
     result = time_steps(step, args, device, regime.batch)
     return {**result, "peak_gib": peak_gib(device)}
@@ -688,6 +724,8 @@ def measure(
     torch._dynamo.reset()
     if "bare" in args.figures:
         run("bare", bench_bare, student, regime, args, device)
+    if "bare_graphed" in args.figures:
+        run("bare_graphed", bench_bare, student, regime, args, device, True)
     if "pure" in args.figures:
         run("pure", bench_pure, student, regime, args, device)
     if "pipeline" in args.figures:
@@ -717,11 +755,12 @@ def ratios(entry: dict, args: argparse.Namespace) -> dict[str, float]:
         if isinstance(value, dict) and "img_s" in value
     }
     out = {}
-    if "bare" in rate and "pure" in rate:
-        out["pure/bare"] = rate["pure"] / rate["bare"]
+    for base in ("bare", "bare_graphed"):
+        if base in rate and "pure" in rate:
+            out[f"pure/{base}"] = rate["pure"] / rate[base]
     for augment_on in args.augment_on:
         one = rate.get(f"pipeline_{augment_on}")
-        for base in ("bare", "pure"):
+        for base in ("bare", "bare_graphed", "pure"):
             if one is not None and base in rate:
                 out[f"pipeline_{augment_on}/{base}"] = one / rate[base]
         for devices in args.devices:
@@ -793,6 +832,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-compile-bare", dest="compile_bare", action="store_false", help="bare uncompiled"
     )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="pure and pipeline replay their whole update as one CUDA graph (model.cuda_graph); --compile's "
+        "mode then runs without CUDA graphs of its own inside it (reduce-overhead -> default)",
+    )
     parser.add_argument("--tag", default="", help="added to the JSON's name")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument(
@@ -846,6 +891,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "epoch_samples",
                 "compile",
                 "compile_bare",
+                "cuda_graph",
                 "devices",
             )
         },

@@ -13,13 +13,16 @@
 #                                               # (REGIMES="512x32" MODELS="unet_r34" to choose)
 #   bash scripts/gpu_fit_bench.sh OUT step      # 1 GPU: the 256x16 step's parts alone, then the loop figure's variants
 #                                               # (MODELS="unet_mnv3" to choose)
+#   bash scripts/gpu_fit_bench.sh OUT whole     # 1 GPU: the whole-step CUDA graph (model.cuda_graph): its GPU tests, then
+#                                               # bare, bare_graphed and the graphed pipeline, profiled, one model and regime
+#                                               # per run (REGIMES="256x16" MODELS="unet_mnv3" to choose)
 #   AB_OLD=DIR bash scripts/gpu_fit_bench.sh OUT ab  # 1 GPU: the 256x16 pipeline figure of this tree and of DIR's distill/
 #                                               # (e.g. `git archive REV distill | tar -x -C DIR`), alternating, twice:
 #                                               # figures move between machines, so an A/B belongs in one call
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step|ab}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step|ab}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step|whole|ab}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|workers|rows|step|whole|ab}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -103,6 +106,17 @@ rows() {
     done
 }
 
+whole() {
+    local regime model
+    step pytest_gpu_graph "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "graph or never_wait"
+    for regime in ${REGIMES:-256x16 512x32}; do
+        for model in ${MODELS:-unet_mnv3 unet_r34 segformer_b0}; do
+            bench "whole_${model}_$regime" "${graphs_args[@]}" --cuda-graph --regimes "$regime" --models "$model" \
+                --figures bare bare_graphed pipeline --profile --tag "whole_${model}_$regime"
+        done
+    done
+}
+
 step_parts() {
     local model
     for model in ${MODELS:-unet_mnv3}; do
@@ -138,7 +152,8 @@ case "$WHAT" in
     workers) workers ;;
     rows) rows ;;
     step) step_parts ;;
+    whole) whole ;;
     ab) ab ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, workers, rows, step or ab" >&2; exit 2 ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, workers, rows, step, whole or ab" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"

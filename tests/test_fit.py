@@ -537,6 +537,16 @@ def test_compiling_with_whole_images_of_any_size_warns(tiny_data_and_cache, tmp_
         main([*args, "--trainer.max_steps=1", "--trainer.max_epochs=-1"])
 
 
+def test_a_cuda_graph_with_whole_images_of_any_size_is_refused_before_training(tiny_data_and_cache, tmp_path):
+    data, cache = tiny_data_and_cache
+    args = tiny_fit_args(data, cache, tmp_path, "--run_name=g", "--wandb=false", "--model.cuda_graph=true")
+    with pytest.raises(
+        ConfigError, match="model.cuda_graph=true replays one batch shape.*set data.crop_size"
+    ):
+        main([*args, "--trainer.max_steps=1", "--trainer.max_epochs=-1"])
+    assert not (tmp_path / "g" / "checkpoints").exists()
+
+
 def test_fits_without_a_run_name_in_one_process_get_their_own_timestamped_runs(
     tiny_data_and_cache, tmp_path, monkeypatch
 ):

@@ -136,24 +136,30 @@ def test_reduce_overhead_replays_cuda_graphs_and_trains_as_eager(tmp_path):
     torch.testing.assert_close(losses["reduce-overhead"], losses[False], rtol=1e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("compile", [False, "reduce-overhead"])
-def test_steady_training_steps_never_wait_for_the_gpu(tmp_path, compile):
+@pytest.mark.parametrize(
+    "settings", [{"compile": False}, {"compile": "reduce-overhead"}, {"compile": True, "cuda_graph": True}]
+)
+def test_steady_training_steps_never_wait_for_the_gpu(tmp_path, settings):
     """After the first steps, no training step makes a blocking host-device call (an .item(), a host
     number copied to the GPU): the host would wait for the GPU's whole queue, which then runs dry.
     Clipping, the finiteness check, the loss means and logging (here every step) included."""
     import lightning.pytorch as pl
 
+    from distill.graphed_step import WARMUP_STEPS
     from tests.test_module import TINY, fake_batches, identity_loader, trainer
+
+    # The first steps compile and record the graphs; model.cuda_graph's capture step synchronises once.
+    first_checked = WARMUP_STEPS + 1 if settings.get("cuda_graph") else 3
 
     class BlockingCallsRaise(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step >= 3:  # the first steps compile and record the graphs
+            if trainer.global_step >= first_checked:
                 torch.cuda.set_sync_debug_mode("error")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             torch.cuda.set_sync_debug_mode("default")
 
-    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, compile=compile)
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, **settings)
     run = trainer(
         tmp_path, accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=8, gradient_clip_val=1.0,
         log_every_n_steps=1, logger=False, limit_val_batches=0, callbacks=[BlockingCallsRaise()],
@@ -163,6 +169,75 @@ def test_steady_training_steps_never_wait_for_the_gpu(tmp_path, compile):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert run.global_step == 8
+
+
+def test_a_graphed_step_trains_as_eager_clipped_and_on_schedule(tmp_path):
+    """model.cuda_graph: after the eager warm-up every step is one replay, and the losses are eager's,
+    with clipping biting (gradient_clip_val 0.01) and the warm-up/cosine rate moving every step."""
+    import lightning.pytorch as pl
+
+    from distill.graphed_step import WARMUP_STEPS
+    from tests.test_module import TINY, fake_batches, identity_loader, trainer
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.losses, self.graphed, self.lrs = [], [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(outputs["loss"].detach().clone())
+            self.graphed.append(pl_module._step_in_graph)
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    runs = {}
+    for cuda_graph in (False, True):
+        torch.manual_seed(0)
+        module = DistillModule(
+            student=TINY, loss={"kd_alpha": 0.5}, warmup_fraction=0.25, cuda_graph=cuda_graph
+        )
+        record = Record()
+        run = trainer(
+            tmp_path / str(cuda_graph), accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=10,
+            gradient_clip_val=0.01, limit_val_batches=0, callbacks=[record],
+        )  # fmt: skip
+        run.fit(module, identity_loader(fake_batches(10)))
+        runs[cuda_graph] = record
+        weights = {name: p.detach().clone() for name, p in module.named_parameters()}
+        runs[cuda_graph].weights = weights
+    eager, graphed = runs[False], runs[True]
+    assert graphed.graphed == [False] * WARMUP_STEPS + [True] * (10 - WARMUP_STEPS) and not any(eager.graphed)
+    assert graphed.lrs == eager.lrs and len(set(eager.lrs)) >= 8
+    # Rounding differences grow through AdamW's per-weight scaling (see the reduce-overhead test).
+    torch.testing.assert_close(torch.stack(graphed.losses), torch.stack(eager.losses), rtol=1e-2, atol=1e-4)
+    for name, weight in graphed.weights.items():
+        torch.testing.assert_close(weight, eager.weights[name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_a_graphed_step_reads_the_rate_every_replay_and_refuses_another_shape():
+    from distill.graphed_step import WARMUP_STEPS, GraphedStep
+
+    weight = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+
+    def update(batch):
+        loss = (weight * batch["x"]).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    batch = {"x": torch.arange(4.0, device="cuda")}
+    for _ in range(WARMUP_STEPS):
+        update(batch)
+    step = GraphedStep(update, [optimizer], batch)
+    before = weight.detach().clone()
+    assert step({"x": 2 * batch["x"]}).item() == pytest.approx(float((before * 2 * batch["x"]).sum()))
+    assert not torch.equal(weight, before)
+    optimizer.param_groups[0]["lr"] = 0.0  # as a scheduler sets it: a float
+    before = weight.detach().clone()
+    step(batch)
+    assert torch.equal(weight, before) and isinstance(optimizer.param_groups[0]["lr"], float)
+    with pytest.raises(ValueError, match=r"batch\['x'\] is \(5,\).*captured for \(4,\)"):
+        step({"x": torch.ones(5, device="cuda")})
 
 
 @pytest.mark.parametrize("precision, fused", [("bf16-mixed", True), ("16-mixed", False)])
@@ -182,12 +257,16 @@ def test_cuda_training_steps_with_fused_adamw_unless_a_grad_scaler_and_clips(tmp
         assert max(norms.norms) <= 1e-3 * 1.01
 
 
-def test_a_shipped_config_trains_with_cuda_graphs_to_the_end(tiny_data_and_cache, tmp_path):
+@pytest.mark.parametrize(
+    "graphs", [["--model.compile=reduce-overhead"], ["--model.compile=true", "--model.cuda_graph=true"]]
+)
+def test_a_shipped_config_trains_with_cuda_graphs_to_the_end(tiny_data_and_cache, tmp_path, graphs):
+    """Validation and checkpoints between replays (val_check_interval), then test on the best weights."""
     data, cache = tiny_data_and_cache
     reports = fit(
         [
             "--config=configs/fit/small_data.yaml",
-            "--model.compile=reduce-overhead",
+            *graphs,
             "--data.data_format=merged",
             "--data.crop_size=48",
             "--data.batch_size=4",

@@ -403,3 +403,32 @@ def test_fused_adamw_is_only_picked_where_the_module_can_clip_whole_unscaled_gra
     ]:
         module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace(scaler=scaler))
         assert module._clips_fused_gradients() is expected, (type(strategy).__name__, scaler)
+
+
+def test_cuda_graph_names_every_setting_that_keeps_it_from_capturing(tmp_path):
+    """model.cuda_graph on the CPU, with gradient accumulation and reduce-overhead's own graphs: one
+    ConfigError that names each, and the way out."""
+    module = DistillModule(student=TINY, compile="reduce-overhead", cuda_graph=True)
+    run = trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
+    with pytest.raises(ConfigError, match="model.cuda_graph=true") as raised:
+        run.fit(module, identity_loader(fake_batches(2)))
+    message = str(raised.value)
+    for fix in (
+        "trainer.accelerator=gpu",
+        "accumulate_grad_batches=1",
+        "'reduce-overhead'",
+        "cuda_graph=false",
+    ):
+        assert fix in message, fix
+    assert run.global_step == 0
+
+
+def test_a_step_is_not_captured_before_the_optimizer_has_state():
+    """Captured before its first step, AdamW's state would be created inside the graph and reset by
+    every replay."""
+    from distill.graphed_step import GraphedStep
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight])
+    with pytest.raises(ValueError, match="no state yet: step eagerly first"):
+        GraphedStep(lambda batch: None, [optimizer], {"x": torch.ones(3)})

@@ -1,0 +1,95 @@
+"""A whole training step (forward, loss, backward, clipping, optimizer update) as one CUDA graph.
+
+Small students on small crops leave the GPU waiting for the host: a step launches several hundred
+kernels (the network's, the loss's, one `AccumulateGrad` per parameter, clipping's, the optimizer's),
+and at 256² x 16 launching them takes longer than running them. Captured once and replayed, the step
+is one launch. This is torch's "whole-network capture"
+(https://pytorch.org/docs/stable/notes/cuda.html#whole-network-capture): the batch is copied into
+static inputs, gradients and optimizer state keep their addresses, and the learning rate is read from
+device memory, so that a schedule still moves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+Outputs = TypeVar("Outputs")
+
+# Eager steps before the capture: the first compiles (torch.compile), autotunes (cuDNN) and creates the
+# optimizer's state, none of which may happen inside a capture.
+WARMUP_STEPS = 3
+
+
+class GraphedStep(Generic[Outputs]):
+    """`step(batch)` captured as a CUDA graph on the first call's batch; each call copies its batch in
+    and replays the graph.
+
+    `step` must update the weights itself (backward, clipping, `optimizer.step()`), make no host sync
+    and allocate no optimizer state: run it eagerly a few times first (`WARMUP_STEPS`). Its outputs are
+    static tensors, overwritten by the next replay: read them (or queue work on them) before then.
+    Each param group's "lr" stays a float for schedulers and checkpoints; the graph reads a device
+    copy, refreshed before every replay.
+
+    Args:
+        step: the whole update on a batch of tensors; returns what each replay returns.
+        optimizers: the optimizers `step` steps (each must already hold state for its parameters).
+        batch: a batch as every later one will be: the same keys, shapes, dtypes, device, and strides.
+
+    Raises:
+        ValueError: an optimizer without state (not warmed up), or a later batch unlike the first.
+    """
+
+    def __init__(self, step: Callable[[dict[str, Tensor]], Outputs], optimizers: Sequence[torch.optim.Optimizer],
+                 batch: Mapping[str, Tensor]) -> None:  # fmt: skip
+        for optimizer in optimizers:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+            if any(p not in optimizer.state for p in params):
+                raise ValueError(
+                    f"{type(optimizer).__name__} has no state yet: step eagerly first (WARMUP_STEPS), "
+                    "or the capture would record its initialisation and replay it every step"
+                )
+        self._groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+        self._static = {key: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                        for key, v in batch.items()}  # fmt: skip
+        self._copy_in(batch)
+        device = next(iter(self._static.values())).device
+        self._lrs = [torch.tensor(float(group["lr"]), device=device) for group in self._groups]
+        for optimizer in optimizers:
+            # Backward writes fresh gradients in the graph's memory, at addresses each replay reuses.
+            optimizer.zero_grad(set_to_none=True)
+        saved = [(group["lr"], group.get("capturable", False)) for group in self._groups]
+        for group, lr in zip(self._groups, self._lrs, strict=True):
+            group["lr"], group["capturable"] = lr, True  # the optimizer refuses capture unless capturable
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: DataLoader threads (pinning batches) may call CUDA while the step is captured
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._outputs = step(self._static)
+        finally:
+            for group, (lr, capturable) in zip(self._groups, saved, strict=True):
+                group["lr"], group["capturable"] = lr, capturable
+
+    def _copy_in(self, batch: Mapping[str, Tensor]) -> None:
+        if batch.keys() != self._static.keys():
+            raise ValueError(f"batch keys {sorted(batch)} differ from the captured {sorted(self._static)}")
+        for key, static in self._static.items():
+            value = batch[key]
+            if (value.shape, value.dtype, value.device) != (static.shape, static.dtype, static.device):
+                raise ValueError(
+                    f"batch[{key!r}] is {tuple(value.shape)} {value.dtype} on {value.device}; the step was "
+                    f"captured for {tuple(static.shape)} {static.dtype} on {static.device}: a CUDA graph "
+                    "replays one shape (fixed crop and batch sizes)"
+                )
+            static.copy_(value, non_blocking=True)
+
+    def __call__(self, batch: Mapping[str, Tensor]) -> Outputs:
+        """One step on `batch`: its outputs (static tensors, valid until the next call)."""
+        self._copy_in(batch)
+        for group, lr in zip(self._groups, self._lrs, strict=True):
+            lr.fill_(group["lr"])  # a kernel argument: no copy, no sync
+        self.graph.replay()
+        return self._outputs
