@@ -13,6 +13,8 @@ from distill.sweep.runner import main as sweep_main
 ON_CPU = [
     "--data.data_format=merged",
     "--trainer.accelerator=cpu",
+    "--model.cuda_graph=false",  # one-GPU settings
+    "--model.compile=false",
     "--trainer.precision=32-true",
     "--trainer.max_steps=4",
     "--trainer.val_check_interval=2",
