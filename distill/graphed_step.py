@@ -19,8 +19,8 @@ from torch import Tensor
 
 Outputs = TypeVar("Outputs")
 
-# Eager steps before the capture: the first compiles (torch.compile), autotunes (cuDNN) and creates the
-# optimizer's state, none of which may happen inside a capture.
+# Eager steps before the capture: the first compiles (torch.compile), creates the optimizer's state and
+# lets cuDNN and cuBLAS create their handles and workspaces, none of which may happen inside a capture.
 WARMUP_STEPS = 3
 
 
@@ -40,24 +40,33 @@ class GraphedStep(Generic[Outputs]):
         batch: a batch as every later one will be: the same keys, shapes, dtypes, device, and strides.
 
     Raises:
-        ValueError: an optimizer without state (not warmed up), or a later batch unlike the first.
+        ValueError: a parameter without optimizer state (not warmed up, or one that gets no gradient),
+            a later batch unlike the first, or param groups changed after the capture.
     """
 
     def __init__(self, step: Callable[[dict[str, Tensor]], Outputs], optimizers: Sequence[torch.optim.Optimizer],
                  batch: Mapping[str, Tensor]) -> None:  # fmt: skip
         for optimizer in optimizers:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-            if any(p not in optimizer.state for p in params):
+            stateless = [tuple(p.shape) for p in params if p not in optimizer.state]
+            if stateless:
                 raise ValueError(
-                    f"{type(optimizer).__name__} has no state yet: step eagerly first (WARMUP_STEPS), "
-                    "or the capture would record its initialisation and replay it every step"
+                    f"{type(optimizer).__name__} has no state for {len(stateless)} of its {len(params)} "
+                    f"parameters (shapes {stateless[:3]}...): step eagerly first (WARMUP_STEPS), and make sure "
+                    "every trained parameter gets a gradient; a capture would record the state's creation "
+                    "and replay it every step"
                 )
         self._groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+        self._optimizers = list(optimizers)
+        self._layout = self._param_layout()
         self._static = {key: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
                         for key, v in batch.items()}  # fmt: skip
         self._copy_in(batch)
         device = next(iter(self._static.values())).device
-        self._lrs = [torch.tensor(float(group["lr"]), device=device) for group in self._groups]
+        # float32 whatever the default dtype (Lightning's true-half precisions change it)
+        self._lrs = [
+            torch.tensor(float(group["lr"]), dtype=torch.float32, device=device) for group in self._groups
+        ]
         for optimizer in optimizers:
             # Backward writes fresh gradients in the graph's memory, at addresses each replay reuses.
             optimizer.zero_grad(set_to_none=True)
@@ -72,6 +81,10 @@ class GraphedStep(Generic[Outputs]):
         finally:
             for group, (lr, capturable) in zip(self._groups, saved, strict=True):
                 group["lr"], group["capturable"] = lr, capturable
+
+    def _param_layout(self) -> list[list[int]]:
+        """How many parameters each param group of each optimizer holds (a cheap per-step check)."""
+        return [[len(group["params"]) for group in optimizer.param_groups] for optimizer in self._optimizers]
 
     def _copy_in(self, batch: Mapping[str, Tensor]) -> None:
         if batch.keys() != self._static.keys():
@@ -88,6 +101,11 @@ class GraphedStep(Generic[Outputs]):
 
     def __call__(self, batch: Mapping[str, Tensor]) -> Outputs:
         """One step on `batch`: its outputs (static tensors, valid until the next call)."""
+        if self._param_layout() != self._layout:
+            raise ValueError(
+                "the optimizer's param groups changed after the step was captured (e.g. a fine-tuning "
+                "callback adding parameters): the graph updates only the captured ones"
+            )
         self._copy_in(batch)
         for group, lr in zip(self._groups, self._lrs, strict=True):
             lr.fill_(group["lr"])  # a kernel argument: no copy, no sync

@@ -247,7 +247,7 @@ class DistillModule(pl.LightningModule):
             # symbolic sizes, on which inductor fails for crops that are not multiples of 32.
             self._compiled_loss = torch.compile(self.student_loss, mode=mode, dynamic=False)
         self._graphed_step, self._eager_steps, self._step_in_graph = None, 0, False
-        if self.hparams.cuda_graph:
+        if self.hparams.cuda_graph and self._trainer is not None:  # (bench_fit's pure step has none)
             self._check_cuda_graph()
 
     def _check_cuda_graph(self) -> None:
@@ -257,13 +257,20 @@ class DistillModule(pl.LightningModule):
         strategy = trainer.strategy
         if not isinstance(strategy, SingleDeviceStrategy) or strategy.root_device.type != "cuda":
             problems.append(
-                f"it needs one CUDA device, not {strategy.root_device.type} under {type(strategy).__name__} "
-                "(set trainer.accelerator=gpu and trainer.devices=1)"
+                f"it needs one CUDA device and no DDP, not {strategy.root_device.type} under "
+                f"{type(strategy).__name__} (set trainer.accelerator=gpu, trainer.devices=1, trainer.strategy=auto)"
             )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            problems.append("fp16's GradScaler syncs every step (set trainer.precision=bf16-mixed)")
+        if trainer.precision not in ("bf16-mixed", "32-true"):
+            problems.append(
+                f"trainer.precision={trainer.precision!r} (fp16's GradScaler syncs every step; the true half "
+                "and double precisions change the default dtype) is not supported: set bf16-mixed or 32-true"
+            )
         if trainer.accumulate_grad_batches != 1:
             problems.append("it replays whole updates (set trainer.accumulate_grad_batches=1)")
+        if getattr(trainer, "_detect_anomaly", False):  # Trainer(detect_anomaly=...) keeps no public copy
+            problems.append(
+                "anomaly detection checks every operation on the host (set trainer.detect_anomaly=false)"
+            )
         if self.hparams.compile in ("reduce-overhead", "max-autotune"):
             problems.append(
                 f"model.compile={self.hparams.compile!r} records CUDA graphs of its own (use true)"
@@ -331,8 +338,8 @@ class DistillModule(pl.LightningModule):
         """Lightning's step; under model.cuda_graph, after `WARMUP_STEPS` eager ones, the closure's
         training_step replays the captured update (backward and step included), leaving nothing to do.
 
-        on_before_optimizer_step hooks do not run for graphed steps: the graph makes and consumes the
-        gradients.
+        on_before_optimizer_step hooks do not run for graphed steps, and on_after_backward hooks see no
+        gradients (`p.grad` is None): the graph makes and consumes them.
         """
         self._step_in_graph = bool(self.hparams.cuda_graph) and self._eager_steps >= WARMUP_STEPS
         if self._step_in_graph:
@@ -414,6 +421,9 @@ class DistillModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self._settle_last_step()
         self._graphed_step, self._step_in_graph = None, False  # its memory goes back to the allocator
+        for optimizer in self.trainer.optimizers:  # the last clipping scale (in the graph's memory, if any)
+            if hasattr(optimizer, "grad_scale"):
+                del optimizer.grad_scale
 
     def make_optimizer(self, fused: bool = False) -> torch.optim.AdamW:
         """AdamW over every parameter; `fused`: torch's fused kernels, else its default (multi-tensor on CUDA).

@@ -846,6 +846,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 64 px, tiny models, a few steps")
     args = parser.parse_args(argv)
     args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if args.cuda_graph and args.accelerator != "gpu":
+        parser.error("--cuda-graph replays CUDA graphs: it needs a GPU")
     args.size = 64 if args.tiny else 512  # of the synthetic images
     args.regimes = args.regimes or ([Regime(64, 4)] if args.tiny else [Regime(256, 16), Regime(512, 32)])
     if args.tiny:

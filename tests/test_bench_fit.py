@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch.autograd import DeviceType
 
 
@@ -173,3 +174,10 @@ def test_a_failing_sample_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_fit, "init_worker", broken_setup)
     with pytest.raises(RuntimeError, match="sample figure's worker process failed"):
         bench_fit.bench_sample(bench_fit.Regime(32, 2), args, data, cache)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_cuda_graph_figures_are_refused_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        load_bench_fit().parse_args(["--tiny", "--cuda-graph"])
+    assert "--cuda-graph replays CUDA graphs: it needs a GPU" in capsys.readouterr().err

@@ -238,6 +238,9 @@ def test_a_graphed_step_reads_the_rate_every_replay_and_refuses_another_shape():
     assert torch.equal(weight, before) and isinstance(optimizer.param_groups[0]["lr"], float)
     with pytest.raises(ValueError, match=r"batch\['x'\] is \(5,\).*captured for \(4,\)"):
         step({"x": torch.ones(5, device="cuda")})
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, device="cuda"))]})
+    with pytest.raises(ValueError, match="param groups changed after the step was captured"):
+        step(batch)
 
 
 @pytest.mark.parametrize("precision, fused", [("bf16-mixed", True), ("16-mixed", False)])
@@ -261,11 +264,12 @@ def test_cuda_training_steps_with_fused_adamw_unless_a_grad_scaler_and_clips(tmp
     "graphs",
     [
         ["--model.compile=reduce-overhead", "--model.cuda_graph=false"],
-        ["--model.compile=true", "--model.cuda_graph=true"],
+        ["--model.compile=true", "--model.cuda_graph=true", "--model.ema_decay=0.99"],
     ],
 )
 def test_a_shipped_config_trains_with_cuda_graphs_to_the_end(tiny_data_and_cache, tmp_path, graphs):
-    """Validation and checkpoints between replays (val_check_interval), then test on the best weights."""
+    """Validation, checkpoints and (whole-step graph) EMA swaps between replays: steps 3 (eager), 6 and 9
+    (replayed) validate; then test on the best weights."""
     data, cache = tiny_data_and_cache
     reports = fit(
         [
@@ -274,7 +278,7 @@ def test_a_shipped_config_trains_with_cuda_graphs_to_the_end(tiny_data_and_cache
             "--data.data_format=merged",
             "--data.crop_size=48",
             "--data.batch_size=4",
-            "--trainer.max_steps=6",
+            "--trainer.max_steps=9",
             "--trainer.val_check_interval=3",
             f"--data.data_root={data}",
             f"--data.cache_dir={cache}",

@@ -406,16 +406,22 @@ def test_fused_adamw_is_only_picked_where_the_module_can_clip_whole_unscaled_gra
 
 
 def test_cuda_graph_names_every_setting_that_keeps_it_from_capturing(tmp_path):
-    """model.cuda_graph on the CPU, with gradient accumulation and reduce-overhead's own graphs: one
-    ConfigError that names each, and the way out."""
+    """model.cuda_graph on the CPU, in true bf16, with gradient accumulation, anomaly detection and
+    reduce-overhead's own graphs: one ConfigError that names each, and the way out."""
     module = DistillModule(student=TINY, compile="reduce-overhead", cuda_graph=True)
-    run = trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
+    run = trainer(
+        tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0, precision="bf16-true",
+        detect_anomaly=True,
+    )  # fmt: skip
     with pytest.raises(ConfigError, match="model.cuda_graph=true") as raised:
         run.fit(module, identity_loader(fake_batches(2)))
     message = str(raised.value)
     for fix in (
         "trainer.accelerator=gpu",
+        "trainer.strategy=auto",
+        "trainer.precision='bf16-true'",
         "accumulate_grad_batches=1",
+        "detect_anomaly=false",
         "'reduce-overhead'",
         "cuda_graph=false",
     ):
@@ -430,5 +436,5 @@ def test_a_step_is_not_captured_before_the_optimizer_has_state():
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight])
-    with pytest.raises(ValueError, match="no state yet: step eagerly first"):
+    with pytest.raises(ValueError, match=r"no state for 1 of its 1 parameters \(shapes \[\(3,\)\]"):
         GraphedStep(lambda batch: None, [optimizer], {"x": torch.ones(3)})
