@@ -375,6 +375,8 @@ def _fit(args: list[str] | None) -> dict[str, dict[str, Any]]:
             "model.cuda_graph=true replays one batch shape, and with data.crop_size null training batches take "
             "the images' sizes: set data.crop_size (e.g. 256), or model.cuda_graph=false"
         )
+    if model.hparams.cuda_graph:
+        model.check_cuda_graph(trainer)
     if model.hparams.compile and data.crop_size is None:
         rank_zero_warn(
             "model.compile with data.crop_size null: training batches take the images' sizes, and every "

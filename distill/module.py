@@ -248,11 +248,11 @@ class DistillModule(pl.LightningModule):
             self._compiled_loss = torch.compile(self.student_loss, mode=mode, dynamic=False)
         self._graphed_step, self._eager_steps, self._step_in_graph = None, 0, False
         if self.hparams.cuda_graph and self._trainer is not None:  # (bench_fit's pure step has none)
-            self._check_cuda_graph()
+            self.check_cuda_graph(self.trainer)
 
-    def _check_cuda_graph(self) -> None:
-        """Raise a ConfigError naming each setting that keeps model.cuda_graph from capturing the update."""
-        trainer = self.trainer
+    def check_cuda_graph(self, trainer: pl.Trainer) -> None:
+        """Raise a ConfigError naming each setting of `trainer` (or of the module) that keeps
+        model.cuda_graph from capturing the update. `distill.fit` calls it before any data is read."""
         problems = []
         strategy = trainer.strategy
         if not isinstance(strategy, SingleDeviceStrategy) or strategy.root_device.type != "cuda":

@@ -549,6 +549,22 @@ def test_a_cuda_graph_with_whole_images_of_any_size_is_refused_before_training(t
     assert not (tmp_path / "g" / "checkpoints").exists()
 
 
+def test_a_shipped_cuda_graph_config_on_the_cpu_is_refused_before_reading_data_or_saving_its_config(
+    tiny_data_and_cache, tmp_path
+):
+    data, cache = tiny_data_and_cache
+    args = [
+        "--config=configs/fit/small_data.yaml", "--data.data_format=merged", f"--data.data_root={data}",
+        f"--data.cache_dir={cache}", f"--runs_dir={tmp_path}", "--run_name=cpu", "--wandb=false",
+        "--trainer.accelerator=cpu",
+    ]  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="not cpu under SingleDeviceStrategy.*or set model.cuda_graph=false"
+    ):
+        main(args)
+    assert not (tmp_path / "cpu" / "config.yaml").exists()  # a retry reuses the claimed directory
+
+
 def test_fits_without_a_run_name_in_one_process_get_their_own_timestamped_runs(
     tiny_data_and_cache, tmp_path, monkeypatch
 ):
