@@ -20,8 +20,8 @@ With --cuda-graph, pure and pipeline capture their whole update as one CUDA grap
 
 Ratios: pipeline/bare (the target is >= 0.8), pure/bare, pipeline/pure; with `--devices 1 2`, the
 2-GPU pipeline (DDP) over the 1-GPU one. `--profile` runs torch.profiler over a few more steps of
-`bare` and of each pipeline and records kernel time against wall time, GPU-busy share, kernel
-launches, host syncs and the top operators. The script makes its own synthetic 512x512 data and a
+`bare` and of each pipeline (under DDP, rank 0's) and records kernel time against wall time,
+GPU-busy share, kernel launches, host syncs and the top operators. The script makes its own synthetic 512x512 data and a
 cache of synthetic teacher logits. Results go to <out>/fit_<gpu>[_<tag>].json, rewritten after every
 model and regime, so a run cut short keeps what it measured.
 
@@ -569,7 +569,7 @@ def timed_trainer(args: argparse.Namespace, regime: Regime, devices: int, out: P
     Several devices: DDP with spawned processes (this script does more than fit), which time out
     after 5 minutes rather than hang when one of them stops.
     """
-    profile_steps = args.profile_steps if args.profile and devices == 1 else 0
+    profile_steps = args.profile_steps if args.profile else 0  # under DDP every rank profiles; rank 0 reports
     ddp = DDPOnCurrentStream if args.ddp_wrap_stream == "current" else DDPStrategy
     strategy = ddp(start_method="spawn", timeout=timedelta(minutes=5)) if devices > 1 else "auto"
     return pl.Trainer(

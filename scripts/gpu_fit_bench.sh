@@ -16,7 +16,7 @@
 #   bash scripts/gpu_fit_bench.sh OUT whole     # 1 GPU: the whole-step CUDA graph (model.cuda_graph): its GPU tests, then
 #                                               # bare, bare_graphed and the graphed pipeline, profiled, one model and regime
 #                                               # per run (REGIMES="256x16" MODELS="unet_mnv3" to choose)
-#   bash scripts/gpu_fit_bench.sh OUT 2gpu-stream  # DDP scaling of UNet-R34 at 256x16 (REGIMES to choose), 12 workers per rank,
+#   bash scripts/gpu_fit_bench.sh OUT 2gpu-stream  # DDP scaling of UNet-R34 at 256x16 (REGIMES to choose), 12 workers per rank, profiled,
 #                                               # the module wrapped on Lightning's side stream, then on the current one
 #   AB_OLD=DIR bash scripts/gpu_fit_bench.sh OUT ab  # 1 GPU: the 256x16 pipeline figure of this tree and of DIR's distill/
 #                                               # (e.g. `git archive REV distill | tar -x -C DIR`), alternating, twice:
@@ -112,7 +112,7 @@ two_gpus_streams() {
     local wrap
     for wrap in side current; do
         bench "ddp_${wrap}" "${graphs_args[@]}" --regimes "${REGIMES:-256x16}" --models unet_r34 --figures pipeline \
-            --devices 1 2 --warmup 60 --ddp-wrap-stream "$wrap" --tag "ddp_${wrap}"
+            --devices 1 2 --warmup 60 --profile --ddp-wrap-stream "$wrap" --tag "ddp_${wrap}"
     done
 }
 

@@ -35,7 +35,7 @@ def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
     for figure in ("bare", "pure", "pipeline_device", "pipeline_workers", "pipeline_device_2gpu", "loop"):
         assert result[figure]["img_s"] > 0, figure
         assert len(result[figure]["window_img_s"]) == 2 and min(result[figure]["window_img_s"]) > 0, figure
-    for figure in ("bare", "pure", "pipeline_device", "pipeline_workers"):
+    for figure in ("bare", "pure", "pipeline_device", "pipeline_workers", "pipeline_device_2gpu"):
         profile = result[figure]["profile"]
         assert profile["wall_ms_per_step"] > 0 and profile["top_host_ops"], figure
         assert profile["gpu_busy_fraction"] is None and profile["host_syncs_per_step"] == 0  # no GPU here
