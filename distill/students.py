@@ -326,6 +326,13 @@ def load_student(
             "give a checkpoint written by `python -m distill.fit`"
         ) from err
     info = checkpoint.get("distill") if isinstance(checkpoint, dict) else None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if info is None and isinstance(state, dict) and any(str(k).startswith("student.") for k in state):
+        raise ConfigError(
+            f"{ckpt_path}: student weights without checkpoint['distill'] (the student's config and "
+            "thresholds), so written by an older vessel-distill or by other code: evaluate it with what wrote "
+            "it, or train the student again with this version (`python -m distill.fit`)"
+        )
     if not isinstance(info, dict) or "student" not in info:
         raise ConfigError(
             f"{ckpt_path}: not a vessel-distill student checkpoint (no checkpoint['distill']); "
@@ -333,7 +340,9 @@ def load_student(
         )
     if info.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise ConfigError(
-            f"{ckpt_path}: checkpoint format {info.get('format_version')}, expected {CHECKPOINT_FORMAT_VERSION}"
+            f"{ckpt_path}: checkpoint format {info.get('format_version')}, this version reads "
+            f"{CHECKPOINT_FORMAT_VERSION}: it was written by another vessel-distill version; evaluate it with "
+            "that version, or train the student again with this one (`python -m distill.fit`)"
         )
     student = create_student(**{**info["student"], "encoder_weights": None})
     weights = {

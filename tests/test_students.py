@@ -112,6 +112,16 @@ def test_load_student_round_trip_and_foreign_checkpoint(tmp_path):
     torch.save({"state_dict": {"net.weight": torch.zeros(1)}}, foreign)
     with pytest.raises(ConfigError, match="not a vessel-distill"):
         load_student(foreign)
+    older = tmp_path / "older.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    torch.save({**checkpoint, "distill": {**checkpoint["distill"], "format_version": 0}}, older)
+    with pytest.raises(ConfigError, match="format 0, this version reads 1.*train the student again"):
+        load_student(older)
+    torch.save({"state_dict": checkpoint["state_dict"]}, older)  # student weights only
+    with pytest.raises(
+        ConfigError, match=r"student weights without checkpoint\['distill'\].*train the student again"
+    ):
+        load_student(older)
 
 
 @pytest.mark.parametrize("config", sorted(Path("configs/fit").glob("*.yaml")), ids=lambda p: p.stem)
