@@ -370,12 +370,12 @@ def _fit(args: list[str] | None) -> dict[str, dict[str, Any]]:
             f"--trainer.strategy: ranks started by {start_method} (ddp_spawn, ddp_fork, ddp_notebook) cannot "
             "hand their validation and test scores back to fit: use --trainer.strategy=ddp"
         )
-    if model.hparams.cuda_graph and data.crop_size is None:
-        raise ConfigError(
-            "model.cuda_graph=true replays one batch shape, and with data.crop_size null training batches take "
-            "the images' sizes: set data.crop_size (e.g. 256), or model.cuda_graph=false"
-        )
     if model.hparams.cuda_graph:
+        if data.crop_size is None:
+            raise ConfigError(
+                "model.cuda_graph=true replays one batch shape, and with data.crop_size null training batches "
+                "take the images' sizes: set data.crop_size (e.g. 256), or model.cuda_graph=false"
+            )
         model.check_cuda_graph(trainer)
     if model.hparams.compile and data.crop_size is None:
         rank_zero_warn(

@@ -21,9 +21,10 @@ With --cuda-graph, pure and pipeline capture their whole update as one CUDA grap
 Ratios: pipeline/bare (the target is >= 0.8), pure/bare, pipeline/pure; with `--devices 1 2`, the
 2-GPU pipeline (DDP) over the 1-GPU one. `--profile` runs torch.profiler over a few more steps of
 `bare` and of each pipeline (under DDP, rank 0's) and records kernel time against wall time,
-GPU-busy share, kernel launches, host syncs and the top operators. The script makes its own synthetic 512x512 data and a
-cache of synthetic teacher logits. Results go to <out>/fit_<gpu>[_<tag>].json, rewritten after every
-model and regime, so a run cut short keeps what it measured.
+GPU-busy share, kernel launches, host syncs and the top operators. The script makes its own
+synthetic 512x512 data and a cache of synthetic teacher logits. Results go to
+<out>/fit_<gpu>[_<tag>].json, rewritten after every model and regime, so a run cut short keeps what
+it measured.
 
     python scripts/bench_fit.py --compile --profile            # 3 models x 2 regimes on one GPU
     python scripts/bench_fit.py --compile reduce-overhead      # the step (and bare) as CUDA graphs

@@ -347,7 +347,8 @@ def test_ddp_fit_on_two_gpus_counts_every_image_once(tiny_data_and_cache, tmp_pa
         sys.executable, "-m", "distill.fit", "--config=configs/fit/small_data.yaml",
         "--data.data_format=merged", f"--data.data_root={odd}", f"--data.cache_dir={cache}",
         f"--runs_dir={tmp_path}", "--run_name=ddp", "--wandb=false", "--trainer.devices=2",
-        "--trainer.strategy=ddp", "--model.cuda_graph=false", "--trainer.max_steps=6", "--trainer.val_check_interval=3",
+        "--trainer.strategy=ddp", "--model.cuda_graph=false", "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
         "--data.batch_size=2", "--data.crop_size=48", "--data.samples_per_epoch=8", "--ddp_timeout_s=120",
     ]  # fmt: skip
     subprocess.run(command, check=True, timeout=600)
