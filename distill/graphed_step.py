@@ -7,14 +7,21 @@ is one launch. This is torch's "whole-network capture"
 (https://pytorch.org/docs/stable/notes/cuda.html#whole-network-capture): the batch is copied into
 static inputs, gradients and optimizer state keep their addresses, and the learning rate is read from
 device memory, so that a schedule still moves it.
+
+Under DDP a replay skips what DDP does on the host: its reducer's hooks, which all-reduce gradients as
+backward makes them, and its broadcast of buffers (e.g. BatchNorm's running statistics) from rank 0.
+`average_gradients` and `broadcast_buffers` do both as plain collectives, which the graph captures
+(NCCL kernels replay like any other).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 Outputs = TypeVar("Outputs")
@@ -111,3 +118,34 @@ class GraphedStep(Generic[Outputs]):
             lr.fill_(group["lr"])  # a kernel argument: no copy, no sync
         self.graph.replay()
         return self._outputs
+
+
+def _flat_collective(tensors: Iterable[Tensor], collective: Callable[[Tensor], None]) -> None:
+    """Run `collective` in place on the tensors, concatenated into one flat tensor per dtype: one
+    collective per dtype rather than one per tensor (hundreds of small NCCL kernels per step)."""
+    by_dtype: defaultdict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_dtype[tensor.dtype].append(tensor)
+    for same in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        collective(flat)
+        chunks = flat.split([t.numel() for t in same])
+        torch._foreach_copy_(same, [chunk.view(t.shape) for chunk, t in zip(chunks, same, strict=True)])
+
+
+def average_gradients(parameters: Iterable[Tensor]) -> None:
+    """Replace each parameter's `.grad` by its mean over the ranks of the default process group, as
+    DDP's reducer does (sum, then divide by the world size). Parameters without a gradient are skipped:
+    every rank must pass the same parameters with gradients, in the same order."""
+    world_size = dist.get_world_size()
+
+    def mean(flat: Tensor) -> None:
+        dist.all_reduce(flat)
+        flat.div_(world_size)
+
+    _flat_collective([p.grad for p in parameters if p.grad is not None], mean)
+
+
+def broadcast_buffers(buffers: Iterable[Tensor]) -> None:
+    """Overwrite every rank's buffers with rank 0's, as DDP's `broadcast_buffers=True` does."""
+    _flat_collective(buffers, lambda flat: dist.broadcast(flat, src=0))

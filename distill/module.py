@@ -22,10 +22,11 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from distill.errors import ConfigError
-from distill.graphed_step import WARMUP_STEPS, GraphedStep
+from distill.graphed_step import WARMUP_STEPS, GraphedStep, average_gradients, broadcast_buffers
 from distill.losses import DistillLoss, FiniteCheck, stack_terms
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
@@ -255,10 +256,16 @@ class DistillModule(pl.LightningModule):
         model.cuda_graph from capturing the update. `distill.fit` calls it before any data is read."""
         problems = []
         strategy = trainer.strategy
-        if not isinstance(strategy, SingleDeviceStrategy) or strategy.root_device.type != "cuda":
+        ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        if not (ddp or isinstance(strategy, SingleDeviceStrategy)) or strategy.root_device.type != "cuda":
             problems.append(
-                f"it needs one CUDA device and no DDP, not {strategy.root_device.type} under "
-                f"{type(strategy).__name__} (set trainer.accelerator=gpu, trainer.devices=1, trainer.strategy=auto)"
+                f"it needs CUDA devices, one or several under DDP, not {strategy.root_device.type} under "
+                f"{type(strategy).__name__} (set trainer.accelerator=gpu, and trainer.devices=1 or "
+                "trainer.strategy=ddp)"
+            )
+        if ddp and strategy._ddp_comm_hook is not None:
+            problems.append(
+                "DDP's communication hooks do not run in the graph (drop the strategy's ddp_comm_hook)"
             )
         if trainer.precision not in ("bf16-mixed", "32-true"):
             problems.append(
@@ -318,14 +325,22 @@ class DistillModule(pl.LightningModule):
 
     def training_update(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[str, ...], Tensor]:
         """One whole update, as model.cuda_graph captures it: the loss (as `training_loss`), backward,
-        the trainer's gradient clipping and the optimizer's step. Returns the detached total, names, values."""
+        under DDP the gradients' mean over ranks, the trainer's gradient clipping and the optimizer's
+        step; under DDP then rank 0's buffers everywhere. Returns the detached total, names, values."""
         optimizer = self.optimizers(use_pl_optimizer=False)
+        distributed = self.trainer.world_size > 1  # DDP's work, done in the graph (see _graphed_update)
         total, names, values = self.training_loss(batch)
         with torch.autocast(self.device.type, enabled=False):  # as under Lightning: only the loss autocasts
             total.backward()
+            if distributed:
+                average_gradients(self.parameters())
             clip_val, algorithm = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
             self.configure_gradient_clipping(optimizer, clip_val, algorithm)
             optimizer.step()
+        if distributed:
+            # DDP broadcasts them before each forward; after the update is the same for rank 0, and
+            # leaves every rank validating with rank 0's running statistics, as DDP does.
+            broadcast_buffers(self.buffers())
         return total.detach(), names, values
 
     def optimizer_step(
@@ -358,6 +373,10 @@ class DistillModule(pl.LightningModule):
         inputs = {key: batch[key] for key in TRAINING_INPUTS if batch.get(key) is not None}
         if self._graphed_step is None:
             optimizer = self.optimizers(use_pl_optimizer=False)
+            if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+                # DDP's reducer would all-reduce in hooks on the host, which replays skip: from now on
+                # DDP stands aside (as in its no_sync()) and training_update does its work in the graph.
+                self.trainer.strategy.model.require_backward_grad_sync = False
             self._graphed_step = GraphedStep(self.training_update, [optimizer], inputs)
         return self._graphed_step(inputs)
 
@@ -421,6 +440,8 @@ class DistillModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self._settle_last_step()
         self._graphed_step, self._step_in_graph = None, False  # its memory goes back to the allocator
+        if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            self.trainer.strategy.model.require_backward_grad_sync = True  # DDP syncs eager steps again
         for optimizer in self.trainer.optimizers:  # the last clipping scale (in the graph's memory, if any)
             if hasattr(optimizer, "grad_scale"):
                 del optimizer.grad_scale

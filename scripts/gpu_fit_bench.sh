@@ -18,13 +18,16 @@
 #                                               # per run (REGIMES="256x16" MODELS="unet_mnv3" to choose)
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu-stream  # DDP scaling of UNet-R34 at 256x16 (REGIMES to choose), 12 workers per rank, profiled,
 #                                               # the module wrapped on Lightning's side stream, then on the current one
+#   bash scripts/gpu_fit_bench.sh OUT 2gpu-whole   # the whole-step CUDA graph under DDP: its 2-GPU tests, then pipeline
+#                                               # scaling 1 -> 2 GPUs, profiled (REGIMES="256x16" MODELS="unet_r34" AUGMENT_ON="workers
+#                                               # device" WARMUP=60 STEPS=200 to choose; TESTS=0 skips the tests)
 #   AB_OLD=DIR bash scripts/gpu_fit_bench.sh OUT ab  # 1 GPU: the 256x16 pipeline figure of this tree and of DIR's distill/
 #                                               # (e.g. `git archive REV distill | tar -x -C DIR`), alternating, twice:
 #                                               # figures move between machines, so an A/B belongs in one call
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-stream|workers|rows|step|whole|ab}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-stream|workers|rows|step|whole|ab}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-stream|2gpu-whole|workers|rows|step|whole|ab}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-stream|2gpu-whole|workers|rows|step|whole|ab}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -127,6 +130,19 @@ whole() {
     done
 }
 
+two_gpus_whole() {
+    local regime model
+    [ "${TESTS:-1}" = 1 ] && step pytest_gpu_ddp "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k ddp
+    for regime in ${REGIMES:-256x16 512x32}; do
+        for model in ${MODELS:-unet_r34}; do
+            # shellcheck disable=SC2086  # AUGMENT_ON: one or both data paths
+            bench "ddp_whole_${model}_$regime" "${graphs_args[@]}" --cuda-graph --regimes "$regime" --models "$model" \
+                --augment-on ${AUGMENT_ON:-workers} --figures pipeline --devices 1 2 --warmup "${WARMUP:-60}" \
+                --steps "${STEPS:-200}" --profile --tag "ddp_whole_${model}_$regime"
+        done
+    done
+}
+
 step_parts() {
     local model
     for model in ${MODELS:-unet_mnv3}; do
@@ -160,11 +176,12 @@ case "$WHAT" in
     2gpu-graphs) two_gpus_graphs ;;
     2gpu-diag) two_gpus_diagnosed ;;
     2gpu-stream) two_gpus_streams ;;
+    2gpu-whole) two_gpus_whole ;;
     workers) workers ;;
     rows) rows ;;
     step) step_parts ;;
     whole) whole ;;
     ab) ab ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, 2gpu-stream, workers, rows, step, whole or ab" >&2; exit 2 ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, 2gpu-stream, 2gpu-whole, workers, rows, step, whole or ab" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"

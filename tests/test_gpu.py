@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -339,15 +340,17 @@ def test_a_training_step_and_a_device_batch_never_wait_for_the_gpu():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_ddp_fit_on_two_gpus_counts_every_image_once(tiny_data_and_cache, tmp_path):
-    """python -m distill.fit --trainer.devices=2 --trainer.strategy=ddp on NCCL, batches made on the GPUs."""
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_ddp_fit_on_two_gpus_counts_every_image_once(tiny_data_and_cache, tmp_path, cuda_graph):
+    """python -m distill.fit --trainer.devices=2 --trainer.strategy=ddp on NCCL, batches made on the GPUs;
+    with the whole-step graph, steps 4-6 replay it, after validating at step 3."""
     data, cache = tiny_data_and_cache
     odd, splits = three_image_eval_splits(data, tmp_path)
     command = [
         sys.executable, "-m", "distill.fit", "--config=configs/fit/small_data.yaml",
         "--data.data_format=merged", f"--data.data_root={odd}", f"--data.cache_dir={cache}",
         f"--runs_dir={tmp_path}", "--run_name=ddp", "--wandb=false", "--trainer.devices=2",
-        "--trainer.strategy=ddp", "--model.cuda_graph=false", "--trainer.max_steps=6",
+        "--trainer.strategy=ddp", f"--model.cuda_graph={str(cuda_graph).lower()}", "--trainer.max_steps=6",
         "--trainer.val_check_interval=3",
         "--data.batch_size=2", "--data.crop_size=48", "--data.samples_per_epoch=8", "--ddp_timeout_s=120",
     ]  # fmt: skip
@@ -357,3 +360,49 @@ def test_ddp_fit_on_two_gpus_counts_every_image_once(tiny_data_and_cache, tmp_pa
         assert metrics["n_images"] == 3 and metrics["per_image_ids"] == sorted(
             i for i in splits if splits[i] == split
         )
+
+
+class SaveEndState(pl.Callback):
+    """Each rank's state dict, and which steps replayed the graph, saved to `directory`/RANK.pt at the end
+    (the ranks of ddp_spawn are other processes)."""
+
+    def __init__(self, directory):
+        self.directory, self.graphed = directory, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.graphed.append(pl_module._step_in_graph)
+
+    def on_train_end(self, trainer, pl_module):
+        state = {name: value.detach().cpu() for name, value in pl_module.state_dict().items()}
+        torch.save({"state": state, "graphed": self.graphed}, self.directory / f"{trainer.global_rank}.pt")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graphed_ddp_steps_average_gradients_and_share_buffers(tmp_path):
+    """Under DDP the replays all-reduce the gradients and broadcast the BatchNorm statistics themselves:
+    both ranks (different batches) end with one set of weights and buffers, and the weights are eager
+    DDP's."""
+    from distill.graphed_step import WARMUP_STEPS
+    from tests.test_module import TINY, fake_batches, identity_loader, trainer
+
+    for cuda_graph in (False, True):
+        torch.manual_seed(0)
+        module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, cuda_graph=cuda_graph)
+        directory = tmp_path / str(cuda_graph)
+        directory.mkdir()
+        run = trainer(
+            directory, accelerator="gpu", devices=2, strategy="ddp_spawn", precision="bf16-mixed", max_steps=8,
+            gradient_clip_val=0.01, limit_val_batches=0, callbacks=[SaveEndState(directory)],
+        )  # fmt: skip
+        run.fit(module, identity_loader(fake_batches(16)))  # 8 batches per rank
+    eager, graphed = (
+        [torch.load(tmp_path / str(g) / f"{rank}.pt") for rank in (0, 1)] for g in (False, True)
+    )
+    assert graphed[0]["graphed"] == [False] * WARMUP_STEPS + [True] * (8 - WARMUP_STEPS)
+    parameters = dict(module.named_parameters())
+    for name, value in graphed[0]["state"].items():
+        assert torch.equal(value, graphed[1]["state"][name]), name
+        if name in parameters:
+            torch.testing.assert_close(value, eager[0]["state"][name], rtol=1e-2, atol=1e-3, msg=name)
+    running = [name for name in graphed[0]["state"] if name.endswith("running_mean")]
+    assert running and any(not torch.equal(eager[0]["state"][n], eager[1]["state"][n]) for n in running)

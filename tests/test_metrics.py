@@ -1,7 +1,5 @@
 """Threshold curves against brute force, threshold choice, per-image Dice, and a 2-process DDP sync."""
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -223,17 +221,12 @@ def test_an_empty_prediction_cannot_win_the_per_image_mean():
     assert per_image_means([1.0], [False]) == {"with_vessels": None, "all": 1.0, "n_with_vessels": 0}
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_one_process_on_all_data(tmp_path):
     from _ddp_metrics_worker import run
+    from _distributed import free_port
 
     data = _data(seed=2, n_batches=5)
-    mp.spawn(run, args=(2, _free_port(), data, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(run, args=(2, free_port(), data, str(tmp_path)), nprocs=2, join=True)
     single = _curves(data)
     expected = single.compute()
     for rank in range(2):
