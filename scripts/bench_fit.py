@@ -63,7 +63,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from distill.cache import CacheWriter, TeacherCache  # noqa: E402
@@ -549,21 +548,6 @@ class StepTimer(pl.Callback):
             self.out.write_text(json.dumps(self.result))
 
 
-class DDPOnCurrentStream(DDPStrategy):
-    """Lightning's DDP, with the module wrapped on the current CUDA stream (`--ddp-wrap-stream current`).
-
-    Lightning 2.6.6 wraps it inside a new side stream (for whole-network capture). DDP keeps each
-    parameter's AccumulateGrad node from there while backward runs on the default stream, and torch
-    warns that the mismatch "may incur unnecessary synchronization". Lightning-AI/pytorch-lightning
-    PR #21746 wraps on the default stream instead; this A/B measures whether that is what slows DDP.
-    """
-
-    def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
-        return DistributedDataParallel(
-            module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs
-        )
-
-
 def timed_trainer(args: argparse.Namespace, regime: Regime, devices: int, out: Path) -> pl.Trainer:
     """The Trainer of the Lightning figures: no validation, logger or checkpoints; StepTimer writes `out`.
 
@@ -571,8 +555,7 @@ def timed_trainer(args: argparse.Namespace, regime: Regime, devices: int, out: P
     after 5 minutes rather than hang when one of them stops.
     """
     profile_steps = args.profile_steps if args.profile else 0  # under DDP every rank profiles; rank 0 reports
-    ddp = DDPOnCurrentStream if args.ddp_wrap_stream == "current" else DDPStrategy
-    strategy = ddp(start_method="spawn", timeout=timedelta(minutes=5)) if devices > 1 else "auto"
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(minutes=5)) if devices > 1 else "auto"
     return pl.Trainer(
         accelerator=args.accelerator,
         devices=devices,
@@ -802,13 +785,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--devices", nargs="+", type=int, default=[1], help="GPU counts for the pipeline (>1: DDP)"
     )
-    parser.add_argument(
-        "--ddp-wrap-stream",
-        choices=["side", "current"],
-        default="side",
-        help="DDP figures: wrap the module on a new side stream, as Lightning 2.6.6 does, or on the current "
-        "stream (DDPOnCurrentStream)",
-    )
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument(
         "--warmup",
@@ -920,7 +896,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "compile_bare",
                 "cuda_graph",
                 "devices",
-                "ddp_wrap_stream",
             )
         },
         "results": [],

@@ -16,8 +16,6 @@
 #   bash scripts/gpu_fit_bench.sh OUT whole     # 1 GPU: the whole-step CUDA graph (model.cuda_graph): its GPU tests, then
 #                                               # bare, bare_graphed and the graphed pipeline, profiled, one model and regime
 #                                               # per run (REGIMES="256x16" MODELS="unet_mnv3" to choose)
-#   bash scripts/gpu_fit_bench.sh OUT 2gpu-stream  # DDP scaling of UNet-R34 at 256x16 (REGIMES to choose), 12 workers per rank, profiled,
-#                                               # the module wrapped on Lightning's side stream, then on the current one
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu-whole   # the whole-step CUDA graph under DDP: its 2-GPU tests, then pipeline
 #                                               # scaling 1 -> 2 GPUs, profiled (REGIMES="256x16" MODELS="unet_r34" AUGMENT_ON="workers
 #                                               # device" WARMUP=60 STEPS=200 to choose; TESTS=0 skips the tests)
@@ -26,8 +24,8 @@
 #                                               # figures move between machines, so an A/B belongs in one call
 # Each step runs even when an earlier one failed; its exit status and time go to OUT/steps.txt.
 set -u
-OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-stream|2gpu-whole|workers|rows|step|whole|ab}"
-WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-stream|2gpu-whole|workers|rows|step|whole|ab}"
+OUT="${1:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-whole|workers|rows|step|whole|ab}"
+WHAT="${2:?usage: gpu_fit_bench.sh OUT 1gpu|1gpu-256|1gpu-512|2gpu|graphs|2gpu-graphs|2gpu-diag|2gpu-whole|workers|rows|step|whole|ab}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline WANDB_SILENT=true
 mkdir -p "$OUT"
@@ -111,14 +109,6 @@ rows() {
     done
 }
 
-two_gpus_streams() {
-    local wrap
-    for wrap in side current; do
-        bench "ddp_${wrap}" "${graphs_args[@]}" --regimes "${REGIMES:-256x16}" --models unet_r34 --figures pipeline \
-            --devices 1 2 --warmup 60 --profile --ddp-wrap-stream "$wrap" --tag "ddp_${wrap}"
-    done
-}
-
 whole() {
     local regime model
     step pytest_gpu_graph "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "graph or never_wait"
@@ -175,13 +165,12 @@ case "$WHAT" in
     graphs) graphs ;;
     2gpu-graphs) two_gpus_graphs ;;
     2gpu-diag) two_gpus_diagnosed ;;
-    2gpu-stream) two_gpus_streams ;;
     2gpu-whole) two_gpus_whole ;;
     workers) workers ;;
     rows) rows ;;
     step) step_parts ;;
     whole) whole ;;
     ab) ab ;;
-    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, 2gpu-stream, 2gpu-whole, workers, rows, step, whole or ab" >&2; exit 2 ;;
+    *) echo "unknown part $WHAT: choose 1gpu, 1gpu-256, 1gpu-512, 2gpu, graphs, 2gpu-graphs, 2gpu-diag, 2gpu-whole, workers, rows, step, whole or ab" >&2; exit 2 ;;
 esac
 cat "$OUT/steps.txt"

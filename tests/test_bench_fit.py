@@ -24,7 +24,6 @@ def test_bench_fit_runs_every_figure_profile_and_ddp_on_cpu(tmp_path):
         "--figures", "bare", "pure", "pipeline", "loop", "loader", "sample", "inference",
         "--augment-on", "device", "workers",
         "--devices", "1", "2",
-        "--ddp-wrap-stream", "current",
         "--compile",
         "--profile",
         "--host-samples",
