@@ -127,9 +127,10 @@ class DistillModule(pl.LightningModule):
             students); it needs fixed crop and batch sizes. Evaluation runs the student uncompiled.
         cuda_graph: capture the whole training update (forward, loss, backward, clipping, AdamW) as
             one CUDA graph after a few eager steps and replay it (`distill.graphed_step`): one launch
-            per step, for small crops and students whose steps wait on the host. Single CUDA device,
-            bf16-mixed or 32-true precision, fixed crop and batch sizes, no gradient accumulation;
-            combine with compile: true (not "reduce-overhead", whose own graphs it replaces).
+            per step, for small crops and students whose steps wait on the host. CUDA devices (one, or
+            several under DDP: the graph all-reduces the gradients itself), bf16-mixed or 32-true
+            precision, fixed crop and batch sizes, no gradient accumulation; combine with compile: true
+            (not "reduce-overhead", whose own graphs it replaces).
         n_overlays: images drawn in overlays_<split>.png.
         test_views: D4 views whose logit mean also scores the student ("d4" = all 8; null: none).
         ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999)

@@ -256,7 +256,7 @@ def test_the_small_data_config_trains_by_steps_validates_every_k_steps_and_repor
             "--trainer.accelerator=cpu",
             "--trainer.precision=32-true",
             "--trainer.max_steps=6",
-            "--model.cuda_graph=false",  # one-GPU settings
+            "--model.cuda_graph=false",  # CUDA graphs need a GPU
             "--model.compile=false",
             "--trainer.val_check_interval=3",
             "--data.samples_per_epoch=8",  # epochs of 2 steps of 4: validation runs mid-epoch

@@ -13,7 +13,7 @@ from distill.sweep.runner import main as sweep_main
 ON_CPU = [
     "--data.data_format=merged",
     "--trainer.accelerator=cpu",
-    "--model.cuda_graph=false",  # one-GPU settings
+    "--model.cuda_graph=false",  # CUDA graphs need a GPU
     "--model.compile=false",
     "--trainer.precision=32-true",
     "--trainer.max_steps=4",
