@@ -11,12 +11,17 @@ device memory, so that a schedule still moves it.
 Under DDP a replay skips what DDP does on the host: its reducer's hooks, which all-reduce gradients as
 backward makes them, and its broadcast of buffers (e.g. BatchNorm's running statistics) from rank 0.
 `average_gradients` and `broadcast_buffers` do both as plain collectives, which the graph captures
-(NCCL kernels replay like any other).
+(NCCL kernels replay like any other). NCCL's watchdog does not see collectives inside a graph:
+`ReplayWatchdog` takes its place.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
+import sys
+import threading
+import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
@@ -135,8 +140,8 @@ def _flat_collective(tensors: Iterable[Tensor], collective: Callable[[Tensor], N
 
 def average_gradients(parameters: Iterable[Tensor]) -> None:
     """Replace each parameter's `.grad` by its mean over the ranks of the default process group, as
-    DDP's reducer does (sum, then divide by the world size). Parameters without a gradient are skipped:
-    every rank must pass the same parameters with gradients, in the same order."""
+    DDP's reducer does. Parameters without a gradient are skipped: every rank must pass the same
+    parameters with gradients, in the same order."""
     world_size = dist.get_world_size()
 
     def mean(flat: Tensor) -> None:
@@ -149,3 +154,43 @@ def average_gradients(parameters: Iterable[Tensor]) -> None:
 def broadcast_buffers(buffers: Iterable[Tensor]) -> None:
     """Overwrite every rank's buffers with rank 0's, as DDP's `broadcast_buffers=True` does."""
     _flat_collective(buffers, lambda flat: dist.broadcast(flat, src=0))
+
+
+class ReplayWatchdog:
+    """Ends this process when a replayed step has not finished `timeout_s` seconds after its replay.
+
+    NCCL's watchdog times out the collectives c10d launches, not those a CUDA graph replays: under DDP,
+    were another rank to stop, this one would wait for the graph's all-reduce forever, in whichever host
+    call next waits for the GPU. Each replay records an event on `device`; a daemon thread drops the
+    finished ones and, once the oldest unfinished one is `timeout_s` old, writes `message(step)` to
+    stderr and exits the process with status 1, as NCCL's watchdog aborts it. Call `close()` when
+    training ends.
+    """
+
+    def __init__(self, timeout_s: float, message: Callable[[int], str], device: torch.device) -> None:
+        self._timeout_s, self._message, self._device = timeout_s, message, device
+        # (replayed at, step, its event), oldest first: this thread appends, the watchdog's pops
+        self._replays: deque[tuple[float, int, torch.cuda.Event]] = deque()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="replay-watchdog", daemon=True)
+        self._thread.start()
+
+    def replayed(self, step: int) -> None:
+        """Watch the replay just queued on the current stream."""
+        event = torch.cuda.Event()
+        event.record()
+        self._replays.append((time.monotonic(), step, event))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        torch.cuda.set_device(self._device)  # this thread's CUDA device (the events' own)
+        while not self._closed.wait(min(1.0, self._timeout_s / 10)):
+            while self._replays and self._replays[0][2].query():
+                self._replays.popleft()
+            if self._replays and time.monotonic() - self._replays[0][0] > self._timeout_s:
+                sys.stderr.write(self._message(self._replays[0][1]) + "\n")
+                sys.stderr.flush()
+                os._exit(1)

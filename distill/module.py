@@ -22,11 +22,18 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from distill.errors import ConfigError
-from distill.graphed_step import WARMUP_STEPS, GraphedStep, average_gradients, broadcast_buffers
+from distill.graphed_step import (
+    WARMUP_STEPS,
+    GraphedStep,
+    ReplayWatchdog,
+    average_gradients,
+    broadcast_buffers,
+)
 from distill.losses import DistillLoss, FiniteCheck, stack_terms
 from distill.metrics import (
     DEFAULT_THRESHOLDS,
@@ -218,6 +225,7 @@ class DistillModule(pl.LightningModule):
         self._graphed_step: GraphedStep | None = None  # model.cuda_graph: the captured update
         self._eager_steps = 0  # optimizer steps taken eagerly in this fit (the graph's warm-up)
         self._step_in_graph = False  # whether this step's update is the graph's (see optimizer_step)
+        self._replay_watchdog: ReplayWatchdog | None = None  # under DDP, while replaying
 
     # -- training -------------------------------------------------------------------------------
 
@@ -263,6 +271,11 @@ class DistillModule(pl.LightningModule):
                 f"it needs CUDA devices, one or several under DDP, not {strategy.root_device.type} under "
                 f"{type(strategy).__name__} (set trainer.accelerator=gpu, and trainer.devices=1 or "
                 "trainer.strategy=ddp)"
+            )
+        if ddp and strategy._get_process_group_backend() != "nccl":
+            problems.append(
+                f"its collectives need NCCL, not {strategy._get_process_group_backend()} "
+                "(drop the strategy's process_group_backend)"
             )
         if ddp and strategy._ddp_comm_hook is not None:
             problems.append(
@@ -378,8 +391,28 @@ class DistillModule(pl.LightningModule):
                 # DDP's reducer would all-reduce in hooks on the host, which replays skip: from now on
                 # DDP stands aside (as in its no_sync()) and training_update does its work in the graph.
                 self.trainer.strategy.model.require_backward_grad_sync = False
+                self._replay_watchdog = self._watch_replays()
             self._graphed_step = GraphedStep(self.training_update, [optimizer], inputs)
-        return self._graphed_step(inputs)
+        outputs = self._graphed_step(inputs)
+        if self._replay_watchdog is not None:
+            self._replay_watchdog.replayed(self.global_step)
+        return outputs
+
+    def _watch_replays(self) -> ReplayWatchdog:
+        """A ReplayWatchdog with DDP's collective timeout (fit's --ddp_timeout_s), which names this rank."""
+        timeout = getattr(self.trainer.strategy, "_timeout", None) or default_pg_timeout
+        timeout_s, trainer = timeout.total_seconds(), self.trainer
+
+        def message(step: int) -> str:
+            return (
+                f"rank {trainer.global_rank}: the update of global step {step} (a CUDA graph replay, whose "
+                f"all-reduce waits for all {trainer.world_size} processes) has not finished after "
+                f"{timeout_s:.0f} s (--ddp_timeout_s, or DDPStrategy's timeout): another process stopped "
+                "making progress (crashed, hung, or is far slower; its own output says which). Ending this "
+                "process, as NCCL's watchdog ends one whose collective timed out."
+            )
+
+        return ReplayWatchdog(timeout_s, message, self.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         update = self._graphed_update if self._step_in_graph else self.training_loss
@@ -441,6 +474,9 @@ class DistillModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self._settle_last_step()
         self._graphed_step, self._step_in_graph = None, False  # its memory goes back to the allocator
+        if self._replay_watchdog is not None:
+            self._replay_watchdog.close()
+            self._replay_watchdog = None
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
             self.trainer.strategy.model.require_backward_grad_sync = True  # DDP syncs eager steps again
         for optimizer in self.trainer.optimizers:  # the last clipping scale (in the graph's memory, if any)
@@ -550,6 +586,10 @@ class DistillModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.overlay_samples = {}
+        if self._graphed_step is not None and self.trainer.world_size > 1:
+            # Every rank validates with rank 0's buffers, as under DDP (whose first forward here would
+            # broadcast them): after the EMA swap (callbacks run first), the EMA's too.
+            broadcast_buffers(self.buffers())
 
     def on_test_epoch_start(self) -> None:
         self.overlay_samples = {}

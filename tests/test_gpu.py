@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import time
+from datetime import timedelta
 
 import lightning.pytorch as pl
 import pytest
@@ -406,3 +408,34 @@ def test_graphed_ddp_steps_average_gradients_and_share_buffers(tmp_path):
             torch.testing.assert_close(value, eager[0]["state"][name], rtol=1e-2, atol=1e-3, msg=name)
     running = [name for name in graphed[0]["state"] if name.endswith("running_mean")]
     assert running and any(not torch.equal(eager[0]["state"][n], eager[1]["state"][n]) for n in running)
+
+
+class StopRank1(pl.Callback):
+    """Rank 1 stops (sleeps) before step 5: its replays so far finished; rank 0's next one waits for it."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 5:
+            time.sleep(600)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_replay_waiting_for_a_stopped_rank_ends_its_process_after_the_timeout(tmp_path, capfd):
+    """NCCL's watchdog does not see the graph's all-reduce: ReplayWatchdog ends rank 0 after DDP's timeout."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tests.test_module import TINY, fake_batches, identity_loader, trainer
+
+    module = DistillModule(student=TINY, loss={"kd_alpha": 0.5}, cuda_graph=True)
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=20))
+    run = trainer(
+        tmp_path, accelerator="gpu", devices=2, strategy=strategy, precision="bf16-mixed", max_steps=8,
+        limit_val_batches=0, callbacks=[StopRank1()],
+    )  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(Exception, match="process 0 terminated with exit code 1"):
+        run.fit(module, identity_loader(fake_batches(16)))
+    assert time.monotonic() - start < 300
+    err = capfd.readouterr().err
+    assert "rank 0: the update of global step 5 (a CUDA graph replay" in err and "after 20 s" in err, err[
+        -2000:
+    ]
