@@ -352,8 +352,7 @@ class DistillModule(pl.LightningModule):
             self.configure_gradient_clipping(optimizer, clip_val, algorithm)
             optimizer.step()
         if distributed:
-            # DDP broadcasts them before each forward; after the update is the same for rank 0, and
-            # leaves every rank validating with rank 0's running statistics, as DDP does.
+            # DDP broadcasts them before each forward; after the update leaves rank 0's the same
             broadcast_buffers(self.buffers())
         return total.detach(), names, values
 
