@@ -135,9 +135,10 @@ class DistillModule(pl.LightningModule):
         cuda_graph: capture the whole training update (forward, loss, backward, clipping, AdamW) as
             one CUDA graph after a few eager steps and replay it (`distill.graphed_step`): one launch
             per step, for small crops and students whose steps wait on the host. CUDA devices (one, or
-            several under DDP: the graph all-reduces the gradients itself), bf16-mixed or 32-true
-            precision, fixed crop and batch sizes, no gradient accumulation; combine with compile: true
-            (not "reduce-overhead", whose own graphs it replaces).
+            several under DDP over NCCL, without communication hooks: the graph all-reduces the
+            gradients itself), bf16-mixed or 32-true precision, fixed crop and batch sizes, no gradient
+            accumulation; combine with compile: true (not "reduce-overhead" or "max-autotune", whose
+            own graphs it replaces).
         n_overlays: images drawn in overlays_<split>.png.
         test_views: D4 views whose logit mean also scores the student ("d4" = all 8; null: none).
         ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999)
@@ -266,13 +267,13 @@ class DistillModule(pl.LightningModule):
         problems = []
         strategy = trainer.strategy
         ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
-        if not (ddp or isinstance(strategy, SingleDeviceStrategy)) or strategy.root_device.type != "cuda":
+        cuda = strategy.root_device.type == "cuda"
+        if not (cuda and (ddp or isinstance(strategy, SingleDeviceStrategy))):
             problems.append(
                 f"it needs CUDA devices, one or several under DDP, not {strategy.root_device.type} under "
-                f"{type(strategy).__name__} (set trainer.accelerator=gpu, and trainer.devices=1 or "
-                "trainer.strategy=ddp)"
+                f"{type(strategy).__name__} (set trainer.accelerator=gpu; several devices: trainer.strategy=ddp)"
             )
-        if ddp and strategy._get_process_group_backend() != "nccl":
+        elif ddp and strategy._get_process_group_backend() != "nccl":  # (on the CPU: gloo, said above)
             problems.append(
                 f"its collectives need NCCL, not {strategy._get_process_group_backend()} "
                 "(drop the strategy's process_group_backend)"

@@ -4,7 +4,7 @@
 #                                               # worker vs GPU data path; the GPU path's stages alone
 #   bash scripts/gpu_fit_bench.sh OUT 1gpu-256  # the first half of 1gpu (tests, 256x16), for a shorter time limit
 #   bash scripts/gpu_fit_bench.sh OUT 1gpu-512  # the second half (512x32, the two data paths)
-#   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU test, pipeline scaling 1 -> 2 GPUs
+#   bash scripts/gpu_fit_bench.sh OUT 2gpu      # demo.yaml under DDP on 2 GPUs, the 2-GPU tests, pipeline scaling 1 -> 2 GPUs
 #   bash scripts/gpu_fit_bench.sh OUT graphs    # CUDA graphs (reduce-overhead), 12 workers: bare vs pipeline, 3 models, 512x32
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu-graphs  # the same pipeline on 1 and 2 GPUs (DDP), UNet-R34 at 512x32
 #   bash scripts/gpu_fit_bench.sh OUT 2gpu-diag    # 2gpu-graphs with each process's CPU use and allowed CPUs sampled
@@ -61,7 +61,7 @@ two_gpus() {
     local demo=("$PY" -m distill.fit --config configs/fit/demo.yaml --trainer.accelerator=gpu --trainer.devices=2
         --runs_dir "$OUT/students" --wandb=false)
     step demo_ddp "${demo[@]}" --trainer.strategy=ddp --run_name demo_ddp
-    step pytest_gpu_ddp "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k ddp
+    step pytest_gpu_ddp "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "ddp or stopped_rank"
     bench bench_ddp --regimes 512x32 --figures pipeline --devices 1 2 --models unet_r34 segformer_b0 --tag ddp
 }
 
@@ -122,7 +122,8 @@ whole() {
 
 two_gpus_whole() {
     local regime model
-    [ "${TESTS:-1}" = 1 ] && step pytest_gpu_ddp "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k ddp
+    [ "${TESTS:-1}" = 1 ] && step pytest_gpu_ddp "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+        -k "ddp or stopped_rank"
     for regime in ${REGIMES:-256x16 512x32}; do
         for model in ${MODELS:-unet_r34}; do
             # shellcheck disable=SC2086  # AUGMENT_ON: one or both data paths

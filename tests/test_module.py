@@ -455,5 +455,6 @@ def test_cuda_graph_runs_under_ddp_on_gpus_but_not_with_gloo_or_comm_hooks():
         check(DDPStrategy(parallel_devices=gpus, ddp_comm_hook=lambda state, bucket: None))
     with pytest.raises(ConfigError, match="its collectives need NCCL, not gloo"):
         check(DDPStrategy(parallel_devices=gpus, process_group_backend="gloo"))
-    with pytest.raises(ConfigError, match="not cpu under DDPStrategy"):
+    with pytest.raises(ConfigError, match="not cpu under DDPStrategy") as on_cpu:
         check(DDPStrategy(parallel_devices=[torch.device("cpu")] * 2))
+    assert "NCCL" not in str(on_cpu.value)  # gloo follows from the CPU: one problem, one fix
