@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, WeightAveraging
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed import default_pg_timeout
@@ -55,6 +55,14 @@ def cat_padded(first: Tensor, second: Tensor) -> Tensor:
     height, width = max(first.shape[-2], second.shape[-2]), max(first.shape[-1], second.shape[-1])
     grown = [F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2])) for t in (first, second)]
     return torch.cat(grown)
+
+
+def _holds_whole_gradients(strategy: Strategy) -> bool:
+    """Whether each rank of `strategy` holds every gradient whole: one device, or DDP proper (not
+    DeepSpeed, a DDPStrategy that shards them, nor FSDP)."""
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
+        strategy, DeepSpeedStrategy
+    )
 
 
 # torch.compile's modes (model.compile); see torch.compile's documentation.
@@ -266,9 +274,9 @@ class DistillModule(pl.LightningModule):
         model.cuda_graph from capturing the update. `distill.fit` calls it before any data is read."""
         problems = []
         strategy = trainer.strategy
-        ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        ddp = _holds_whole_gradients(strategy) and isinstance(strategy, DDPStrategy)
         cuda = strategy.root_device.type == "cuda"
-        if not (cuda and (ddp or isinstance(strategy, SingleDeviceStrategy))):
+        if not (cuda and _holds_whole_gradients(strategy)):
             problems.append(
                 f"it needs CUDA devices, one or several under DDP, not {strategy.root_device.type} under "
                 f"{type(strategy).__name__} (set trainer.accelerator=gpu; several devices: trainer.strategy=ddp)"
@@ -477,8 +485,6 @@ class DistillModule(pl.LightningModule):
         if self._replay_watchdog is not None:
             self._replay_watchdog.close()
             self._replay_watchdog = None
-        if isinstance(self.trainer.strategy.model, DistributedDataParallel):
-            self.trainer.strategy.model.require_backward_grad_sync = True  # DDP syncs eager steps again
         for optimizer in self.trainer.optimizers:  # the last clipping scale (in the graph's memory, if any)
             if hasattr(optimizer, "grad_scale"):
                 del optimizer.grad_scale
@@ -515,10 +521,9 @@ class DistillModule(pl.LightningModule):
         have read them scaled. Not with sharded strategies (FSDP, DeepSpeed): a rank holds a shard of
         the gradients, whose norm is not theirs. Single-device and DDP runs hold them whole, unscaled.
         """
-        strategy = self.trainer.strategy
-        whole = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
-        whole = whole and not isinstance(strategy, DeepSpeedStrategy)  # a DDPStrategy that shards them
-        return whole and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        return _holds_whole_gradients(self.trainer.strategy) and (
+            getattr(self.trainer.precision_plugin, "scaler", None) is None
+        )
 
     def configure_gradient_clipping(
         self,
