@@ -1,19 +1,15 @@
 """Worker for the 2-process gloo test of the graphed step's collectives (average_gradients, broadcast_buffers)."""
 
 import os
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+from _distributed import gloo_group
 
 from distill.graphed_step import average_gradients, broadcast_buffers
 
 
 def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port):
         plain = torch.nn.Parameter(torch.zeros(2, 3))
         plain.grad = torch.full((2, 3), float(rank + 1))
         conv = torch.nn.Parameter(torch.zeros(2, 3, 4, 5))  # a channels_last gradient keeps its layout
@@ -34,5 +30,3 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
         }
         result["conv_channels_last"] = conv.grad.is_contiguous(memory_format=torch.channels_last)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
